@@ -1,0 +1,74 @@
+"""From a TrainConfig to batches: which data loader, which collator, and a resumable batch order.
+
+Why the order is a pure function of (seed, epoch): the trainer can then find the micro-batches of any step
+without replaying the ones before, so `--resume` continues with exactly the batches an uninterrupted run
+would have seen — no data-loader state to save.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+from .data import epoch_order, load_base_data, pad_collate
+from .errors import MiniloraError
+
+
+@dataclass
+class Batches:
+    """A list of samples cut into batches in a seeded order that is reshuffled every epoch."""
+
+    samples: list  # whatever `collate` takes: dicts with input_ids / labels lists
+    batch_size: int
+    collate: Callable[[list], dict]  # list of samples -> dict of (B, T) tensors
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = True  # training drops a ragged last batch; validation keeps it
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(len(self.samples), self.batch_size)
+        return max(1, full if self.drop_last else full + (rest > 0))
+
+    def order(self, epoch: int) -> list[int]:
+        return epoch_order(len(self.samples), self.seed, epoch) if self.shuffle else list(range(len(self.samples)))
+
+    def batch(self, index: int) -> dict:
+        """The `index`-th batch counted from the start of training, across epochs."""
+        epoch, within = divmod(index, len(self))
+        order = self.order(epoch)
+        chosen = order[within * self.batch_size:(within + 1) * self.batch_size] or order[: self.batch_size]
+        return self.collate([self.samples[i] for i in chosen])
+
+    def micro_batches(self, step: int, grad_accum: int) -> list[dict]:
+        """The micro-batches of optimiser step `step` (0-based)."""
+        return [self.batch(step * grad_accum + k) for k in range(grad_accum)]
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self.batch(epoch * len(self) + i)
+
+
+def build_datasets(cfg, tokenizer, model_config) -> tuple[Batches, Batches]:
+    """Training and validation batches for `cfg.mode`: blocks of raw text (base) or chat samples (sft)."""
+    if cfg.block_size > model_config.max_position_embeddings:
+        raise MiniloraError(f"--block-size {cfg.block_size} is longer than the model's context "
+                            f"({model_config.max_position_embeddings} positions, max_position_embeddings in "
+                            f"{cfg.model}/config.json); use at most that")
+    if cfg.mode == "base":
+        train, val = load_base_data(cfg.data, tokenizer, cfg.block_size, cfg.text_field, cfg.val_data,
+                                    cfg.val_fraction, cfg.seed)
+    else:
+        from .sft import load_sft_data
+
+        train, val, stats = load_sft_data(cfg.data, tokenizer, cfg.block_size, cfg.val_data, cfg.val_fraction,
+                                          cfg.seed, on_error=cfg.on_error, overlong=cfg.overlong,
+                                          train_on_prompt=cfg.train_on_prompt, packing=cfg.packing)
+        print(f"sft data: {stats.summary()}")
+    if not val:
+        print("note: no validation data (--val-fraction 0 and no --val-data): validation uses the training set")
+        val = train
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = partial(pad_collate, pad_id=pad_id)
+    batch_size = min(cfg.batch_size, len(train))
+    return (Batches(train, batch_size, collate, seed=cfg.seed),
+            Batches(val, cfg.batch_size, collate, shuffle=False, drop_last=False))
