@@ -1,0 +1,216 @@
+"""LoRA: freeze the pretrained weight W0 and learn a low-rank update B·A beside it.
+
+Paper: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+For a frozen linear layer y = x W0ᵀ (+ bias), LoRA adds a trainable rank-r path:
+
+    y = base(x) + (alpha / r) · dropout(x) Aᵀ Bᵀ        A: (r, d_in), B: (d_out, r)
+
+- A starts Kaiming-uniform and B starts at zero, so B·A = 0 and step 0 is exactly the base model (paper §4.1).
+- r is the rank of the update and alpha a constant; dividing by r means "tuning alpha is roughly like tuning the
+  learning rate" and r can change without retuning (paper §4.1). rsLoRA (Kalajdzievski 2023, arXiv:2312.03732)
+  divides by √r instead, which keeps the update's scale stable for large ranks.
+- After training, W0 + (alpha/r)·B·A is an ordinary weight: `merge()` folds it in, so inference costs nothing extra.
+
+The parameter names (`base`, `lora_A.weight`, `lora_B.weight`) and the initialisation follow PEFT, so an adapter
+saved by minilora loads in PEFT and back (see adapter.py).
+
+`LoRALinear` wraps its base by composition: the base may be an `nn.Linear` or the 4-bit `NF4Linear` (QLoRA); it
+only needs `base(x)`, `in_features`, `out_features`, and for merging a float `weight` or a `dequantize()` method.
+
+Deliberately not handled: several adapters per layer, per-module ranks (PEFT's rank_pattern), DoRA, LoRA on
+embeddings or convolutions, a trainable bias.
+"""
+
+import itertools
+import math
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .errors import MiniloraError
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale · B(A(dropout(x))), scale = alpha/r (or alpha/√r with rsLoRA); only A and B train."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise MiniloraError(f"LoRA rank r must be a positive integer, got {r}")
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A and B live in `dtype` (float32 by default) even when the base is bf16 or 4-bit: the update B·A is small
+        # compared with W0 and its optimiser steps are smaller still, so low precision would round them away.
+        device = _device_of(base)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        # PEFT's initialisation, in PEFT's order (so the same seed gives the same A): A as nn.Linear's default
+        # (Kaiming-uniform with a=√5, i.e. U(-1/√d_in, 1/√d_in)), B zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
+        y = self.base(x)  # (..., d_out)
+        if self.merged:  # W0 already holds W0 + scale·B·A
+            return y
+        x = self.dropout(x).to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(x)) * self.scale  # (..., d_in) -> (..., r) -> (..., d_out)
+        return (y + update).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scale · B A, shape (d_out, d_in), in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale  # (d_out, r) @ (r, d_in)
+
+    def merge(self) -> None:
+        """Fold ΔW into the base weight in place (W0 ← W0 + ΔW); forward then skips the LoRA path."""
+        if not self.merged:
+            self._add_to_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge()` (W0 ← W0 − ΔW). In bf16 the round trip is exact only up to bf16 rounding."""
+        if self.merged:
+            self._add_to_base(-self.delta_weight())
+            self.merged = False
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        weight = getattr(self.base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise MiniloraError(f"cannot merge in place into a {type(self.base).__name__} (its weight is not a float "
+                                "tensor, e.g. 4-bit); use merge_lora(model), which dequantizes first")
+        with torch.no_grad():  # add in float32, round once to the base's dtype
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
+
+
+def _device_of(base: nn.Module) -> torch.device:
+    """Where the base's weight lives (NF4Linear's 4-bit weight is neither a parameter nor a buffer)."""
+    weight = getattr(base, "weight", None)
+    if weight is not None and hasattr(weight, "device"):
+        return weight.device
+    t = next(itertools.chain(base.parameters(), base.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer LoRA can wrap: nn.Linear, or any frozen linear with a dequantize() (NF4Linear)."""
+    if isinstance(module, LoRALinear):
+        return False
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "dequantize") and hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers LoRA may wrap: every linear except the vocabulary head and LoRA's own A/B."""
+    inside_lora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or any(name.startswith(p + ".") for p in inside_lora):
+            continue
+        # The vocabulary head (tokens × hidden) is never adapted: it is as large as the embeddings, and PEFT's
+        # "all-linear" leaves it out too.
+        if name == "lm_head" or name.endswith(".lm_head"):
+            continue
+        names.append(name)
+    return names
+
+
+def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Resolve `targets` to module names with PEFT's rules.
+
+    - "all-linear": every linear in the blocks (`linear_names`);
+    - another string: a regular expression that must match the full module name (re.fullmatch);
+    - a list: a name matches an entry when it equals it or ends with "." + entry (`q_proj` → `...self_attn.q_proj`).
+    """
+    available = linear_names(model)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        chosen = available
+    elif isinstance(targets, str):
+        chosen = [n for n in available if re.fullmatch(targets, n)]
+    else:
+        chosen = [n for n in available if any(n == t or n.endswith("." + t) for t in targets)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in available)]
+        if chosen and unmatched:
+            raise MiniloraError(f"LoRA target(s) {unmatched} match no linear layer; available: "
+                                f"{sorted({n.rsplit('.', 1)[-1] for n in available})}")
+    if not chosen:
+        hint = " (a string is a regular expression for the full name; pass a list for name suffixes)" \
+            if isinstance(targets, str) and targets.lower() != "all-linear" else ""
+        raise MiniloraError(f"LoRA targets {targets!r} match no linear layer{hint}; available: "
+                            f"{sorted({n.rsplit('.', 1)[-1] for n in available})}")
+    return chosen
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets: str | Sequence[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
+               dtype: torch.dtype = torch.float32) -> list[str]:
+    """Freeze `model` and replace each targeted linear by a LoRALinear around it; return the wrapped names."""
+    names = select_targets(model, targets)
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+    return names
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             target_modules: str | Sequence[str] = ("q_proj", "v_proj"), use_rslora: bool = False) -> list[str]:
+    """`apply_lora` with PEFT's argument name `target_modules` (the public API)."""
+    return apply_lora(model, r, alpha, dropout, target_modules, use_rslora)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its base linear with ΔW merged in; returns the model, now free of LoRA.
+
+    An nn.Linear base is merged in place (no copy of the weights). A 4-bit base is first dequantized into an
+    nn.Linear of the dtype its dequantize() returns, then merged: the result is no longer 4-bit.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        if not isinstance(module.base, nn.Linear):
+            module.base = _dequantized_linear(module.base)
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.base)
+    return model
+
+
+def _dequantized_linear(base: nn.Module) -> nn.Linear:
+    w0 = base.dequantize()  # (d_out, d_in)
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w0.device, dtype=w0.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w0)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once.
+
+    A 4-bit base (a linear with dequantize()) counts as its d_in·d_out weights, not as its packed integer storage.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    total += sum(m.in_features * m.out_features for m in model.modules()
+                 if _is_linear(m) and not isinstance(m, nn.Linear))
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """One line, like PEFT's print_trainable_parameters()."""
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")

@@ -1,0 +1,66 @@
+"""`python -m minilora.merge --model DIR --adapter DIR --output DIR`: fold a LoRA adapter into its base model.
+
+The result is an ordinary Hugging Face checkpoint (config.json + safetensors) holding W0 + (alpha/r)·B·A in each
+adapted layer, so any tool that reads Hugging Face models (transformers, llama.cpp's converter, vLLM) runs the
+fine-tuned model with no LoRA code and no extra cost per token. The adapter may come from minilora or PEFT.
+
+Steps: load the base model (checkpoint.load_model), add the adapter's LoRA layers (adapter.load_adapter), replace
+each by its merged linear (lora.merge_lora; the sum is formed in float32 and rounded once to the checkpoint's
+dtype), save (checkpoint.save_model), and copy the tokenizer and generation files so the folder is complete.
+
+Not handled: merging into a 4-bit base in place (merge a full-precision copy of the base instead), several
+adapters at once.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import MiniloraError, run_cli
+
+# Files that belong to the weights (rewritten by save_model) and are therefore not copied from the base folder.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+NOT_COPIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def merge(model_dir, adapter_dir, output_dir, dtype=None) -> Path:
+    """Write the merged model to `output_dir`; return the folder."""
+    from .adapter import load_adapter, read_adapter_config
+    from .checkpoint import load_model, save_model
+    from .lora import merge_lora
+
+    model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)
+    read_adapter_config(adapter_dir)  # fail fast, before loading a possibly large model
+    if output_dir.exists() and not output_dir.is_dir():
+        raise MiniloraError(f"--output {output_dir} exists and is not a folder")
+    if output_dir.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
+        raise MiniloraError(f"--output {output_dir} is the model or adapter folder; choose a new folder "
+                            "(merging in place would overwrite the base weights)")
+    model = load_model(model_dir, dtype=dtype)
+    names = load_adapter(model, adapter_dir)
+    merge_lora(model)
+    save_model(model, output_dir)
+    for f in sorted(model_dir.iterdir()):  # tokenizer.json, tokenizer_config.json, generation_config.json, ...
+        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
+            with atomic_path(output_dir / f.name) as tmp:
+                shutil.copyfile(f, tmp)
+    print(f"merged {len(names)} LoRA layers of {adapter_dir} into {model_dir}: wrote {output_dir}")
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minilora.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="base model folder (Hugging Face format)")
+    parser.add_argument("--adapter", required=True, help="LoRA adapter folder (PEFT format)")
+    parser.add_argument("--output", required=True, help="folder for the merged model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the merged weights (default: the base checkpoint's)")
+    args = parser.parse_args(argv)
+    merge(args.model, args.adapter, args.output, dtype=args.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
