@@ -1,0 +1,191 @@
+"""Text generation: KV-cache decoding with greedy, temperature, top-k and top-p sampling, and a streaming CLI.
+
+Decoding runs the prompt once (prefill), keeping every layer's keys and values in a KVCache, then feeds one new
+token per step, so each step costs O(current length) instead of re-running the whole sequence. Batches may be
+left-padded: the attention mask hides the padding and positions count real tokens only, so a padded row
+generates exactly what it would alone.
+
+Sampling (applied in this order, as transformers does):
+- temperature T: logits / T (T = 0 means greedy: always the most likely token);
+- top-k (Fan et al. 2018): keep the k most likely tokens;
+- top-p / nucleus (Holtzman et al. 2019): keep the smallest set of most likely tokens whose probability reaches p.
+
+    python -m minilora.generate --model DIR --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8
+
+Not handled: beam search, repetition penalties, batched prompts on the command line, chat formatting (--chat is
+future work, issue 4).
+"""
+
+import argparse
+import sys
+
+import torch
+
+from .errors import MiniloraError, run_cli
+from .model import KVCache
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_ids=None, attention_mask=None, generator=None, stream=None,
+             pad_token_id: int | None = None) -> torch.Tensor:
+    """Continue `input_ids` ((T,), (B, T) tensor or a list of ids); return (B, T + new) token ids.
+
+    eos_token_ids: int or list; a row stops at any of them (default: the model config's eos_token_id; [] = never).
+    attention_mask: (B, T) 1/0 for left-padded batches. generator: a seeded torch.Generator for sampling.
+    stream: called with each step's new tokens (B,) as they are chosen.
+    pad_token_id: written after a row's eos while other rows go on (default: its first eos id, else 0).
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    ids = ids[None] if ids.ndim == 1 else ids  # (B, T)
+    B = ids.shape[0]
+    eos = torch.tensor(_eos_list(model, eos_token_ids), dtype=torch.long, device=device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
+
+    cache = KVCache()
+    logits = model(ids, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V) prefill: the whole prompt at once
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = torch.where(finished, pad, token)
+        new_tokens.append(token)
+        if stream is not None:
+            stream(token)
+        finished |= torch.isin(token, eos)
+        if finished.all():
+            break
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)  # (B, S + 1)
+        logits = model(token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # one token per row
+    if not new_tokens:
+        return ids
+    return torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choose one token per row of logits (B, V): argmax if temperature == 0, else sample the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf (ties with the k-th are kept)."""
+    k = min(k, logits.shape[-1])
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their probability reaches p; set the rest to -inf.
+
+    A token is dropped when the tokens ranked above it already hold >= p, so the most likely one always stays.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked tokens
+    drop_sorted = mass_above >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if max_new_tokens < 0:
+        raise MiniloraError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise MiniloraError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise MiniloraError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise MiniloraError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _eos_list(model, eos_token_ids) -> list[int]:
+    if eos_token_ids is None:
+        eos_token_ids = model.config.eos_token_id
+    if eos_token_ids is None:
+        return []
+    return [int(eos_token_ids)] if isinstance(eos_token_ids, int) else [int(i) for i in eos_token_ids]
+
+
+class TextStreamer:
+    """Print generated text as it comes: decode everything so far and print what is new.
+
+    Decoding one token at a time would break characters whose UTF-8 bytes span several tokens (byte-level BPE),
+    so the text is re-decoded and printing waits while it ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout  # resolved now: tests and shells swap sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0  # characters already printed
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minilora.generate",
+                                     description="Generate text from a Hugging Face model folder with minilora.")
+    parser.add_argument("--model", required=True, help="model folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply on top of the model")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    # TODO(issue 4): --chat, formatting the prompt with the tokenizer's chat template.
+    args = parser.parse_args(argv)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=args.dtype, device=device)  # first: its errors name the model folder
+    tokenizer = load_tokenizer(args.model)
+    if args.adapter:
+        from .adapter import load_adapter
+
+        load_adapter(model, args.adapter, dtype=next(model.parameters()).dtype)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise MiniloraError("the prompt encodes to no tokens; give a non-empty --prompt")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer)
+    sys.stdout.write(args.prompt)
+    generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+             eos_token_ids=tokenizer.eos_token_ids, generator=generator, stream=streamer,
+             pad_token_id=tokenizer.pad_token_id)
+    streamer.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

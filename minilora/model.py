@@ -1,0 +1,322 @@
+"""A decoder-only transformer that runs Llama, Mistral, Qwen2/3, Gemma 1/2/3 and Phi-3 checkpoints.
+
+One block for all families (Llama's layout; "Attention Is All You Need" with the now-standard changes):
+    h = h + Attention(RMSNorm(h))          # grouped-query attention with rotary positions (rope.py)
+    h = h + MLP(RMSNorm(h))                # gated: down(act(gate(x)) * up(x))  (SwiGLU / GeGLU, Shazeer 2020)
+and the family differences are flags of ModelConfig (config.py): Gemma's (1 + w) norms and sqrt(C)-scaled
+embeddings, Gemma 2/3's extra "sandwich" norms, tanh soft-capping and sliding-window layers, Qwen's q/k biases
+and q/k norms, Phi-3's fused projections.
+
+Module names are Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so `state_dict()` keys equal the
+checkpoint's keys and LoRA/PEFT adapters address the same names. Every projection is a plain `nn.Linear`, so LoRA
+can wrap any of them by name.
+
+The attention mask is built here, explicitly, from three ingredients: causality (plus a sliding window on some
+layers), a (B, T) padding mask, and optional segment ids for packed samples (block-diagonal: a token sees only
+earlier tokens of its own segment).
+
+Not handled: dropout (inference and LoRA fine-tuning of these models use none), bidirectional attention, other
+RoPE variants, mixture-of-experts.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    Keys are stored after RoPE, so a new token only computes its own q/k/v. Sliding-window layers keep every key
+    too (the mask hides the old ones): simpler, and decoding lengths here are short.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []  # per layer (B, KV, S, D)
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens already cached (S)."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's k, v (B, KV, T, D) to layer `layer_idx`; return all of them (B, KV, S + T, D)."""
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=2)
+            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w (Zhang & Sennrich 2019), computed in float32.
+
+    Gemma stores w around 0 and multiplies by (1 + w), in float32 before rounding; the others round first and then
+    multiply by w. Both orders are kept exactly so bf16 outputs match the reference implementations.
+    """
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: H query heads share KV key/value heads (Ainslie et al. 2023)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_logit_softcap
+        C, q_dim, kv_dim = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(C, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(C, q_dim, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(C, kv_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(C, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, C, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+    def project(self, x: torch.Tensor):
+        """q (B, T, H, D), k and v (B, T, KV, D)."""
+        B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
+        # Each group of H / KV query heads reads the same key/value head.
+        groups = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(groups, dim=1)
+        if self.softcap is None:
+            # mask None = plain causal: is_causal lets SDPA pick its fastest (flash) kernel on GPU
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        else:
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
+        return self.o_proj(y)
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+    """softmax(cap * tanh(q k^T * scale / cap)) v, written out: the fused SDPA kernels have no soft-capping.
+
+    Gemma 2 caps the scores smoothly at +-cap (50) so no logit can dominate; softmax runs in float32.
+    """
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:  # plain causal
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v  # (B, H, T, D)
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU with silu, GeGLU with gelu (Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nn.Linear(C, 2 * I, bias=cfg.mlp_bias)  # gate first, then up
+        else:
+            self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh")}[cfg.hidden_act]
+
+    def forward(self, x):
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; Gemma 2/3 also normalise each sub-layer's output ("sandwich" norms)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
+        self.sandwich = cfg.sandwich_norm
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, plus_one)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, plus_one)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, plus_one)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, plus_one)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, mask, kv_cache=None):
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """The parameter container Hugging Face calls `model`: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+class Transformer(nn.Module):
+    """Embeddings -> blocks -> final norm -> logits; `model.*` and `lm_head` hold the checkpoint's weights."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.final_logit_softcap = config.final_logit_softcap
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, C): the output projection, i.e. the embedding matrix when they are tied."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., C) -> float32 logits (..., V), soft-capped where the family does."""
+        if self.config.tie_word_embeddings:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logits.float()
+        if self.final_logit_softcap is not None:
+            logits = self.final_logit_softcap * torch.tanh(logits / self.final_logit_softcap)
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, kv_cache=None,
+                return_hidden=False):
+        """Logits (B, T, V) float32 for input_ids (B, T), or final-normed hidden states (B, T, C) if return_hidden.
+
+        attention_mask: (B, S) 1 = token, 0 = padding (left or right), S = cached + T tokens.
+        position_ids: (B, T); default: count real tokens (from attention_mask), restart per segment, or 0..T-1.
+        segment_ids: (B, T) packed samples: a token sees only earlier tokens with the same id.
+        kv_cache: a KVCache, extended in place (decoding).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = kv_cache.seq_len if kv_cache is not None else 0
+        if segment_ids is not None and past:
+            raise ValueError("segment_ids cannot be combined with a non-empty kv_cache")
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, past, attention_mask, segment_ids, input_ids.device)
+
+        h = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if cfg.scale_embeddings:
+            # Gemma: * sqrt(C), with the constant rounded to the model dtype first, as in the reference.
+            h = h * torch.tensor(cfg.hidden_size**0.5, dtype=h.dtype, device=h.device)
+
+        # One mask and one cos/sin pair per layer type (Gemma 3 uses different rope bases for local/global layers).
+        rope, masks = {}, {}
+        for lt in set(cfg.layer_types):
+            r = cfg.rope[lt]
+            inv_freq = inverse_frequencies(
+                cfg.rotary_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor, r.high_freq_factor,
+                r.original_max_position_embeddings, device=h.device,
+            )
+            rope[lt] = rope_cos_sin(position_ids, inv_freq, h.dtype)  # cos, sin: (B, T, rotary_dim)
+            window = cfg.sliding_window if lt == "sliding_attention" else None
+            masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device)
+
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for layer, lt in zip(self.model.layers, cfg.layer_types):
+            cos, sin = rope[lt]
+            if use_checkpoint:
+                h = checkpoint(layer, h, cos, sin, masks[lt], use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks[lt], kv_cache)
+        h = self.model.norm(h)
+        return h if return_hidden else self.compute_logits(h)
+
+
+def default_position_ids(B, T, past, attention_mask, segment_ids, device) -> torch.Tensor:
+    """Positions (B, T) when the caller gives none.
+
+    With a padding mask, count real tokens so a left-padded row gets the same positions as the unpadded one
+    (as transformers' generate does); with segments, restart at 0 for each packed sample.
+    """
+    if segment_ids is not None:
+        idx = torch.arange(T, device=device).expand(B, T)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        segment_start = torch.where(starts, idx, 0).cummax(dim=1).values  # index where each token's segment began
+        return idx - segment_start
+    if attention_mask is not None:
+        positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+        return positions.clamp(min=0)[:, -T:]
+    return torch.arange(past, past + T, device=device).expand(B, T)
+
+
+def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask, True = may attend; queries are tokens past..past+T-1 of S = past + T.
+
+    Like transformers, the sliding window counts index distance: a query sees the `sliding_window` newest keys,
+    itself included. None means plain causal attention over a fresh sequence (the common training case).
+    """
+    if attention_mask is None and segment_ids is None and sliding_window is None and past == 0:
+        return None
+    q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k_idx = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    allowed = k_idx <= q_idx  # causal
+    if sliding_window is not None:
+        allowed = allowed & (q_idx - k_idx < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != past + T:
+            n = attention_mask.shape[-1]
+            raise ValueError(f"attention_mask covers {n} tokens, expected {past} cached + {T} new")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # padding keys are never attended
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+        allowed = allowed & same[:, None]
+    # A padding query may see no key at all; its softmax row would be NaN, and NaN * 0 would then poison real tokens
+    # in the next layer. Letting every query see itself keeps all rows finite (padding outputs are ignored anyway).
+    return allowed | (k_idx == q_idx)
