@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
-from .data import epoch_order, load_base_data, pad_collate
+from .data import epoch_order, load_base_data, pad_collate, pad_id
 from .errors import MiniloraError
 
 
@@ -67,8 +67,7 @@ def build_datasets(cfg, tokenizer, model_config) -> tuple[Batches, Batches]:
     if not val:
         print("note: no validation data (--val-fraction 0 and no --val-data): validation uses the training set")
         val = train
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collate = partial(pad_collate, pad_id=pad_id)
+    collate = partial(pad_collate, pad_id=pad_id(tokenizer))
     batch_size = min(cfg.batch_size, len(train))
     return (Batches(train, batch_size, collate, seed=cfg.seed),
             Batches(val, cfg.batch_size, collate, shuffle=False, drop_last=False))

@@ -1,0 +1,254 @@
+"""Base fine-tuning data: raw text files → documents → token blocks → padded batches.
+
+Continued pre-training ("base FT") feeds the model plain text, exactly as it was pre-trained:
+
+    documents   "Tea is picked in May..."   "차는 오월에 따서..."   ...
+    tokens      [BOS] t t t t [EOS] [BOS] t t t [EOS] [BOS] t t ...      (BOS only if the tokenizer adds one)
+    blocks      |<---- block_size ---->|<---- block_size ---->|<- rest ->|
+
+Every block trains on every token: labels = input_ids, and the loss (loss.py) shifts them by one, so position t
+predicts token t+1. A document may start in one block and end in the next; EOS between documents teaches the model
+where a text ends. Attention crosses document boundaries inside a block, as in GPT-style pre-training (sft.py's
+packing keeps samples apart instead, because there each sample is a separate conversation).
+
+Input files (`load_texts`):
+- `.txt`: documents are separated by one or more blank lines (a paragraph, an article...). A file without blank
+  lines is one document. Lines inside a document keep their newlines.
+- `.jsonl`: one JSON object per line with the text in `text_field` (default "text"); blank lines are skipped.
+- `.json`: a list of such objects, or an object {"data": [...]}.
+A malformed line, a missing field or a non-string value stops with an error naming the file, the line, the field
+and the fields that do exist. Empty documents are skipped; a file with none left is an error.
+
+Also here, shared with sft.py: the padding collator (dynamic right padding to the longest sample of the batch,
+attention_mask, labels -100 on padding), the seeded train/validation split and the seeded per-epoch order that
+makes the data position a pure function of the step (so a resumed run sees the same batches).
+
+Deliberately not handled: streaming corpora larger than memory, other formats (CSV, Parquet), document-level
+attention masking in base FT.
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import MiniloraError
+
+IGNORE_INDEX = -100  # label of a position the loss skips (padding, prompts)
+SUPPORTED = (".txt", ".jsonl", ".json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------
+def _check_file(path, allowed=SUPPORTED) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise MiniloraError(f"data file {path} not found")
+    if path.suffix.lower() not in allowed:
+        raise MiniloraError(f"data file {path}: unsupported extension {path.suffix or '(none)'!r}; "
+                            f"use one of {', '.join(allowed)}")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not text
+    except UnicodeDecodeError as e:
+        raise MiniloraError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def _json_list_lines(text: str, start: int) -> list[int]:
+    """Line number of each item of the JSON list that starts at text[start] == '['."""
+    decoder, lines, pos = json.JSONDecoder(), [], start + 1
+    skip = re.compile(r"[\s,]*")
+    while True:
+        pos = skip.match(text, pos).end()
+        if text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+
+
+def _json_data_start(text: str) -> int:
+    """Index of the '[' of the "data" list in an object {"data": [...], ...} (the file is valid JSON)."""
+    decoder, pos = json.JSONDecoder(), text.index("{") + 1
+    skip = re.compile(r"[\s,:]*")
+    while True:
+        pos = skip.match(text, pos).end()
+        key, pos = decoder.raw_decode(text, pos)  # a key
+        pos = skip.match(text, pos).end()
+        if key == "data":
+            return pos
+        _, pos = decoder.raw_decode(text, pos)  # its value
+
+
+def read_records(path, allowed=(".jsonl", ".json")) -> list[tuple[str, dict]]:
+    """The JSON objects of a .jsonl or .json file, each with its location "file:line" for error messages."""
+    path = _check_file(path, allowed)
+    text = _read_text(path)
+    records = []
+    if path.suffix.lower() == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise MiniloraError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                    "a .jsonl file needs one JSON object per line") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MiniloraError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            items, start = data["data"], _json_data_start(text)
+        elif isinstance(data, list):
+            items, start = data, text.index("[")
+        else:
+            raise MiniloraError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}")
+        records = [(f"{path}:{line}", item) for line, item in zip(_json_list_lines(text, start), items)]
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise MiniloraError(f"{where}: expected a JSON object (a record with fields), "
+                                f"found {type(record).__name__}")
+    return records
+
+
+def load_texts(path, text_field: str = "text") -> list[str]:
+    """The documents of a .txt (blank-line separated), .jsonl or .json file (field `text_field`)."""
+    path = _check_file(path)
+    if path.suffix.lower() == ".txt":
+        docs = [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", _read_text(path).replace("\r\n", "\n"))]
+    else:
+        docs = []
+        for where, record in read_records(path):
+            if text_field not in record:
+                fields = ", ".join(record) or "none"
+                raise MiniloraError(f"{where}: no field {text_field!r} (this record has: {fields}); "
+                                    "choose the field with --text-field")
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise MiniloraError(f"{where}: field {text_field!r} should be a string, found {type(value).__name__}")
+            docs.append(value)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise MiniloraError(f"data file {path} contains no text (every document is empty)")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens → blocks
+# ----------------------------------------------------------------------------------------------------------
+def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids per document, with the special tokens the tokenizer adds (BOS for Llama/Gemma, none for Qwen)."""
+    return tokenizer.encode_batch(texts, add_special_tokens=True)
+
+
+def pack_into_blocks(docs_token_ids: list[list[int]], block_size: int, eos_id: int | None) -> list[dict]:
+    """Concatenate the documents with EOS after each and cut the stream into blocks of `block_size` tokens.
+
+    The last, shorter block is kept (the padding collator pads it, labels -100 on the padding) unless it has
+    fewer than 2 tokens, which give no next-token target. EOS is not doubled when a document already ends with it.
+    """
+    if block_size < 2:
+        raise MiniloraError(f"block size must be at least 2 tokens, got {block_size}")
+    stream: list[int] = []
+    for ids in docs_token_ids:
+        stream.extend(ids)
+        if eos_id is not None and (not ids or ids[-1] != eos_id):
+            stream.append(eos_id)
+    blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
+    if blocks and len(blocks[-1]) < 2:
+        blocks.pop()
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+def pad_collate(samples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples to the longest one → (B, T) tensors.
+
+    Each sample has `input_ids` and optionally `labels` (default: the input ids), `segment_ids` and
+    `position_ids` (packed SFT rows). Padding gets `pad_id`, label -100, attention_mask 0, segment id 0 and
+    position 0. With segment ids, attention_mask is 1 exactly where the segment id is > 0.
+    """
+    if not samples:
+        raise ValueError("pad_collate needs at least one sample")
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    extra = {k: torch.zeros((B, T), dtype=torch.long) for k in ("segment_ids", "position_ids") if k in samples[0]}
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(s.get("labels", s["input_ids"]), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        for key, tensor in extra.items():
+            tensor[i, :n] = torch.as_tensor(s[key], dtype=torch.long)
+    if "segment_ids" in extra:
+        attention_mask = (extra["segment_ids"] > 0).long()
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **extra}
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else EOS, else 0 (its value never matters: padding has
+    attention_mask 0 and label -100)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def split_train_val(items: list, val_fraction: float, seed: int = 0, what: str = "the data") -> tuple[list, list]:
+    """Hold out round(len * val_fraction) items (at least 1) for validation, chosen by a seeded draw.
+
+    Both parts keep the original order. val_fraction 0 returns (all items, []).
+    """
+    if not 0 <= val_fraction < 1:
+        raise MiniloraError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return list(items), []
+    n = len(items)
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise MiniloraError(f"{what} has only {n} item(s): too few to hold out {val_fraction:.0%} for validation; "
+                            "add data, give a separate validation file, or set the validation fraction to 0")
+    held_out = set(random.Random(seed).sample(range(n), n_val))
+    train = [x for i, x in enumerate(items) if i not in held_out]
+    val = [x for i, x in enumerate(items) if i in held_out]
+    return train, val
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which epoch `epoch` visits n samples: a pure function, so resuming needs no state."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Everything at once (what the trainer calls)
+# ----------------------------------------------------------------------------------------------------------
+def load_base_data(path, tokenizer, block_size: int, text_field: str = "text", val_path=None,
+                   val_fraction: float = 0.1, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train blocks, validation blocks) for base FT.
+
+    Documents (not blocks) are split, so no document is partly in both sets. With `val_path`, that file is the
+    validation set and `val_fraction` is ignored.
+    """
+    docs = load_texts(path, text_field)
+    if val_path is not None:
+        train_docs, val_docs = docs, load_texts(val_path, text_field)
+    else:
+        train_docs, val_docs = split_train_val(docs, val_fraction, seed, what=f"data file {path}")
+    eos_id = tokenizer.eos_token_id
+    train = pack_into_blocks(tokenize_documents(tokenizer, train_docs), block_size, eos_id)
+    val = pack_into_blocks(tokenize_documents(tokenizer, val_docs), block_size, eos_id) if val_docs else []
+    if not train:
+        raise MiniloraError(f"data file {path} gives no training block (under 2 tokens of text)")
+    return train, val

@@ -1,0 +1,388 @@
+"""Instruction fine-tuning (SFT) data: records → conversations → chat-template tokens with response-only labels.
+
+Three record formats (JSONL or JSON; field names configurable through `SFTFields`), detected from the first record:
+
+    alpaca     {"instruction": "...", "input": "...", "output": "...", "system": "..."}   (input, system optional)
+    messages   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}      (OpenAI style)
+    sharegpt   {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+
+An alpaca record becomes [system?, user, assistant] with the user turn = instruction, or instruction + "\\n\\n" + input
+when the input is not empty (the layout of the original Alpaca prompt, without its preamble: the model's own chat
+template supplies the framing).
+
+Response-only labels. The conversation is rendered with the model's chat template and tokenised as one text; a
+token keeps its id as label only if it belongs to an assistant reply, everything else gets -100. The replies are
+found from the template itself, for any template, with no per-family strings:
+
+    before_i = render(messages[:i], add_generation_prompt=True)   # the prompt the model sees before reply i
+    after_i  = render(messages[:i+1])                              # the text once reply i is written
+    reply_i  = after_i[len(before_i):]                             # e.g. "Paris.<end_of_turn>\\n"
+
+then reply_i is located in the full rendering (normally at len(before_i); by search when the template renders
+earlier turns differently once later ones exist), cut where the full text stops agreeing with it (later turns
+follow; never inside a token of what follows: "<|end|>\\n<|endoftext|>" and "<|end|>\\n<|user|>" share "<|"),
+and trailing whitespace is dropped. What remains is the reply as the template wrote it (trimmed if the template
+trims) plus the end-of-turn marker that closes it ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "</s>", "<|end|>"),
+so the model learns to stop. Tokens overlapping those character spans (tokenizers' offsets) are trained. What a
+template appends only after the final turn stays with it (Phi-3 writes "\\n<|endoftext|>" after the last reply,
+so the last reply trains on it too). If before_i is not a prefix of after_i (Mistral v0.3 shows the system prompt
+in the last user turn only, so it moves once the reply exists), the reply starts at the content's last occurrence.
+
+Packing without leakage. `pack_samples` puts samples (best fit) into rows of at most max_len tokens with
+`segment_ids` 1, 2, 3... per sample (0 = padding, added by the collator) and `position_ids` restarting at 0 for
+each sample; the model attends only within a segment. The first label of each sample is -100, so no sample is
+trained to predict the next one's first token: the loss of a packed row equals the sum of the samples' own losses.
+
+Deliberately not handled: tool calls and multimodal content (content must be a string), per-turn weights,
+templates that rewrite an earlier reply once later turns exist (e.g. dropping reasoning): such a conversation is
+reported as malformed rather than trained on a guess.
+"""
+
+import bisect
+import os
+from dataclasses import dataclass, field
+
+from .data import IGNORE_INDEX, read_records, split_train_val
+from .errors import MiniloraError
+
+FORMATS = ("alpaca", "messages", "sharegpt")
+ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names → chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+@dataclass
+class SFTFields:
+    """The JSON field names of each record format (change them for datasets that name fields differently)."""
+
+    instruction: str = "instruction"  # alpaca: the task
+    input: str = "input"  # alpaca: optional extra input appended to the task
+    output: str = "output"  # alpaca: the answer to learn
+    system: str = "system"  # any format: optional system prompt at record level
+    messages: str = "messages"  # messages: list of {role, content}
+    role: str = "role"
+    content: str = "content"
+    conversations: str = "conversations"  # sharegpt: list of {from, value}
+    speaker: str = "from"
+    value: str = "value"
+
+
+@dataclass
+class SFTStats:
+    """What happened to the records on their way to training samples (the trainer prints `summary()`)."""
+
+    records: int = 0  # records read
+    skipped: int = 0  # malformed records skipped (on_error="skip")
+    truncated: int = 0  # samples cut to max_len
+    dropped_overlong: int = 0  # samples over max_len dropped (overlong="drop")
+    dropped_no_target: int = 0  # samples with no trained token left (e.g. the reply was truncated away)
+    samples: int = 0  # samples kept
+    examples: list[str] = field(default_factory=list)  # the first few problems, for the log
+
+    def note(self, message: str) -> None:
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+    def summary(self) -> str:
+        parts = [f"{self.samples} samples from {self.records} records"]
+        for name in ("skipped", "truncated", "dropped_overlong", "dropped_no_target"):
+            if getattr(self, name):
+                parts.append(f"{getattr(self, name)} {name.replace('_', ' ')}")
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records → conversations
+# ----------------------------------------------------------------------------------------------------------
+def detect_format(record: dict, fields: SFTFields = SFTFields()) -> str:
+    """"messages", "sharegpt" or "alpaca", from which fields the record has."""
+    if fields.messages in record:
+        return "messages"
+    if fields.conversations in record:
+        return "sharegpt"
+    if fields.instruction in record and fields.output in record:
+        return "alpaca"
+    raise MiniloraError(f"cannot tell the record format from its fields ({', '.join(record) or 'none'}): expected "
+                        f"{fields.messages!r} (messages), {fields.conversations!r} (sharegpt) or "
+                        f"{fields.instruction!r} + {fields.output!r} (alpaca); set the format or the field names")
+
+
+def _string(record: dict, name: str, optional: bool = False) -> str | None:
+    if name not in record or (optional and record[name] is None):
+        if optional:
+            return None
+        raise ValueError(f"missing field {name!r} (the record has: {', '.join(record) or 'none'})")
+    if not isinstance(record[name], str):
+        raise ValueError(f"field {name!r} should be a string, found {type(record[name]).__name__}")
+    return record[name]
+
+
+def _turns(record: dict, list_field: str, role_field: str, text_field: str, roles: dict) -> list[dict]:
+    turns = record.get(list_field)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"field {list_field!r} should be a non-empty list of turns")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ValueError(f"{list_field}[{k}] should be an object, found {type(turn).__name__}")
+        speaker = _string(turn, role_field)
+        if speaker not in roles:
+            raise ValueError(f"{list_field}[{k}] has unknown {role_field} {speaker!r} "
+                             f"(expected one of: {', '.join(roles)})")
+        messages.append({"role": roles[speaker], "content": _string(turn, text_field)})
+    return messages
+
+
+def record_to_messages(record: dict, fmt: str, fields: SFTFields = SFTFields()) -> list[dict]:
+    """One record as a list of {"role", "content"} messages; ValueError says what is wrong with it."""
+    if fmt == "alpaca":
+        instruction, extra = _string(record, fields.instruction), _string(record, fields.input, optional=True)
+        user = instruction + "\n\n" + extra if extra and extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, fields.output)}]
+    elif fmt == "messages":
+        messages = _turns(record, fields.messages, fields.role, fields.content, {r: r for r in ROLES})
+    elif fmt == "sharegpt":
+        messages = _turns(record, fields.conversations, fields.speaker, fields.value, SHAREGPT_ROLES)
+    else:
+        raise MiniloraError(f"unknown SFT format {fmt!r}; expected one of {', '.join(FORMATS)} or 'auto'")
+    system = _string(record, fields.system, optional=True)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise ValueError("a system message may only come first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn: nothing to learn from this record")
+    return messages
+
+
+def load_conversations(path, fmt: str = "auto", on_error: str = "stop",
+                       fields: SFTFields = SFTFields(), stats: SFTStats | None = None) -> list[tuple[str, list]]:
+    """[(location "file:line", messages)] from a .jsonl/.json file.
+
+    A malformed record raises MiniloraError naming its line (on_error="stop") or is skipped and counted in
+    `stats.skipped` (on_error="skip").
+    """
+    if on_error not in ("stop", "skip"):
+        raise MiniloraError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    stats = stats if stats is not None else SFTStats()
+    records = read_records(path)
+    if not records:
+        raise MiniloraError(f"data file {path} has no records")
+    if fmt == "auto":
+        where, first = records[0]
+        try:
+            fmt = detect_format(first, fields)
+        except MiniloraError as e:
+            raise MiniloraError(f"{where}: {e}") from None
+    conversations = []
+    for where, record in records:
+        stats.records += 1
+        try:
+            conversations.append((where, record_to_messages(record, fmt, fields)))
+        except ValueError as e:
+            if on_error == "stop":
+                raise MiniloraError(f"{where}: malformed {fmt} record: {e} "
+                                    "(use on_error='skip' to skip such records)") from None
+            stats.skipped += 1
+            stats.note(f"{where}: {e}")
+    if not conversations:
+        raise MiniloraError(f"data file {path}: every record was malformed ({stats.skipped} skipped)")
+    return conversations
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversations → tokens and response-only labels
+# ----------------------------------------------------------------------------------------------------------
+def _common_prefix_len(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def _search_reply(full: str, reply: str, cursor: int) -> int:
+    """Start of the longest prefix of `reply` that occurs in full[cursor:] (binary search on its length)."""
+    lo, hi, pos = 0, len(reply), -1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        found = full.find(reply[:mid], cursor)
+        if found >= 0:
+            lo, pos = mid, found
+        else:
+            hi = mid - 1
+    return pos
+
+
+def assistant_spans(render, messages: list[dict], boundaries: list[int] | None = None,
+                    full: str | None = None) -> tuple[str, list]:
+    """The rendered conversation and the (start, end) character span of each assistant reply in it.
+
+    `render(messages, add_generation_prompt) -> str` is the chat template; `boundaries` (sorted character
+    positions, e.g. the token ends of the rendered text) are where a reply may end: a reply never ends inside a
+    token of the text that follows it. `full` is render(messages, False) when the caller already has it.
+    See the module docstring.
+    """
+    full = render(messages, False) if full is None else full
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        core = message["content"].strip()
+        try:
+            before = render(messages[:i], True)
+        except MiniloraError:
+            if i:
+                raise
+            before = ""  # a template that cannot render an empty conversation: the reply starts the text
+        after = render(messages[:i + 1], False)
+        if after.startswith(before):
+            start = len(before)
+        else:  # the prompt renders differently once the reply exists (Mistral v0.3 drops the system prompt)
+            start = after.rfind(core) if core else -1
+            if start < 0:
+                raise ValueError(f"cannot find assistant turn {i} in the chat template's rendering")
+        reply = after[start:]
+        if start >= cursor and full.startswith(after[:start]):
+            pos = start
+        else:  # earlier turns render differently in the whole conversation: find the reply after the last one
+            pos = _search_reply(full, reply, cursor)
+            if pos < 0 or core not in full[pos:pos + len(reply)]:
+                raise ValueError(f"cannot locate assistant turn {i} in the rendered conversation "
+                                 "(the chat template renders it differently when later turns follow)")
+        end = pos + _common_prefix_len(reply, full[pos:pos + len(reply)])
+        if boundaries:  # e.g. "<|end|>\n<|endoftext|>" vs "<|end|>\n<|user|>" agree on "<|": not a reply
+            k = bisect.bisect_right(boundaries, end)
+            end = max(pos, boundaries[k - 1]) if k else pos
+        end = pos + len(full[pos:end].rstrip())
+        if end > pos:
+            spans.append((pos, end))
+            cursor = end
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> dict:
+    """{"input_ids", "labels"} of one conversation: labels are -100 outside the assistant replies.
+
+    The ids equal `tokenizer.apply_chat_template(messages)` (the same text, encoded without added specials).
+    """
+    render = lambda msgs, gen: tokenizer.render_chat(msgs, add_generation_prompt=gen)  # noqa: E731
+    full = render(messages, False)
+    ids, offsets = tokenizer.encode_with_offsets(full, add_special_tokens=False)
+    if train_on_prompt:
+        return {"input_ids": ids, "labels": list(ids)}
+    _, spans = assistant_spans(render, messages, boundaries=sorted({e for _, e in offsets}), full=full)
+    # marked[c] = number of reply characters before character c, so a token (s, e) overlaps a reply iff
+    # marked[e] > marked[s]; a zero-width token counts if the character at s is in a reply.
+    in_reply = bytearray(len(full) + 1)
+    for s, e in spans:
+        in_reply[s:e] = b"\x01" * (e - s)
+    marked = [0]
+    for flag in in_reply:
+        marked.append(marked[-1] + flag)
+    labels = [tok if (marked[e] > marked[s] or (s == e and in_reply[s])) else IGNORE_INDEX
+              for tok, (s, e) in zip(ids, offsets)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def build_sft_samples(tokenizer, conversations: list[tuple[str, list]], max_len: int, overlong: str = "truncate",
+                      train_on_prompt: bool = False, on_error: str = "stop",
+                      stats: SFTStats | None = None) -> list[dict]:
+    """Tokenised samples of at most max_len tokens; over-long ones truncated (the end is cut) or dropped.
+
+    A conversation the chat template rejects (e.g. roles that do not alternate) is a malformed record: an error
+    naming its line, or skipped with on_error="skip". Samples left with no trained token are dropped.
+    """
+    if overlong not in ("truncate", "drop"):
+        raise MiniloraError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    stats = stats if stats is not None else SFTStats()
+    samples = []
+    for where, messages in conversations:
+        try:
+            sample = tokenize_conversation(tokenizer, messages, train_on_prompt)
+        except (MiniloraError, ValueError) as e:
+            if on_error == "stop":
+                raise MiniloraError(f"{where}: cannot render this conversation with the chat template: {e}") from None
+            stats.skipped += 1
+            stats.note(f"{where}: {e}")
+            continue
+        if len(sample["input_ids"]) > max_len:
+            if overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+            sample = {k: v[:max_len] for k, v in sample.items()}
+        if all(label == IGNORE_INDEX for label in sample["labels"][1:]):  # label 0 is never predicted
+            stats.dropped_no_target += 1
+            stats.note(f"{where}: no assistant token within {max_len} tokens")
+            continue
+        samples.append(sample)
+    stats.samples += len(samples)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------------------
+def pack_samples(samples: list[dict], max_len: int) -> list[dict]:
+    """Pack samples into rows of at most max_len tokens, without leakage between them.
+
+    Best fit in input order: each sample goes into the open row with the least room that still holds it (a new
+    row if none does), which fills rows far better than starting a new row whenever the next sample does not fit.
+    Each row has input_ids, labels, segment_ids (1, 2, ... per sample) and position_ids (0.. per sample). The
+    first label of every sample is -100: under the shifted loss it would be predicted from the previous sample.
+    Rows are not padded here; pad_collate pads them (segment id 0, label -100).
+    """
+    rows: list[dict] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row index) of rows with free space, sorted
+    for sample in samples:
+        n = len(sample["input_ids"])
+        if n > max_len:
+            raise ValueError(f"sample of {n} tokens does not fit a row of {max_len}; truncate it first")
+        k = bisect.bisect_left(room, (n, -1))  # the tightest row with at least n free tokens
+        if k < len(room):
+            _, index = room.pop(k)
+        else:
+            index = len(rows)
+            rows.append({"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []})
+        row = rows[index]
+        segment = (row["segment_ids"][-1] if row["segment_ids"] else 0) + 1
+        row["input_ids"] += sample["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + list(sample["labels"][1:])
+        row["segment_ids"] += [segment] * n
+        row["position_ids"] += list(range(n))
+        if len(row["input_ids"]) < max_len:
+            bisect.insort(room, (max_len - len(row["input_ids"]), index))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Everything at once (what the trainer calls)
+# ----------------------------------------------------------------------------------------------------------
+def load_sft_data(path, tokenizer, max_len: int, val_path=None, val_fraction: float = 0.1, seed: int = 0,
+                  fmt: str = "auto", on_error: str = "stop", overlong: str = "truncate",
+                  train_on_prompt: bool = False, packing: bool = False,
+                  fields: SFTFields = SFTFields()) -> tuple[list[dict], list[dict], SFTStats]:
+    """(train samples, validation samples, stats) ready for data.pad_collate.
+
+    Conversations (not tokens) are split, seeded; with `val_path` that file is the validation set. With
+    packing, both sets are packed into rows of max_len.
+    """
+    if tokenizer.chat_template is None:
+        raise MiniloraError(f"the tokenizer of {tokenizer.name_or_path} has no chat template: SFT renders every "
+                            "conversation with it (use an instruct model or add \"chat_template\" to its "
+                            "tokenizer_config.json)")
+    stats = SFTStats()
+    conversations = load_conversations(path, fmt, on_error, fields, stats)
+    if val_path is not None:
+        train_conv, val_conv = conversations, load_conversations(val_path, fmt, on_error, fields, stats)
+    else:
+        train_conv, val_conv = split_train_val(conversations, val_fraction, seed, what=f"data file {path}")
+    options = dict(max_len=max_len, overlong=overlong, train_on_prompt=train_on_prompt, on_error=on_error,
+                   stats=stats)
+    train = build_sft_samples(tokenizer, train_conv, **options)
+    val = build_sft_samples(tokenizer, val_conv, **options) if val_conv else []
+    if not train:
+        raise MiniloraError(f"data file {path} gives no training sample ({stats.summary()}; "
+                            f"first problems: {'; '.join(stats.examples) or 'none'})")
+    if packing:
+        train, val = pack_samples(train, max_len), pack_samples(val, max_len)
+    return train, val, stats
