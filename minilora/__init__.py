@@ -23,6 +23,7 @@ _EXPORTS = {
     "generate": "generate",
     # tokens and chat templates
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "render_chat_template": "chat_template",
+    "select_chat_template": "chat_template", "ChatTemplateError": "chat_template",
     # LoRA and adapters
     "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "count_parameters": "lora",
     "parameter_summary": "lora", "save_adapter": "adapter", "load_adapter": "adapter",

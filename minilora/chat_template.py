@@ -1,0 +1,336 @@
+"""Chat templates rendered by minilora itself: a small, sandboxed subset of Jinja, written from scratch.
+
+Hugging Face models carry their chat format as a Jinja string (tokenizer_config.json's `chat_template`). This
+module renders such strings with exactly the output of jinja2 as transformers configures it (`utils/
+chat_template_utils.py`: an ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and loopcontrols, a
+`tojson` filter without HTML escaping, the globals `raise_exception` and `strftime_now`, and the
+`{% generation %}` tag), so that fine-tuning sees the very text the model was trained to read.
+
+    template text --template_lexer--> tokens --template_parser--> template_ast --template_scopes--> annotated AST
+    annotated AST + messages --this file's evaluator (template_values, template_filters)--> string
+
+This file holds the public functions and the evaluator, which walks the AST: statements append text to an output
+list, expressions become Python values. Jinja semantics kept on purpose: `{% set %}` inside a for loop is local
+to the iteration (namespace() objects carry state out), a missing variable is Undefined (prints "", is falsy)
+and only fails when used in arithmetic, comparison or attribute access, `{% for %}...{% else %}` runs the else
+unless an iteration reached the end of its body.
+
+Sandbox: a template reads no file, imports nothing and sees only the values passed to it; it can call only the
+globals and filters of template_filters and the str/dict methods whitelisted in template_values.
+
+Deliberately not supported (ChatTemplateError naming the construct and its line, never a silently different
+output): macros and call blocks, include/import/extends, `{% do %}`, `{% filter %}`, `{% with %}`, recursive
+loops and the jinja2 filters/tests/methods not listed in template_filters/template_values. Known difference:
+jinja2 evaluates all-literal expressions when it compiles, so `{{ none[:1] }}` prints "" there while minilora
+raises (as jinja2 itself does for `{{ x[:1] }}` with x = none); and printing a function (`{{ d.get }}`) raises
+here instead of printing a memory address.
+"""
+
+import operator
+from collections import ChainMap
+from collections.abc import Mapping
+from functools import lru_cache
+
+from minilora import template_ast as nodes
+from minilora.template_filters import FILTERS, GLOBALS, TESTS, call_filter, call_test, escape
+from minilora.template_lexer import ChatTemplateError
+from minilora.template_parser import parse
+from minilora.template_scopes import annotate
+from minilora.template_values import (
+    Function, LoopContext, Markup, Namespace, Undefined, check_public, get_attr, get_item, to_str,
+)  # fmt: skip
+
+__all__ = ["ChatTemplateError", "render_chat_template", "select_chat_template"]
+
+
+def render_chat_template(
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    bos_token: str = "",
+    eos_token: str = "",
+    **extra,
+) -> str:
+    """Render a chat template for `messages` (a list of {"role": ..., "content": ...} dicts).
+
+    `extra` becomes template variables too (e.g. `tools=[...]`, `date_string="26 Jul 2024"`). Like transformers,
+    `tools` and `documents` are passed as None when not given.
+    """
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"the template must be a string, got {type(template).__name__}")
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
+        raise ChatTemplateError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+    context = {
+        "tools": None,
+        "documents": None,
+        **extra,
+        "messages": messages,
+        "add_generation_prompt": add_generation_prompt,
+        "bos_token": bos_token,
+        "eos_token": eos_token,
+    }
+    parsed = _parse(template)
+    out: list[str] = []
+    _Renderer().run(parsed.body, ChainMap(dict.fromkeys(parsed.fresh, _MISSING), context, GLOBALS), out)
+    return "".join(out)
+
+
+def select_chat_template(chat_template_field, name: str | None = None) -> str | None:
+    """The template string from tokenizer_config.json's `chat_template` field.
+
+    The field is a string, or a list of {"name": ..., "template": ...} (then `name` picks one, by default the one
+    named "default"). None when the field is None and no name was asked for.
+    """
+    if chat_template_field is None and name is None:
+        return None
+    if isinstance(chat_template_field, str):
+        templates = {"default": chat_template_field}
+    elif isinstance(chat_template_field, list) and all(
+        isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        for t in chat_template_field
+    ):
+        templates = {t["name"]: t["template"] for t in chat_template_field}
+    else:
+        raise ChatTemplateError(
+            "tokenizer_config.json 'chat_template' must be a string or a list of {'name': ..., 'template': ...}"
+        )
+    if (name or "default") not in templates:
+        raise ChatTemplateError(
+            f"no chat template named {name or 'default'!r}; available: {sorted(templates)} (pass one as name)"
+        )
+    return templates[name or "default"]
+
+
+@lru_cache(maxsize=32)
+def _parse(template: str) -> nodes.Template:
+    """Parse once per template string, and reject unknown filters/tests up front as jinja2 does when it compiles
+    (except inside if-statements and inline ifs, where both engines fail only if the filter is evaluated)."""
+    parsed = parse(template)
+    for names, table, kind in ((parsed.filters, FILTERS, "filter"), (parsed.tests, TESTS, "test")):
+        for name, line in names.items():
+            if name not in table:
+                raise ChatTemplateError(f"{kind} {name!r} is not supported by minilora's template engine", line)
+    annotate(parsed)
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluator
+# ---------------------------------------------------------------------------------------------------------------
+class _BreakLoop(Exception):
+    pass
+
+
+class _ContinueLoop(Exception):
+    pass
+
+
+_MISSING = object()  # a name bound to "undefined" in a frame (see template_scopes), or not found at all
+_PYTHON_ERRORS = (TypeError, ValueError, LookupError, ArithmeticError)  # become ChatTemplateError with the line
+
+_BINARY = {
+    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
+    "%": operator.mod, "**": operator.pow,
+}  # fmt: skip
+_COMPARE = {
+    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "in": lambda a, b: a in b, "notin": lambda a, b: a not in b,
+}  # fmt: skip
+
+
+class _Renderer:
+    """Executes statements (appending text to `out`) and evaluates expressions in a scope.
+
+    A scope is a ChainMap: {% set %} writes into its first map; a for loop runs each iteration in a child map,
+    so variables set inside a loop do not leak out (namespace() objects are the way out, as in Jinja). A new
+    frame's map starts with its `fresh` names bound to _MISSING (undefined): see template_scopes.
+    """
+
+    # --- statements ---
+    def run(self, body: list, scope: ChainMap, out: list) -> None:
+        for node in body:
+            try:
+                getattr(self, f"exec_{type(node).__name__}")(node, scope, out)
+            except ChatTemplateError as e:
+                raise e if e.line is not None else ChatTemplateError(e.message, node.line) from None
+            except _PYTHON_ERRORS as e:
+                raise ChatTemplateError(f"{type(e).__name__}: {e}", node.line) from None
+
+    def exec_Text(self, node, scope, out):
+        out.append(node.text)
+
+    def exec_Output(self, node, scope, out):
+        out.append(to_str(self.eval(node.expr, scope)))
+
+    def exec_If(self, node, scope, out):
+        for test, body in node.branches:
+            if self.eval(test, scope):
+                return self.run(body, scope, out)
+        self.run(node.else_body, scope, out)
+
+    def exec_For(self, node, scope, out):
+        items = list(self.eval(node.iter, scope))
+        if node.filter is not None:  # `for x in xs if cond`: filtered before the loop, so loop.length counts kept
+            items = [item for item in items if self.eval(node.filter, self.bind(node.target, item, scope))]
+        loop = LoopContext(items)
+        completed = False  # jinja2 runs {% else %} unless some iteration reached the end of the body
+        for i, item in enumerate(items):
+            loop.index0 = i
+            inner = self.bind(node.target, item, scope, node.body_fresh)
+            inner["loop"] = loop
+            try:
+                self.run(node.body, inner, out)
+                completed = True
+            except _ContinueLoop:
+                continue
+            except _BreakLoop:
+                break
+        if not completed:
+            self.run(node.else_body, scope.new_child(dict.fromkeys(node.else_fresh, _MISSING)), out)
+
+    def bind(self, target, value, scope: ChainMap, fresh: frozenset = frozenset()) -> ChainMap:
+        inner = scope.new_child(dict.fromkeys(fresh, _MISSING))
+        self.assign(target, value, inner)
+        return inner
+
+    def exec_Set(self, node, scope, out):
+        self.assign(node.target, self.eval(node.expr, scope), scope)
+
+    def exec_SetBlock(self, node, scope, out):
+        buffer: list[str] = []
+        self.run(node.body, scope.new_child(dict.fromkeys(node.fresh, _MISSING)), buffer)
+        self.assign(node.target, "".join(buffer), scope)
+
+    def exec_Scope(self, node, scope, out):
+        self.run(node.body, scope.new_child(dict.fromkeys(node.fresh, _MISSING)), out)
+
+    def exec_Break(self, node, scope, out):
+        raise _BreakLoop
+
+    def exec_Continue(self, node, scope, out):
+        raise _ContinueLoop
+
+    def assign(self, target, value, scope: ChainMap) -> None:
+        if isinstance(target, nodes.Name):
+            scope[target.name] = value
+        elif isinstance(target, nodes.NSRef):
+            ns = self.eval(nodes.Name(target.name, target.line), scope)
+            if not isinstance(ns, Namespace):
+                raise ChatTemplateError(f"cannot set {target.name}.{target.attr}: {target.name} is not a namespace()")
+            check_public(target.attr)
+            ns.attrs[target.attr] = value
+        else:  # a, b = value
+            values = list(value)
+            if len(values) != len(target.items):
+                raise ChatTemplateError(f"cannot unpack {len(values)} values into {len(target.items)} names")
+            for t, v in zip(target.items, values):
+                self.assign(t, v, scope)
+
+    # --- expressions ---
+    def eval(self, node, scope: ChainMap):
+        try:
+            return getattr(self, f"eval_{type(node).__name__}")(node, scope)
+        except ChatTemplateError as e:
+            raise e if e.line is not None else ChatTemplateError(e.message, node.line) from None
+        except _PYTHON_ERRORS as e:
+            raise ChatTemplateError(f"{type(e).__name__}: {e}", node.line) from None
+
+    def eval_Const(self, node, scope):
+        return node.value
+
+    def eval_Name(self, node, scope):
+        value = scope.get(node.name, _MISSING)
+        if value is _MISSING:
+            return Undefined(f"{node.name!r} is undefined")
+        return value
+
+    def eval_ListLit(self, node, scope):
+        return [self.eval(item, scope) for item in node.items]
+
+    def eval_TupleLit(self, node, scope):
+        return tuple(self.eval(item, scope) for item in node.items)
+
+    def eval_DictLit(self, node, scope):
+        return {self.eval(k, scope): self.eval(v, scope) for k, v in node.pairs}
+
+    def eval_GetAttr(self, node, scope):
+        return get_attr(self.eval(node.obj, scope), node.name)
+
+    def eval_GetItem(self, node, scope):
+        obj = self.eval(node.obj, scope)
+        if not isinstance(node.key, nodes.Slice):
+            return get_item(obj, self.eval(node.key, scope))
+        parts = (node.key.start, node.key.stop, node.key.step)
+        key = slice(*(None if p is None else self.eval(p, scope) for p in parts))
+        if isinstance(obj, (Undefined, Markup)):
+            return get_item(obj, key)  # raises
+        return obj[key]  # jinja2 slices with plain Python: `none[1:]` is an error, not undefined
+
+    def eval_Call(self, node, scope):
+        func = self.eval(node.func, scope)
+        if isinstance(func, Undefined):
+            raise ChatTemplateError(f"{func.hint} (called as a function)")
+        if not isinstance(func, Function):
+            raise ChatTemplateError(f"a {type(func).__name__} value is not callable")
+        args = [self.eval(a, scope) for a in node.args]
+        return func(*args, **{k: self.eval(v, scope) for k, v in node.kwargs.items()})
+
+    def eval_Filter(self, node, scope):
+        value = self.eval(node.value, scope)
+        args = [self.eval(a, scope) for a in node.args]
+        return call_filter(node.name, value, args, {k: self.eval(v, scope) for k, v in node.kwargs.items()})
+
+    def eval_Test(self, node, scope):
+        value = self.eval(node.value, scope)
+        args = [self.eval(a, scope) for a in node.args]
+        return call_test(node.name, value, args, {k: self.eval(v, scope) for k, v in node.kwargs.items()})
+
+    def eval_Unary(self, node, scope):
+        value = self.eval(node.operand, scope)
+        if node.op == "not":
+            return not value
+        _check_operands(node.op, value)
+        return -value if node.op == "-" else +value
+
+    def eval_Binary(self, node, scope):
+        left = self.eval(node.left, scope)
+        if node.op == "and":  # Python semantics: the deciding operand is the result
+            return self.eval(node.right, scope) if left else left
+        if node.op == "or":
+            return left if left else self.eval(node.right, scope)
+        right = self.eval(node.right, scope)
+        if not (node.op == "%" and type(left) is str):  # Python's str % x formats even an undefined x
+            _check_operands(node.op, left, right)
+        if node.op == "+" and (isinstance(left, Markup) or isinstance(right, Markup)):
+            if isinstance(left, str) and isinstance(right, str):  # jinja2's Markup escapes the plain operand
+                return Markup(escape(left) + escape(right))
+        return _BINARY[node.op](left, right)
+
+    def eval_Concat(self, node, scope):
+        return "".join(to_str(self.eval(item, scope)) for item in node.items)
+
+    def eval_Compare(self, node, scope):
+        left = self.eval(node.left, scope)
+        for op, right_node in node.ops:  # chained like Python: a < b < c stops at the first false
+            right = self.eval(right_node, scope)
+            if op in ("<", "<=", ">", ">="):
+                _check_operands(op, left, right)
+            if not _COMPARE[op](left, right):
+                return False
+            left = right
+        return True
+
+    def eval_CondExpr(self, node, scope):
+        if self.eval(node.test, scope):
+            return self.eval(node.then, scope)
+        if node.else_ is None:
+            return Undefined("the inline if-expression evaluated to false and has no else")
+        return self.eval(node.else_, scope)
+
+
+def _check_operands(op: str, *values) -> None:
+    for v in values:
+        if isinstance(v, Undefined):
+            raise ChatTemplateError(f"{v.hint} (used with {op!r})")
+        if isinstance(v, Markup) and op != "+":
+            raise ChatTemplateError(f"{op!r} on a |safe or |escape result is not supported")

@@ -1,0 +1,464 @@
+"""Parser of the chat-template engine: tokens -> a tree of small dataclasses (template_ast).
+
+Recursive descent with jinja2's grammar and operator precedence, loosest first:
+    x if c else y  <  or  <  and  <  not  <  == != < <= > >= in, not in  <  + -  <  ~  <  * / // %  <  **
+    <  unary - +  <  filters `x|f(...)` and tests `x is t`  <  postfix `.attr` `[key]` `[a:b:c]` `(call)`
+so `'a' + m['content'] | trim` is `'a' + (m['content'] | trim)`, and `not x is defined` is `not (x is defined)`.
+
+Statements: if/elif/else, for (tuple targets, `for ... if ...` filter, `{% else %}`), set (`ns.attr` targets,
+`{% set x %}...{% endset %}` blocks), break/continue (jinja2's loopcontrols) and transformers' `{% generation %}`.
+
+Deliberately not handled (ChatTemplateError naming the construct and its line, at parse time):
+macro/call, filter blocks, with, include/import/extends/block, do, autoescape, recursive loops, `*args`/`**kwargs`
+in calls.
+"""
+
+from minilora.template_ast import (
+    Binary, Break, Call, CondExpr, Compare, Concat, Const, Continue, DictLit, Filter, For, GetAttr, GetItem, If,
+    ListLit, Name, NSRef, Output, Scope, Set, SetBlock, Slice, Template, Test, Text, TupleLit, Unary,
+)  # fmt: skip
+from minilora.template_lexer import ChatTemplateError, Token, tokenize
+
+
+_UNSUPPORTED_TAGS = {
+    "macro", "call", "filter", "with", "include", "import", "from", "extends", "block",
+    "do", "autoescape", "trans", "pluralize",
+}  # fmt: skip
+_COMPARE_OPS = ("==", "!=", "<", "<=", ">", ">=")
+
+
+def parse(source: str) -> Template:
+    """Parse a template string into a Template (its statement list plus the filter/test names it uses)."""
+    return _Parser(tokenize(source)).parse()
+
+
+class _Parser:
+    def __init__(self, tokens: list[Token]):
+        self.tokens = tokens
+        self.pos = 0
+        self.loop_depth = 0  # break/continue are only valid inside a for loop
+        self.soft = False  # inside an if statement or inline if, where jinja2 checks filter names lazily
+        self.uses: list[list] = []  # [kind, name, line, soft] of each filter and test, in parse order
+        self.template = Template(body=[])
+
+    # --- token helpers ---
+    @property
+    def cur(self) -> Token:
+        return self.tokens[self.pos]
+
+    def peek(self) -> Token:
+        return self.tokens[min(self.pos + 1, len(self.tokens) - 1)]
+
+    def advance(self) -> Token:
+        tok = self.tokens[self.pos]
+        self.pos += 1
+        return tok
+
+    def at(self, kind: str, value: object = None) -> bool:
+        return self.cur.kind == kind and (value is None or self.cur.value == value)
+
+    def skip(self, kind: str, value: object = None) -> bool:
+        if self.at(kind, value):
+            self.pos += 1
+            return True
+        return False
+
+    def expect(self, kind: str, value: object = None) -> Token:
+        if not self.at(kind, value):
+            want = repr(value) if value is not None else kind
+            raise ChatTemplateError(f"expected {want}, got {_describe(self.cur)}", self.cur.line)
+        return self.advance()
+
+    # --- statements ---
+    def parse(self) -> Template:
+        self.template.body, _ = self.body(())
+        for kind, name, line, soft in self.uses:
+            if not soft:
+                getattr(self.template, kind).setdefault(name, line)
+        return self.template
+
+    def frame_body(self, end_tags: tuple, soft: bool = False) -> tuple[list, str | None]:
+        """A body that jinja2 compiles as its own frame (loop, set block) or as a soft one (if)."""
+        outer, self.soft = self.soft, soft
+        try:
+            return self.body(end_tags)
+        finally:
+            self.soft = outer
+
+    def body(self, end_tags: tuple) -> tuple[list, str | None]:
+        """Statements up to one of `end_tags` (a `{% name` whose name is consumed and returned)."""
+        nodes = []
+        while True:
+            tok = self.advance()
+            if tok.kind == "eof":
+                if end_tags:
+                    raise ChatTemplateError(f"missing {{% {end_tags[-1]} %}} (end of template reached)", tok.line)
+                return nodes, None
+            if tok.kind == "text":
+                nodes.append(Text(tok.value, tok.line))
+            elif tok.kind == "var_begin":
+                nodes.append(Output(self.tuple_expr(), tok.line))
+                self.expect("var_end")
+            else:  # block_begin
+                name = self.expect("name")
+                if name.value in end_tags:
+                    return nodes, name.value
+                nodes.extend(self.statement(name))
+
+    def statement(self, name: Token) -> list:
+        tag, line = name.value, name.line
+        if tag == "if":
+            return [self.if_stmt(line)]
+        if tag == "for":
+            return [self.for_stmt(line)]
+        if tag == "set":
+            return [self.set_stmt(line)]
+        if tag in ("break", "continue"):
+            if not self.loop_depth:
+                raise ChatTemplateError(f"{{% {tag} %}} outside a for loop", line)
+            self.expect("block_end")
+            return [Break(line) if tag == "break" else Continue(line)]
+        if tag == "generation":  # transformers' marker of assistant text: rendered as is
+            self.expect("block_end")
+            body, _ = self.frame_body(("endgeneration",))
+            self.expect("block_end")
+            return [Scope(body, line)]
+        if tag in _UNSUPPORTED_TAGS:
+            raise ChatTemplateError(f"{{% {tag} %}} is not supported by minilora's template engine", line)
+        raise ChatTemplateError(f"unknown or misplaced tag {{% {tag} %}}", line)
+
+    def if_stmt(self, line: int) -> If:
+        branches, else_body = [], []
+        outer, self.soft = self.soft, True
+        while True:
+            test = self.tuple_expr(with_condexpr=False)
+            self.expect("block_end")
+            body, end = self.frame_body(("elif", "else", "endif"), soft=True)
+            branches.append((test, body))
+            if end == "elif":
+                continue
+            if end == "else":
+                self.expect("block_end")
+                else_body, _ = self.frame_body(("endif",), soft=True)
+            self.expect("block_end")
+            self.soft = outer
+            return If(branches, else_body, line)
+
+    def for_stmt(self, line: int) -> For:
+        target = self.assign_target(end_names=("in",), with_namespace=False)
+        self.expect("name", "in")
+        iterable = self.tuple_expr(with_condexpr=False, end_names=("recursive",))
+        outer, self.soft = self.soft, False  # the loop filter is compiled in the loop's own frame
+        cond = self.expression() if self.skip("name", "if") else None
+        self.soft = outer
+        if self.at("name", "recursive"):
+            raise ChatTemplateError("recursive for loops are not supported", self.cur.line)
+        self.expect("block_end")
+        self.loop_depth += 1
+        body, end = self.frame_body(("endfor", "else"))
+        self.loop_depth -= 1
+        else_body = []
+        if end == "else":
+            self.expect("block_end")
+            else_body, _ = self.frame_body(("endfor",))
+        self.expect("block_end")
+        return For(target, iterable, cond, body, else_body, line)
+
+    def set_stmt(self, line: int) -> Set | SetBlock:
+        target = self.assign_target(end_names=(), with_namespace=True)
+        if self.skip("op", "="):
+            expr = self.tuple_expr()
+            self.expect("block_end")
+            return Set(target, expr, line)
+        if self.at("op", "|"):
+            raise ChatTemplateError("filters on {% set %} blocks are not supported", line)
+        self.expect("block_end")
+        body, _ = self.frame_body(("endset",))
+        self.expect("block_end")
+        return SetBlock(target, body, line)
+
+    def assign_target(self, end_names: tuple, with_namespace: bool):
+        """`x`, `ns.x` (only with_namespace) or a tuple of them: `a, b`."""
+        line = self.cur.line
+        items, is_tuple = [], False
+        while True:
+            tok = self.expect("name")
+            if tok.value in ("true", "false", "True", "False", "none", "None"):
+                raise ChatTemplateError(f"cannot assign to {tok.value!r}", tok.line)
+            if with_namespace and self.skip("op", "."):
+                items.append(NSRef(tok.value, self.expect("name").value, tok.line))
+            else:
+                items.append(Name(tok.value, tok.line))
+            if not self.skip("op", ","):
+                break
+            is_tuple = True
+            if self.at_tuple_end(end_names) or self.at("op", "="):
+                break
+        return TupleLit(items, line) if is_tuple else items[0]
+
+    # --- expressions (one method per precedence level, loosest first) ---
+    def at_tuple_end(self, end_names: tuple = ()) -> bool:
+        if self.cur.kind in ("var_end", "block_end") or self.at("op", ")"):
+            return True
+        return self.cur.kind == "name" and self.cur.value in end_names
+
+    def tuple_expr(self, with_condexpr: bool = True, end_names: tuple = (), parenthesized: bool = False):
+        """`a` or `a, b, ...` (a tuple); `()` only inside parentheses."""
+        line = self.cur.line
+        items, is_tuple = [], False
+        while True:
+            if items:
+                self.expect("op", ",")
+            if self.at_tuple_end(end_names):
+                break
+            items.append(self.expression(with_condexpr))
+            if not self.at("op", ","):
+                break
+            is_tuple = True
+        if not is_tuple:
+            if items:
+                return items[0]
+            if not parenthesized:
+                raise ChatTemplateError(f"expected an expression, got {_describe(self.cur)}", self.cur.line)
+        return TupleLit(items, line)
+
+    def expression(self, with_condexpr: bool = True):
+        return self.cond_expr() if with_condexpr else self.or_expr()
+
+    def cond_expr(self):
+        line = self.cur.line
+        first_use = len(self.uses)
+        node = self.or_expr()
+        while self.skip("name", "if"):
+            for use in self.uses[first_use:]:  # `x|f if c else y`: the whole inline if is soft, x included
+                use[3] = True
+            outer, self.soft = self.soft, True
+            test = self.or_expr()
+            else_ = self.cond_expr() if self.skip("name", "else") else None
+            self.soft = outer
+            node = CondExpr(test, node, else_, line)
+        return node
+
+    def or_expr(self):
+        node = self.and_expr()
+        while self.at("name", "or"):
+            line = self.advance().line
+            node = Binary("or", node, self.and_expr(), line)
+        return node
+
+    def and_expr(self):
+        node = self.not_expr()
+        while self.at("name", "and"):
+            line = self.advance().line
+            node = Binary("and", node, self.not_expr(), line)
+        return node
+
+    def not_expr(self):
+        if self.at("name", "not"):
+            line = self.advance().line
+            return Unary("not", self.not_expr(), line)
+        return self.compare()
+
+    def compare(self):
+        line = self.cur.line
+        left = self.math1()
+        ops = []
+        while True:
+            if self.cur.kind == "op" and self.cur.value in _COMPARE_OPS:
+                ops.append((self.advance().value, self.math1()))
+            elif self.skip("name", "in"):
+                ops.append(("in", self.math1()))
+            elif self.at("name", "not") and self.peek().kind == "name" and self.peek().value == "in":
+                self.pos += 2
+                ops.append(("notin", self.math1()))
+            else:
+                break
+        return Compare(left, ops, line) if ops else left
+
+    def math1(self):  # + -
+        node = self.concat()
+        while self.cur.kind == "op" and self.cur.value in ("+", "-"):
+            tok = self.advance()
+            node = Binary(tok.value, node, self.concat(), tok.line)
+        return node
+
+    def concat(self):  # ~
+        line = self.cur.line
+        items = [self.math2()]
+        while self.skip("op", "~"):
+            items.append(self.math2())
+        return items[0] if len(items) == 1 else Concat(items, line)
+
+    def math2(self):  # * / // %
+        node = self.power()
+        while self.cur.kind == "op" and self.cur.value in ("*", "/", "//", "%"):
+            tok = self.advance()
+            node = Binary(tok.value, node, self.power(), tok.line)
+        return node
+
+    def power(self):  # **
+        node = self.unary()
+        while self.at("op", "**"):
+            tok = self.advance()
+            node = Binary("**", node, self.unary(), tok.line)
+        return node
+
+    def unary(self, with_filter: bool = True):
+        """`-x`, `+x`, then postfix, then (only at the outer level) filters and tests: `-x|abs` is `(-x)|abs`."""
+        if self.cur.kind == "op" and self.cur.value in ("-", "+"):
+            tok = self.advance()
+            node = Unary(tok.value, self.unary(with_filter=False), tok.line)
+        else:
+            node = self.primary()
+        node = self.postfix(node)
+        return self.filters_and_tests(node) if with_filter else node
+
+    def primary(self):
+        tok = self.advance()
+        if tok.kind == "name":
+            if tok.value in ("true", "True", "false", "False"):
+                return Const(tok.value in ("true", "True"), tok.line)
+            if tok.value in ("none", "None"):
+                return Const(None, tok.line)
+            return Name(tok.value, tok.line)
+        if tok.kind == "string":  # adjacent literals concatenate: "a" "b" == "ab"
+            parts = [tok.value]
+            while self.at("string"):
+                parts.append(self.advance().value)
+            return Const("".join(parts), tok.line)
+        if tok.kind in ("integer", "float"):
+            return Const(tok.value, tok.line)
+        if tok.kind == "op" and tok.value == "(":
+            node = self.tuple_expr(parenthesized=True)
+            self.expect("op", ")")
+            return node
+        if tok.kind == "op" and tok.value == "[":
+            return ListLit(self.comma_list("]", self.expression), tok.line)
+        if tok.kind == "op" and tok.value == "{":
+            return DictLit(self.comma_list("}", self.dict_pair), tok.line)
+        raise ChatTemplateError(f"unexpected {_describe(tok)}", tok.line)
+
+    def comma_list(self, close: str, parse_item) -> list:
+        """Items up to `close`, separated by commas; a trailing comma is allowed."""
+        items = []
+        while not self.at("op", close):
+            if items:
+                self.expect("op", ",")
+                if self.at("op", close):
+                    break
+            items.append(parse_item())
+        self.expect("op", close)
+        return items
+
+    def dict_pair(self) -> tuple:
+        key = self.expression()
+        self.expect("op", ":")
+        return key, self.expression()
+
+    def postfix(self, node):
+        while True:
+            if self.at("op", "."):
+                line = self.advance().line
+                tok = self.advance()
+                if tok.kind == "name":
+                    node = GetAttr(node, tok.value, line)
+                elif tok.kind == "integer":  # x.0 is x[0]
+                    node = GetItem(node, Const(tok.value, tok.line), line)
+                else:
+                    raise ChatTemplateError(f"expected a name after '.', got {_describe(tok)}", tok.line)
+            elif self.at("op", "["):
+                line = self.advance().line
+                keys = self.comma_list("]", self.subscript)  # x[a, b] is x[(a, b)], and x[] is x[()]
+                node = GetItem(node, keys[0] if len(keys) == 1 else TupleLit(keys, line), line)
+            elif self.at("op", "("):
+                node = self.call(node)
+            else:
+                return node
+
+    def subscript(self):
+        """`key` or a slice `start:stop:step` with any part left out."""
+        line = self.cur.line
+        parts = [None, None, None]
+        if not self.at("op", ":"):
+            parts[0] = self.expression()
+            if not self.at("op", ":"):
+                return parts[0]
+        self.expect("op", ":")
+        if not (self.at("op", ":") or self.at("op", "]") or self.at("op", ",")):
+            parts[1] = self.expression()
+        if self.skip("op", ":") and not (self.at("op", "]") or self.at("op", ",")):
+            parts[2] = self.expression()
+        return Slice(*parts, line)
+
+    def call_args(self) -> tuple[list, dict]:
+        self.expect("op", "(")
+        args, kwargs = [], {}
+        while not self.at("op", ")"):
+            if args or kwargs:
+                self.expect("op", ",")
+                if self.at("op", ")"):
+                    break
+            if self.cur.kind == "op" and self.cur.value in ("*", "**"):
+                raise ChatTemplateError("*args / **kwargs in calls are not supported", self.cur.line)
+            if self.cur.kind == "name" and self.peek().kind == "op" and self.peek().value == "=":
+                key = self.advance().value
+                self.advance()
+                kwargs[key] = self.expression()
+            elif kwargs:
+                raise ChatTemplateError("positional argument after keyword argument", self.cur.line)
+            else:
+                args.append(self.expression())
+        self.expect("op", ")")
+        return args, kwargs
+
+    def call(self, node) -> Call:
+        line = self.cur.line
+        args, kwargs = self.call_args()
+        return Call(node, args, kwargs, line)
+
+    def filters_and_tests(self, node):
+        while True:
+            if self.skip("op", "|"):
+                tok = self.expect("name")
+                name = self.dotted_name(tok.value)
+                args, kwargs = self.call_args() if self.at("op", "(") else ([], {})
+                self.uses.append(["filters", name, tok.line, self.soft])
+                node = Filter(node, name, args, kwargs, tok.line)
+            elif self.at("name", "is"):
+                node = self.test(node)
+            elif self.at("op", "("):
+                node = self.call(node)
+            else:
+                return node
+
+    def dotted_name(self, name: str) -> str:
+        """Filter and test names may contain dots (jinja2 parses them; none is defined, so they fail later)."""
+        while self.skip("op", "."):
+            name += "." + self.expect("name").value
+        return name
+
+    def test(self, node):
+        """`x is name`, `x is not name`, `x is name(args)` or `x is name arg` (one primary argument)."""
+        line = self.advance().line
+        negated = self.skip("name", "not")
+        name = self.dotted_name(self.expect("name").value)
+        args, kwargs = [], {}
+        if self.at("op", "("):
+            args, kwargs = self.call_args()
+        elif self.cur.kind in ("name", "string", "integer", "float") or (
+            self.cur.kind == "op" and self.cur.value in ("[", "{")
+        ):
+            if not (self.cur.kind == "name" and self.cur.value in ("else", "or", "and")):
+                if self.at("name", "is"):
+                    raise ChatTemplateError("tests cannot be chained with 'is'", line)
+                args = [self.postfix(self.primary())]
+        self.uses.append(["tests", name, line, self.soft])
+        node = Test(node, name, args, kwargs, line)
+        return Unary("not", node, line) if negated else node
+
+
+def _describe(tok: Token) -> str:
+    if tok.kind in ("name", "op"):
+        return repr(tok.value)
+    names = {"var_end": "'}}'", "block_end": "'%}'", "eof": "end of template", "text": "template text"}
+    return names.get(tok.kind, tok.kind)
