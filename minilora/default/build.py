@@ -6,9 +6,13 @@ its own small "pre-trained" model, deterministically, from text it ships:
 1. train a byte-level BPE tokenizer (2,048 tokens) on the shipped Korean + English text (`tokenizers`);
 2. write a randomly initialised Llama-architecture checkpoint (4 layers, hidden 128: about 1 M parameters)
    in the Hugging Face format — the same format a real checkpoint from the hub has;
-3. pre-train it briefly with minilora's own trainer (full fine-tuning) on `general.txt`, everyday prose that
-   never mentions the demo's domain;
-4. cache the result in ~/.cache/minilora (or $MINILORA_HOME) so later runs start at once.
+3. pre-train it with minilora's own trainer (full fine-tuning) on `general.txt`, everyday prose that never
+   mentions the demo's domain.
+
+The result is shipped in `minilora/default/model/` (4 MB), made by `python -m minilora.default.build` with this
+recipe, so the demonstration starts at once. If that folder is missing (or MINILORA_DEFAULT_REBUILD=1), the
+model is built on first use and cached in ~/.cache/minilora (or $MINILORA_HOME) — with
+MINILORA_DEFAULT_PRETRAIN_STEPS steps, which tests set low.
 
 The demonstration then fine-tunes that model with LoRA on `domain.txt` — facts about an invented tea garden —
 so the validation loss on the domain text falls visibly and the before/after samples show the new knowledge.
@@ -17,8 +21,10 @@ This is a toy base model: it learns spelling and common phrases, not reasoning. 
 checkpoint for real work.
 """
 
+import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +33,7 @@ from .. import atomic
 from ..train_config import TrainConfig, replace
 
 HERE = Path(__file__).resolve().parent
+SHIPPED = HERE / "model"  # the pre-built default model
 VERSION = "v1"  # bump when the recipe below changes, so stale caches are rebuilt
 SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
 VOCAB_SIZE = 2048
@@ -39,12 +46,12 @@ CHAT_TEMPLATE = (
 )
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512)
-PRETRAIN_STEPS = int(os.environ.get("MINILORA_DEFAULT_PRETRAIN_STEPS", "400"))
+PRETRAIN_STEPS = 800  # the shipped model's recipe
 
 
-def cache_dir() -> Path:
+def cache_dir(steps: int) -> Path:
     root = os.environ.get("MINILORA_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minilora"
-    return Path(root) / f"default-model-{VERSION}-{PRETRAIN_STEPS}"
+    return Path(root) / f"default-model-{VERSION}-{steps}"
 
 
 def read_documents(name: str) -> list[str]:
@@ -113,7 +120,7 @@ def write_random_checkpoint(out_dir: Path, ids: dict, seed: int = 0) -> None:
     atomic.save_safetensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
 
 
-def build_default_model(target: Path) -> Path:
+def build_default_model(target: Path, steps: int = PRETRAIN_STEPS) -> Path:
     """Build the pre-trained default model into `target` (atomically: in a temporary folder, then renamed)."""
     from ..train import train
 
@@ -121,12 +128,12 @@ def build_default_model(target: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     init_dir = work / "init"
     init_dir.mkdir(parents=True)
-    print(f"building the default model (once; cached in {target}) ...")
+    print(f"building the default model ({steps} pre-training steps) into {target} ...")
     ids = train_tokenizer(init_dir)
     write_random_checkpoint(init_dir, ids)
     pretrain = TrainConfig(
         model=str(init_dir), data=str(HERE / "general.txt"), mode="base", method="full", block_size=128,
-        batch_size=16, lr=3e-3, weight_decay=0.1, warmup_steps=20, max_steps=PRETRAIN_STEPS, eval_every=0,
+        batch_size=16, lr=3e-3, weight_decay=0.1, warmup_steps=20, max_steps=steps, eval_every=0,
         val_fraction=0.05, output=str(work / "pretrain"), seed=0, log_every=50, dropout=0.0,
     )
     train(pretrain)
@@ -138,10 +145,14 @@ def build_default_model(target: Path) -> Path:
 
 
 def ensure_default_model() -> Path:
-    target = cache_dir()
+    """The shipped default model, or (when it is missing or a rebuild is asked for) one built and cached here."""
+    if (SHIPPED / "model.safetensors").is_file() and not os.environ.get("MINILORA_DEFAULT_REBUILD"):
+        return SHIPPED
+    steps = int(os.environ.get("MINILORA_DEFAULT_PRETRAIN_STEPS", PRETRAIN_STEPS))
+    target = cache_dir(steps)
     if not (target / "model.safetensors").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        build_default_model(target)
+        build_default_model(target, steps)
     return target
 
 
@@ -162,3 +173,19 @@ def default_run_config(cfg: TrainConfig) -> TrainConfig:
           "(LoRA base fine-tuning of a tiny bilingual model on an invented tea-garden corpus)")
     return replace(cfg, model=str(ensure_default_model()), data=str(HERE / "domain.txt"), **changes)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minilora.default.build`: (re)build the shipped default model."""
+    parser = argparse.ArgumentParser(prog="python -m minilora.default.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default=str(SHIPPED), help="where to write the model folder")
+    parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pre-training steps")
+    args = parser.parse_args(argv)
+    build_default_model(Path(args.output).resolve(), args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    from ..errors import run_cli
+
+    sys.exit(run_cli(main))
