@@ -1,0 +1,340 @@
+"""Benchmark the NF4 kernels against bitsandbytes and a dense bf16 matmul on the layer shapes of real models.
+
+GPU (the default when CUDA is available), for each weight shape (N, K) of Llama-3.2-1B and Llama-3-8B:
+    dequantize      ours (Triton)            vs  bnb dequantize_4bit
+    decode, M=1     ours (Triton GEMV)       vs  bnb.matmul_4bit (its path is recorded)   vs  cuBLAS bf16
+    train forward   ours (fused GEMM), ours (Triton dequantize + cuBLAS)  vs  bnb.matmul_4bit  vs  cuBLAS bf16
+    train backward  grad_x: ours (fused)     vs  bnb's backward ops (dequantize_4bit + matmul)  vs  cuBLAS bf16
+Timed with triton.testing.do_bench (median; it flushes the L2 cache before every run, so a 4-bit weight that fits
+in the H100's 50 MB L2 is still read from HBM). Reported: time; effective GB/s = the least bytes the operation
+must move (4-bit codes + scales + activations, or 2 bytes per weight for bf16) / time, whatever an implementation
+really moves; % of the device's copy bandwidth (a 1 GiB device-to-device copy measured in the same run);
+TFLOP/s; and time ratios to bnb and to cuBLAS on the same shape.
+
+CPU (--device cpu or no GPU): our PyTorch reference (quantize, dequantize, dequantize + F.linear) vs bitsandbytes'
+CPU path on smaller shapes, timed with torch.utils.benchmark (median of blocked runs).
+
+Results: a table on stdout, plus benchmarks/results/nf4_<device>_<date>.md and .json with the machine they ran on.
+No correctness is asserted here beyond a sanity check of every output against the dense reference (tests/ do that).
+
+    python benchmarks/bench_nf4_kernels.py                 # GPU if present, else CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_nf4_kernels.py --device cpu --threads 1
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minilora.nf4 import dequantize_nf4, quantize_nf4
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (model, layer, N = out_features, K = in_features)
+GPU_SHAPES = [
+    ("Llama-3.2-1B", "q_proj", 2048, 2048),
+    ("Llama-3.2-1B", "gate/up_proj", 8192, 2048),
+    ("Llama-3.2-1B", "down_proj", 2048, 8192),
+    ("Llama-3-8B", "q/o_proj", 4096, 4096),
+    ("Llama-3-8B", "k/v_proj", 1024, 4096),
+    ("Llama-3-8B", "gate/up_proj", 14336, 4096),
+    ("Llama-3-8B", "down_proj", 4096, 14336),
+]
+CPU_SHAPES = [
+    ("toy", "1024x1024", 1024, 1024),
+    ("Llama-3.2-1B", "q_proj", 2048, 2048),
+    ("Llama-3.2-1B", "gate/up_proj", 8192, 2048),
+]
+DATASHEET_GBPS = {"H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039}
+
+
+# --- what bitsandbytes does for a given call (recorded next to its timings) -------------------------------------
+
+
+def bnb_matmul_path(device: torch.device, M: int, N: int, K: int, dtype: torch.dtype, blocksize: int = 64) -> str:
+    """Mirror of bnb 0.50's dispatch in matmul_4bit → gemm_4bit for a double-quantized weight."""
+    if device.type == "cpu":
+        return "gemm_4bit default: dequantize_4bit (C) + F.linear"
+    try:
+        from bitsandbytes.backends.cuda import ops as cuda_ops
+
+        if M > cuda_ops._gemm_4bit_custom_max_m or K % blocksize:
+            return "dequantize_4bit + F.linear (cuBLAS)"
+        if cuda_ops._gemm_4bit_use_custom_fn(device.index or 0, dtype, M, N, K):
+            return "gemm_4bit custom kernel (SIMT/MMA, chosen in C)"
+        return "dequantize_4bit + F.linear (cuBLAS)"
+    except (ImportError, AttributeError) as e:  # another bnb version: say so instead of guessing
+        return f"unknown ({type(e).__name__}: {e})"
+
+
+# --- timing -------------------------------------------------------------------------------------------------------
+
+
+def time_gpu_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def time_cpu_ms(fn, min_run_time: float) -> float:
+    from torch.utils.benchmark import Timer
+
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def copy_bandwidth_gbps() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_gpu_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9  # read + write
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
+    """Relative max error; a sanity check that every timed function computes the right thing."""
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30)).item()
+    if err > 0.05:
+        raise RuntimeError(f"{what}: relative error {err:.3g} — the benchmark would time a wrong result")
+    return err
+
+
+# --- GPU ----------------------------------------------------------------------------------------------------------
+
+
+def bench_gpu(shapes, train_ms, decode_ms, device="cuda", dt=torch.bfloat16, time_ms=time_gpu_ms):
+    """(device, dtype, timer are parameters only so that the logic can be smoke-run on CPU in the interpreter.)"""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    from minilora.kernels.nf4_dequant import triton_dequantize
+    from minilora.kernels.nf4_matmul import nf4_grad_input, nf4_linear_forward
+
+    dev = torch.device(device)
+    rows = []
+    for model, layer, N, K in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+        q = quantize_nf4(w)  # ours, on the GPU
+        packed, state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+        W = dequantize_nf4(q, dt)  # the dense bf16 weight for cuBLAS
+        shape = f"{model} {layer} {N}x{K}"
+        w_bytes = q.nbytes
+
+        def add(op, M, impl, ms, nbytes, flops, path=""):
+            rows.append(dict(op=op, shape=shape, N=N, K=K, M=M, impl=impl, ms=ms, bytes=nbytes, flops=flops, path=path))
+
+        # dequantize
+        check_close(triton_dequantize(q, dt), W, "triton dequantize")
+        add("dequantize", 0, "ours (Triton)", time_ms(lambda: triton_dequantize(q, dt)), w_bytes + 2 * N * K, 0)
+        add("dequantize", 0, "bnb dequantize_4bit", time_ms(lambda: bnbF.dequantize_4bit(packed, state)),
+            w_bytes + 2 * N * K, 0)  # fmt: skip
+
+        for M in decode_ms + train_ms:
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            op = "decode" if M in decode_ms else "train fwd"
+            act = 2 * (M * K + M * N)
+            ref = F.linear(x, W)
+            with torch.no_grad():
+                check_close(nf4_linear_forward(x, q), ref, f"ours M={M}")
+                check_close(bnb.matmul_4bit(x, packed.t(), state), ref, f"bnb M={M}")
+                flops = 2 * M * N * K
+                add(op, M, "ours (fused Triton)", time_ms(lambda: nf4_linear_forward(x, q)), w_bytes + act, flops)
+                if op == "train fwd":
+                    unfused = lambda: F.linear(x, triton_dequantize(q, dt))  # noqa: E731
+                    add(op, M, "ours (Triton dequantize + cuBLAS)", time_ms(unfused), w_bytes + act, flops)
+                add(op, M, "bnb matmul_4bit", time_ms(lambda: bnb.matmul_4bit(x, packed.t(), state)),
+                    w_bytes + act, 2 * M * N * K, bnb_matmul_path(dev, M, N, K, dt))  # fmt: skip
+                add(op, M, "cuBLAS bf16", time_ms(lambda: F.linear(x, W)), 2 * N * K + act, 2 * M * N * K)
+
+        for M in train_ms[-1:]:  # backward: grad_x = grad_y · W
+            gy = torch.randn(M, N, device=dev, dtype=dt)
+            ref = gy @ W
+            check_close(nf4_grad_input(gy, q), ref, "ours grad")
+            act = 2 * (M * K + M * N)
+            add("train bwd (grad_x)", M, "ours (fused Triton)", time_ms(lambda: nf4_grad_input(gy, q)), w_bytes + act,
+                2 * M * N * K)  # fmt: skip
+            bnb_bwd = lambda: gy @ bnbF.dequantize_4bit(packed, state).to(dt)  # noqa: E731  (MatMul4Bit.backward)
+            add("train bwd (grad_x)", M, "bnb backward ops", time_ms(bnb_bwd), w_bytes + act,
+                2 * M * N * K, "dequantize_4bit + matmul")  # fmt: skip
+            add("train bwd (grad_x)", M, "cuBLAS bf16", time_ms(lambda: gy @ W), 2 * N * K + act, 2 * M * N * K)
+        del w, W, packed, state, q
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# --- CPU ----------------------------------------------------------------------------------------------------------
+
+
+def bench_cpu(shapes, train_ms, decode_ms, min_run_time):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    dev = torch.device("cpu")
+    dt = torch.bfloat16
+    rows = []
+    for model, layer, N, K in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K) * 0.02).to(dt)
+        q = quantize_nf4(w)
+        packed, state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+        W = dequantize_nf4(q, dt)
+        shape = f"{model} {layer} {N}x{K}"
+        t = lambda fn: time_cpu_ms(fn, min_run_time)  # noqa: E731
+
+        def add(op, M, impl, ms, nbytes, flops, path=""):
+            rows.append(dict(op=op, shape=shape, N=N, K=K, M=M, impl=impl, ms=ms, bytes=nbytes, flops=flops, path=path))
+
+        add("quantize", 0, "ours (PyTorch)", t(lambda: quantize_nf4(w)), 2 * N * K + q.nbytes, 0)
+        bnb_quantize = lambda: bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)  # noqa: E731
+        add("quantize", 0, "bnb quantize_4bit", t(bnb_quantize), 2 * N * K + q.nbytes, 0)
+        dq_bytes = q.nbytes + 2 * N * K
+        add("dequantize", 0, "ours (PyTorch)", t(lambda: dequantize_nf4(q, dt)), dq_bytes, 0)
+        add("dequantize", 0, "bnb dequantize_4bit", t(lambda: bnbF.dequantize_4bit(packed, state)), dq_bytes, 0)
+        for M in decode_ms + train_ms:
+            x = torch.randn(M, K).to(dt)
+            op = "decode" if M in decode_ms else "train fwd"
+            act = 2 * (M * K + M * N)
+            with torch.no_grad():
+                ref = F.linear(x, W)
+                ours = lambda: F.linear(x, dequantize_nf4(q, dt))  # noqa: E731  (NF4Linear, backend "torch")
+                check_close(ours(), ref, "ours")
+                check_close(bnb.matmul_4bit(x, packed.t(), state), ref, "bnb")
+                add(op, M, "ours (dequantize + F.linear)", t(ours), q.nbytes + act, 2 * M * N * K)
+                add(op, M, "bnb matmul_4bit", t(lambda: bnb.matmul_4bit(x, packed.t(), state)), q.nbytes + act,
+                    2 * M * N * K, bnb_matmul_path(dev, M, N, K, dt))  # fmt: skip
+                add(op, M, "dense bf16 F.linear", t(lambda: F.linear(x, W)), 2 * N * K + act, 2 * M * N * K)
+    return rows
+
+
+# --- report -------------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+    for pkg in ("triton", "bitsandbytes"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            info[pkg] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gib = round(props.total_memory / 2**30, 1)
+        info.update(gpu=props.name, sms=props.multi_processor_count, gpu_memory_gib=gib, cuda=torch.version.cuda)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def add_ratios(rows, bandwidth_gbps):
+    """GB/s, TFLOP/s, % of bandwidth, and time ratios to bnb and to the dense baseline of the same op and shape."""
+    for r in rows:
+        r["gbps"] = r["bytes"] / (r["ms"] * 1e-3) / 1e9
+        r["tflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e12 if r["flops"] else None
+        r["pct_bw"] = 100 * r["gbps"] / bandwidth_gbps if bandwidth_gbps else None
+        same = [s for s in rows if (s["op"], s["shape"], s["M"]) == (r["op"], r["shape"], r["M"])]
+        bnb = [s for s in same if s["impl"].startswith("bnb")]
+        dense = [s for s in same if s["impl"].startswith(("cuBLAS", "dense"))]
+        r["bnb_over_this"] = bnb[0]["ms"] / r["ms"] if bnb else None  # > 1: faster than bnb
+        r["dense_over_this"] = dense[0]["ms"] / r["ms"] if dense else None  # > 1: faster than dense bf16
+
+
+def to_markdown(rows, info, bandwidth_gbps, bandwidth_note, note="") -> str:
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    lines = [
+        f"# NF4 kernel benchmark — {info.get('gpu') or info['cpu']} — {info['date']}",
+        "",
+        "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
+        "",
+        *([note, ""] if note else []),
+        f"Bandwidth reference: {bandwidth_gbps:.0f} GB/s ({bandwidth_note}). "
+        "`x bnb` / `x dense` = their time / this time (> 1 means this row is faster). "
+        "GB/s: the least bytes the operation must move (4-bit codes + scales + activations; 2 bytes/weight dense) "
+        "over the time, also for implementations that move more (dequantize + matmul).",
+        "",
+        "| op | shape | M | implementation | time (ms) | GB/s | % BW | TFLOP/s | x bnb | x dense | bnb path |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['M'] or ''} | {r['impl']} | {r['ms']:.4f} | {r['gbps']:.1f} | "
+            f"{fmt(r['pct_bw'], '.0f')} | {fmt(r['tflops'], '.2f')} | {fmt(r['bnb_over_this'], '.2f')} | "
+            f"{fmt(r['dense_over_this'], '.2f')} | {r['path']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--train-m", type=int, nargs="+", default=None, help="batch rows of the training matmuls")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (a smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (bnb's C code follows OMP_NUM_THREADS; set both for a fair CPU run)")
+    parser.add_argument("--note", default="", help="a line added to the report (e.g. what else ran on the machine)")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    if device == "cuda":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            sys.exit("unset TRITON_INTERPRET to benchmark real GPU kernels")
+        shapes = GPU_SHAPES[:2] if args.quick else GPU_SHAPES
+        rows = bench_gpu(shapes, args.train_m or [512, 2048], [1])
+        bandwidth = copy_bandwidth_gbps()
+        name = torch.cuda.get_device_properties(0).name
+        sheet = next((v for k, v in DATASHEET_GBPS.items() if all(w in name for w in k.split())), None)
+        note = "measured device-to-device copy" + (f"; datasheet {sheet} GB/s" if sheet else "")
+        tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    else:
+        shapes = CPU_SHAPES[:2] if args.quick else CPU_SHAPES
+        rows = bench_cpu(shapes, args.train_m or [64], [1], min_run_time=0.2 if args.quick else 1.0)
+        # CPU reference bandwidth: a large tensor copy (read + write), same definition as on the GPU.
+        src = torch.empty(2**28, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        bandwidth = 2 * src.numel() / (time_cpu_ms(lambda: dst.copy_(src), 1.0) * 1e-3) / 1e9
+        note = f"measured 256 MiB memcpy, {torch.get_num_threads()} threads"
+        tag = "cpu"
+    info = machine_info(device)
+    add_ratios(rows, bandwidth)
+    report = to_markdown(rows, info, bandwidth, note, args.note)
+    print(report)
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"nf4_{tag}_{info['date']}"
+        stem.with_suffix(".md").write_text(report)
+        payload = dict(machine=info, bandwidth_gbps=bandwidth, bandwidth_note=note, note=args.note, rows=rows)
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
