@@ -11,9 +11,9 @@ Sampling (applied in this order, as transformers does):
 - top-p / nucleus (Holtzman et al. 2019): keep the smallest set of most likely tokens whose probability reaches p.
 
     python -m minilora.generate --model DIR --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8
+    python -m minilora.generate --model DIR --adapter ADAPTER --chat     # a conversation: see chat.py
 
-Not handled: beam search, repetition penalties, batched prompts on the command line, chat formatting (--chat is
-future work, issue 4).
+Not handled: beam search, repetition penalties, batched prompts on the command line.
 """
 
 import argparse
@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minilora.generate",
                                      description="Generate text from a Hugging Face model folder with minilora.")
     parser.add_argument("--model", required=True, help="model folder (config.json, *.safetensors, tokenizer.json)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--prompt", help="text to continue (or use --chat)")
+    parser.add_argument("--chat", action="store_true",
+                        help="hold a conversation through the model's chat template (see minilora/chat.py)")
+    parser.add_argument("--system", help="with --chat: a system prompt for the conversation")
     parser.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply on top of the model")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -160,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    # TODO(issue 4): --chat, formatting the prompt with the tokenizer's chat template.
     args = parser.parse_args(argv)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.chat == (args.prompt is not None):
+        raise MiniloraError("give either --prompt TEXT (continue a text) or --chat (a conversation), not "
+                            f"{'both' if args.chat else 'neither'}")
+    if args.system is not None and not args.chat:
+        raise MiniloraError("--system is for --chat conversations; with --prompt, write it into the prompt")
 
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
@@ -174,16 +181,31 @@ def main(argv: list[str] | None = None) -> int:
         from .adapter import load_adapter
 
         load_adapter(model, args.adapter, dtype=next(model.parameters()).dtype)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.chat:
+        return run_chat(model, tokenizer, args, generator)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise MiniloraError("the prompt encodes to no tokens; give a non-empty --prompt")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     streamer = TextStreamer(tokenizer)
     sys.stdout.write(args.prompt)
     generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
              eos_token_ids=tokenizer.eos_token_ids, generator=generator, stream=streamer,
              pad_token_id=tokenizer.pad_token_id)
     streamer.end()
+    return 0
+
+
+def run_chat(model, tokenizer, args, generator) -> int:
+    """--chat: the interactive loop of chat.py (line editing when a terminal is attached)."""
+    from .chat import chat_loop, check_template
+
+    check_template(tokenizer, args.system, args.model)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (arrow keys and history for input())
+    model.eval()
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
     return 0
 
 
