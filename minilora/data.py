@@ -85,8 +85,12 @@ def _json_data_start(text: str) -> int:
         _, pos = decoder.raw_decode(text, pos)  # its value
 
 
-def read_records(path, allowed=(".jsonl", ".json")) -> list[tuple[str, dict]]:
-    """The JSON objects of a .jsonl or .json file, each with its location "file:line" for error messages."""
+def read_records(path, allowed=(".jsonl", ".json"), skipped: list | None = None) -> list[tuple[str, dict]]:
+    """The JSON objects of a .jsonl or .json file, each with its location "file:line" for error messages.
+
+    A .jsonl line that is not a JSON object raises MiniloraError — or, when a `skipped` list is given, is
+    appended to it as "file:line: problem" and left out (the trainer's on_error="skip").
+    """
     path = _check_file(path, allowed)
     text = _read_text(path)
     records = []
@@ -97,8 +101,11 @@ def read_records(path, allowed=(".jsonl", ".json")) -> list[tuple[str, dict]]:
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise MiniloraError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                    "a .jsonl file needs one JSON object per line") from None
+                problem = (f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                           "a .jsonl file needs one JSON object per line")
+                if skipped is None:
+                    raise MiniloraError(problem) from None
+                skipped.append(problem)
     else:
         try:
             data = json.loads(text)
@@ -113,9 +120,11 @@ def read_records(path, allowed=(".jsonl", ".json")) -> list[tuple[str, dict]]:
         records = [(f"{path}:{line}", item) for line, item in zip(_json_list_lines(text, start), items)]
     for where, record in records:
         if not isinstance(record, dict):
-            raise MiniloraError(f"{where}: expected a JSON object (a record with fields), "
-                                f"found {type(record).__name__}")
-    return records
+            problem = f"{where}: expected a JSON object (a record with fields), found {type(record).__name__}"
+            if skipped is None:
+                raise MiniloraError(problem)
+            skipped.append(problem)
+    return [(where, record) for where, record in records if isinstance(record, dict)]
 
 
 def load_texts(path, text_field: str = "text") -> list[str]:

@@ -209,5 +209,10 @@ def run_chat(model, tokenizer, args, generator) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: user mistakes print one line and exit 1 (no traceback)."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -167,7 +167,12 @@ def load_conversations(path, fmt: str = "auto", on_error: str = "stop",
     if on_error not in ("stop", "skip"):
         raise MiniloraError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else SFTStats()
-    records = read_records(path)
+    unreadable = [] if on_error == "skip" else None
+    records = read_records(path, skipped=unreadable)
+    for problem in unreadable or []:
+        stats.records += 1
+        stats.skipped += 1
+        stats.note(problem)
     if not records:
         raise MiniloraError(f"data file {path} has no records")
     if fmt == "auto":

@@ -54,6 +54,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     """Load the base model for training. LoRA/QLoRA keep the frozen base in `dtype` when it is 16-bit;
     full fine-tuning keeps float32 master weights (AdamW on bf16 weights loses small updates)."""
     from .checkpoint import load_model
+    from .quantized_checkpoint import memory_summary
     from .tokenizer import load_tokenizer
 
     weight_dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)
@@ -61,6 +62,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     model = load_model(cfg.model, dtype=weight_dtype, device=device, quantize=quantize,
                        quant_backend=cfg.quant_backend) if quantize else \
         load_model(cfg.model, dtype=weight_dtype, device=device)
+    print(memory_summary(model))  # QLoRA: the 4-bit linears at ~4.127 bits per weight
     tokenizer = load_tokenizer(cfg.model)
     return model, tokenizer
 
@@ -290,12 +292,20 @@ def progress_line(step: int, total: int, stats: dict, lr: float, tokens_per_s: f
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch.device) -> list[str]:
-    """Greedy continuations of each prompt (deterministic, so before/after are comparable)."""
+    """Greedy continuations of each prompt (deterministic, so before/after are comparable).
+
+    In sft mode each prompt is a user turn rendered through the chat template, and the reply ends at the
+    template's end-of-turn token; in base mode the prompt is raw text to continue."""
+    from .chat import chat_once
     from .generate import generate
 
     model.eval()
     texts = []
     for prompt in prompts:
+        if cfg.mode == "sft":
+            reply = chat_once(model, tokenizer, [{"role": "user", "content": prompt}], cfg.sample_tokens)
+            texts.append(f"user: {prompt}\nassistant: {reply.text}")
+            continue
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.0,
                        eos_token_ids=tokenizer.eos_token_ids)
@@ -327,10 +337,11 @@ def train(cfg: TrainConfig) -> dict:
     train_set, val_set = build_datasets(cfg, tokenizer, model.config)
     prepare_parameters(model, cfg)
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = max(1, len(train_set) // (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = max(1, len(train_set) // cfg.grad_accum)  # len(train_set) = batches per epoch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
-    print(f"data: {len(train_set.samples)} training / {len(val_set.samples)} validation samples; "
+    unit = "packed rows" if cfg.packing and cfg.mode == "sft" else "samples"
+    print(f"data: {len(train_set.samples)} training / {len(val_set.samples)} validation {unit}; "
           f"{total_steps} steps of {cfg.batch_size}×{cfg.grad_accum} samples on {device}")
 
     start_step = 0
@@ -411,5 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: user mistakes print one line and exit 1 (no traceback)."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

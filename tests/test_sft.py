@@ -339,3 +339,15 @@ def test_packed_loss_equals_samples_one_by_one(tmp_path, family):
         leaky = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                       position_ids=batch["position_ids"])
         assert abs(_loss_sum(leaky, batch["labels"])[0] / packed_n - packed / packed_n) > 1e-3
+
+
+def test_unreadable_jsonl_lines_are_skipped_with_on_error_skip(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = '{"instruction": "Say hi", "input": "", "output": "hi"}'
+    path.write_text(f'{good}\n{{not json\n[1, 2]\n{good}\n', encoding="utf-8")
+    with pytest.raises(MiniloraError, match=r"mixed.jsonl:2: not valid JSON"):
+        load_conversations(path)
+    stats = SFTStats()
+    conversations = load_conversations(path, on_error="skip", stats=stats)
+    assert [where.rsplit(":", 1)[1] for where, _ in conversations] == ["1", "4"]
+    assert (stats.records, stats.skipped) == (4, 2)

@@ -255,3 +255,15 @@ def test_default_demonstration_runs(tmp_path):
     assert "trainable params" in result.stdout and "before fine-tuning" in result.stdout
     assert "after fine-tuning" in result.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_epochs_set_the_number_of_steps(tiny, tmp_path):
+    """--epochs E with no --max-steps: E × (batches per epoch / grad_accum) optimiser steps."""
+    from minilora.data import load_base_data
+    from minilora.tokenizer import load_tokenizer
+
+    model, data = tiny
+    blocks, _ = load_base_data(data, load_tokenizer(model), 32, val_fraction=0.1, seed=3)
+    train(config(tiny, tmp_path, max_steps=None, epochs=2, batch_size=2, grad_accum=2, eval_every=0))
+    expected = 2 * ((len(blocks) // 2) // 2)
+    assert max(losses(tmp_path)) == expected and expected >= 4

@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (
 )
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512)
-PRETRAIN_STEPS = 800  # the shipped model's recipe
+PRETRAIN_STEPS = 300  # the shipped model's recipe (train loss ~0.5 on general.txt by then)
 
 
 def cache_dir(steps: int) -> Path:
