@@ -125,9 +125,8 @@ def test_tied_checkpoint_with_a_redundant_lm_head_loads(tmp_path):
     assert (logits(load_model(path)) - logits(load_hf_model(path))).abs().max() < 1e-4
 
 
-def test_quantize_hook(llama):
-    with pytest.raises(MiniloraError, match="quantize='nf4' not available yet"):
-        load_model(llama, quantize="nf4")
+def test_quantize_choices(llama):
+    """quantize="nf4" itself is tested in test_qlora.py and test_quantized_checkpoint.py."""
     with pytest.raises(MiniloraError, match="one of nf4"):
         load_model(llama, quantize="int3")
 
