@@ -46,7 +46,10 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
 
     cache = KVCache()
-    logits = model(ids, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V) prefill: the whole prompt at once
+    # Prefill: the whole prompt at once. Only the last position's logits are needed, so project just that row to
+    # the vocabulary (a (T, C) x (C, V) product would be most of the prefill's work for a long prompt).
+    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)  # (B, T, C)
+    logits = model.compute_logits(hidden[:, -1])  # (B, V)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
     for _ in range(max_new_tokens):

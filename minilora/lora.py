@@ -159,7 +159,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+        lora = LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype)
+        # A new module starts in training mode; follow the model's, or dropout would act in an eval()'d model.
+        setattr(parent, child, lora.train(model.training))
     return names
 
 

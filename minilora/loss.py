@@ -12,9 +12,10 @@ batch means would give a short sequence's tokens more weight than a long one's.)
 
 Memory: the float32 logits of a batch are tokens × vocab × 4 bytes — 8 × 2048 tokens with Llama 3's vocabulary
 (V = 128,256) is 8.4 GB, twice a 1B model's float32 weights. `chunked_next_token_loss` starts from the final
-hidden states and the vocabulary head, computes the logits of `chunk_size` rows at a time and recomputes them in
-backward, so only chunk_size × vocab floats are alive at once (the idea of Liger-Kernel's fused linear
-cross-entropy, without the fusion). Gemma-2-style logit soft-capping (cap · tanh(z / cap)) is supported.
+hidden states and the vocabulary head, computes the logits of `chunk_size` rows at a time and turns each chunk
+into its share of the loss and of the gradient at once, so only chunk_size × vocab floats are alive at a time (the
+idea of Liger-Kernel's fused linear cross-entropy, without the fusion). Gemma-2-style logit soft-capping
+(cap · tanh(z / cap)) is supported.
 
 Not handled: label smoothing, z-loss, a bias on the vocabulary head, tensor-parallel vocabularies.
 """
@@ -56,64 +57,68 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return (loss if reduction == "sum" else loss / n_tokens.clamp(min=1)), n_tokens
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
+    """Float32 logits (n, V) of the hidden rows h (n, C), and tanh(raw / cap) when soft-capping (else None)."""
     # h is cast to the head's dtype (float32 hidden states with a bf16 head): casting the (V, C) head instead
     # would copy it for every chunk.
     z = (h.to(weight.dtype) @ weight.T).float()  # (n, C) @ (C, V) -> (n, V)
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
-    return z
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
 
 
 class _ChunkedNLL(torch.autograd.Function):
-    """Sum of -log softmax(h Wᵀ)[y] over rows, with the logits recomputed chunk by chunk in backward.
+    """Sum of -log softmax(h Wᵀ)[y] over rows, computed chunk by chunk, its gradient computed at the same time.
 
-    The gradient of row i's loss with respect to its logits is softmax(z_i) − onehot(y_i), so backward needs
-    only the per-row logsumexp saved in forward (N floats), not the logits.
+    The gradient of row i's loss with respect to its logits is softmax(z_i) − onehot(y_i). While a chunk's
+    logits are in hand (forward), turning them into that gradient and multiplying by W costs one more matmul;
+    keeping only the logsumexp and recomputing the logits in backward would cost two (h Wᵀ again, then g W).
+    So forward also returns dloss/dh (N, C) — the size of the hidden states — and backward only scales it by the
+    incoming gradient (a scalar: the loss is a sum). The (N, V) logits never exist, only one chunk of them.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, softcap, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_size, softcap, ignore_index, want_grad):
         # hidden (N, C), weight (V, C), targets (N,)
         mask = targets != ignore_index
         targets = targets.masked_fill(~mask, 0)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
-        target_logit = torch.empty_like(lse)
-        for s in range(0, hidden.shape[0], chunk_size):
-            z = _chunk_logits(hidden[s:s + chunk_size], weight, softcap)  # (n, V)
-            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
-            target_logit[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
-        ctx.save_for_backward(hidden, weight, targets, mask, lse)
-        ctx.chunk_size, ctx.softcap = chunk_size, softcap
-        return ((lse - target_logit) * mask).sum()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, targets, mask, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
+        need_h = want_grad and ctx.needs_input_grad[0]
+        need_w = want_grad and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         # With LoRA the vocabulary head is frozen and this (V, C) buffer is never allocated.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        cap = ctx.softcap
-        for s in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[s:s + ctx.chunk_size].to(weight.dtype)  # (n, C)
-            raw = (h @ weight.T).float()  # (n, V)
-            if cap is not None:
-                t = raw.div_(cap).tanh_()  # reuse the buffer: t = tanh(raw / cap)
-                z = t * cap
-            else:
-                z = raw
-            g = z.sub_(lse[s:s + ctx.chunk_size, None]).exp_()  # softmax, in place: (n, V)
-            g[torch.arange(len(g), device=g.device), targets[s:s + ctx.chunk_size]] -= 1  # − onehot(y)
-            g.mul_(mask[s:s + ctx.chunk_size, None] * grad_loss)  # ignored rows get no gradient
-            if cap is not None:
+        for s in range(0, hidden.shape[0], chunk_size):
+            rows = slice(s, s + chunk_size)
+            z, t = _chunk_logits(hidden[rows], weight, softcap)  # (n, V)
+            lse = torch.logsumexp(z, dim=-1)  # (n,)
+            target_logit = z.gather(1, targets[rows, None]).squeeze(1)  # (n,)
+            total += ((lse - target_logit) * mask[rows]).sum()
+            if not (need_h or need_w):
+                continue
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place: (n, V)
+            g[torch.arange(len(g), device=g.device), targets[rows]] -= 1  # − onehot(y)
+            g.mul_(mask[rows, None])  # ignored rows get no gradient
+            if t is not None:
                 g.mul_(t.square_().neg_().add_(1))  # d(cap·tanh(x/cap))/dx = 1 − tanh²
             g = g.to(weight.dtype)
             if need_h:
-                grad_h[s:s + ctx.chunk_size] = g @ weight  # (n, V) @ (V, C) -> (n, C), cast to hidden's dtype
+                grad_h[rows] = g @ weight  # (n, V) @ (V, C) -> (n, C), cast to hidden's dtype
             if need_w:
-                grad_w += (g.T @ h).float()  # (V, n) @ (n, C) -> (V, C)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+                grad_w += (g.T @ hidden[rows].to(weight.dtype)).float()  # (V, n) @ (n, C) -> (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunked_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -123,8 +128,8 @@ def chunked_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     """Next-token loss from the final hidden states (..., T, C) and the vocabulary head weight (V, C).
 
     Equal to `next_token_loss(hidden @ weight.T, labels)` (with soft-capping when `softcap` is set) in value and
-    gradient, but at most chunk_size × V float32 logits exist at any time (≈ 3 such buffers in backward): with a
-    128k vocabulary, chunk_size=1024 means 0.5 GB per buffer. Returns (loss, n_tokens) like `next_token_loss`.
+    gradient, but at most chunk_size × V float32 logits exist at any time (≈ 2 such buffers): with a 128k
+    vocabulary, chunk_size=1024 means 0.5 GB per buffer. Returns (loss, n_tokens) like `next_token_loss`.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -132,6 +137,7 @@ def chunked_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: 
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     targets = _shifted_targets(labels, ignore_index).reshape(-1)  # (N,) with N = B·T
     h = hidden.reshape(-1, hidden.shape[-1])  # (N, C): a view, no copy, thanks to the padded targets
-    loss = _ChunkedNLL.apply(h, weight, targets, chunk_size, softcap, ignore_index)
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
+    loss = _ChunkedNLL.apply(h, weight, targets, chunk_size, softcap, ignore_index, want_grad)
     n_tokens = (targets != ignore_index).sum()
     return (loss if reduction == "sum" else loss / n_tokens.clamp(min=1)), n_tokens

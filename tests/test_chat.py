@@ -77,6 +77,9 @@ class Recording(torch.nn.Module):
             self.prefills.append(input_ids[0].tolist())
         return self.model(input_ids, **kwargs)
 
+    def compute_logits(self, hidden):
+        return self.model.compute_logits(hidden)
+
 
 def lines(*texts):
     """An input() replacement: returns the texts one by one, then raises EOFError (Ctrl-D)."""

@@ -356,3 +356,17 @@ def test_lora_around_nf4_linear(compute_dtype, tol):
     merge_lora(model)
     assert type(model[0]) is nn.Linear and model[0].weight.dtype == compute_dtype
     torch.testing.assert_close(model(x.to(compute_dtype)).float(), y.detach().float(), rtol=tol, atol=tol)
+
+
+def test_injected_layers_follow_the_models_train_or_eval_mode():
+    # A model loaded for inference is in eval mode; LoRA added to it (e.g. load_adapter for generation) must not
+    # apply dropout, so the output is deterministic.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    apply_lora(model, r=2, alpha=4, dropout=0.5, targets=["0"])
+    torch.nn.init.normal_(model[0].lora_B.weight)
+    x = torch.randn(3, 8)
+    assert not model[0].training
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout active in training

@@ -124,7 +124,9 @@ def build_default_model(target: Path, steps: int = PRETRAIN_STEPS) -> Path:
     """Build the pre-trained default model into `target` (atomically: in a temporary folder, then renamed)."""
     from ..train import train
 
-    work = target.parent / f".{target.name}.building"
+    # One work folder per process: two runs starting at once (two terminals, parallel tests) must not build
+    # into each other's files. Whichever finishes first publishes; the other keeps that model.
+    work = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     init_dir = work / "init"
     init_dir.mkdir(parents=True)
@@ -137,8 +139,16 @@ def build_default_model(target: Path, steps: int = PRETRAIN_STEPS) -> Path:
         val_fraction=0.05, output=str(work / "pretrain"), seed=0, log_every=50, dropout=0.0,
     )
     train(pretrain)
-    shutil.rmtree(target, ignore_errors=True)
-    (work / "pretrain" / "model").rename(target)
+    built = work / "pretrain" / "model"
+    if (target / "model.safetensors").is_file() and target.resolve() != SHIPPED.resolve():
+        print(f"another process finished {target} first; keeping that one (same recipe)")
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            built.rename(target)
+        except OSError:  # a concurrent build published in between (rename onto a non-empty folder fails)
+            if not (target / "model.safetensors").is_file():
+                raise
     shutil.rmtree(work, ignore_errors=True)
     print(f"default model ready: {target}\n")
     return target
