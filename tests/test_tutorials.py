@@ -1,0 +1,93 @@
+"""Run every tutorial (tutorials/NN_*.py) top to bottom in its fast mode, so that none can rot.
+
+Each tutorial runs in its own Python process, from an empty temporary folder, with
+- MINILORA_TUTORIAL_FAST=1: the tutorials train for a few steps instead of hundreds;
+- MINILORA_TUTORIAL_OUT=<tmp>: figures go there, never into the repository;
+- the shipped default model (minilora/default/model). Where a checkout lacks it, MINILORA_HOME=<one cache per
+  test session> and MINILORA_DEFAULT_PRETRAIN_STEPS=3 make the fixture below build a 3-step stand-in once,
+  before any tutorial — enough to run every cell, not to be a good model, so tutorials assert quality only for
+  a fully pre-trained model;
+and must exit with status 0 and have written every figure it announces with a "[figure] <path>" line.
+
+A second, static test checks the course format: percent-format cells, and every markdown cell in Korean first,
+then English.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
+FIGURE_LINE = re.compile(r"^\[figure\] (.+)$", re.MULTILINE)
+
+
+def _env(cache: Path, out: Path) -> dict:
+    env = dict(os.environ)
+    env.update(MINILORA_TUTORIAL_FAST="1", MINILORA_TUTORIAL_OUT=str(out), MINILORA_HOME=str(cache),
+               MINILORA_DEFAULT_PRETRAIN_STEPS="3", PYTHONHASHSEED="0")
+    return env
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Make sure the default model exists (shipped, or a 3-step stand-in built once per pytest-xdist worker)."""
+    cache = tmp_path_factory.mktemp("minilora_home")
+    code = "from minilora.default.build import ensure_default_model; ensure_default_model()"
+    result = subprocess.run([sys.executable, "-c", code], env=_env(cache, cache), cwd=cache,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cache
+
+
+def test_there_are_tutorials():
+    assert len(CHAPTERS) >= 5, f"expected the course chapters in {TUTORIALS}, found {[p.name for p in CHAPTERS]}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_tutorial_runs(path: Path, model_cache: Path, tmp_path: Path):
+    out, cwd = tmp_path / "figures", tmp_path / "cwd"
+    cwd.mkdir()
+    result = subprocess.run([sys.executable, str(path)], env=_env(model_cache, out), cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    log = f"--- stdout (tail) ---\n{result.stdout[-4000:]}\n--- stderr (tail) ---\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{path.name} failed:\n{log}"
+    for announced in FIGURE_LINE.findall(result.stdout):
+        figure = Path(announced.strip())
+        assert figure.is_file(), f"{path.name} announced {figure} but did not write it\n{log}"
+        assert out in figure.parents, f"{path.name} wrote {figure} outside MINILORA_TUTORIAL_OUT ({out})"
+        assert figure.read_text(encoding="utf-8").lstrip().startswith("<svg"), f"{figure} is not an SVG"
+
+
+def _cells(source: str) -> list[tuple[str, str]]:
+    """(kind, text) of each percent-format cell: kind is "markdown" or "code"."""
+    cells, kind, lines = [], None, []
+    for line in source.splitlines():
+        if line.startswith("# %%"):
+            if kind is not None:
+                cells.append((kind, "\n".join(lines)))
+            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        else:
+            lines.append(line)
+    if kind is not None:
+        cells.append((kind, "\n".join(lines)))
+    return cells
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_tutorial_is_a_bilingual_notebook(path: Path):
+    source = path.read_text(encoding="utf-8")
+    assert source.startswith("# %%"), f"{path.name} must start with a percent-format cell marker"
+    cells = _cells(source)
+    assert sum(kind == "code" for kind, _ in cells) >= 3, f"{path.name}: too few code cells"
+    for i, (kind, text) in enumerate(cells):
+        if kind != "markdown":
+            continue
+        korean, english = text.find("**한국어**"), text.find("**English**")
+        assert 0 <= korean < english, (f"{path.name}, markdown cell {i}: expected a **한국어** paragraph followed by an "
+                                       f"**English** one:\n{text[:300]}")
+        assert re.search("[가-힣]", text[korean:english]), f"{path.name}, markdown cell {i}: the Korean part is empty"

@@ -1,0 +1,322 @@
+# %% [markdown]
+# # 4. LoRA · LoRA
+#
+# **한국어** — LoRA(Low-Rank Adaptation, Hu et al. 2021)는 사전학습된 선형층의 가중치 `W0`(d_out × d_in)를
+# 얼려 두고, 그 옆에 **낮은 랭크의 업데이트** 하나만 학습합니다.
+#
+#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+#
+# 학습하는 것은 `A`와 `B`뿐이고, 그 곱 `ΔW = (alpha/r)·B·A`는 `W0`와 같은 모양이지만 랭크가 최대 r인 행렬입니다.
+# `B`는 0으로 시작하므로 학습 첫 스텝의 모델은 원래 모델과 정확히 같습니다. 학습이 끝나면 `W0 + ΔW`를 계산해
+# 보통의 가중치로 합칠(merge) 수 있어서, 추론 비용이 전혀 늘지 않습니다.
+#
+# 이 장에서는 minilora의 `LoRALinear`(`minilora/lora.py`, 한 화면에 들어가는 구현)로
+# 1) 작은 층 하나에서 A, B, ΔW를 그림으로 보고, 2) rank와 alpha가 하는 일을 재 보고, 3) 기본 모델에 LoRA를 붙여
+# 학습 파라미터를 세고, 4) 합쳐도 출력이 변하지 않음을 확인합니다.
+#
+# **English** — LoRA (Low-Rank Adaptation, Hu et al. 2021) freezes a pre-trained linear layer's weight `W0`
+# (d_out × d_in) and learns a **low-rank update** beside it:
+#
+#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+#
+# Only `A` and `B` train; their product `ΔW = (alpha/r)·B·A` has the shape of `W0` but rank at most r. `B` starts at
+# zero, so at step 0 the model is exactly the original one. After training `W0 + ΔW` can be computed and merged into
+# an ordinary weight, so inference costs nothing extra.
+#
+# With minilora's `LoRALinear` (`minilora/lora.py`, an implementation that fits on one screen) this chapter
+# 1) pictures A, B and ΔW of one small layer, 2) measures what rank and alpha do, 3) puts LoRA on the default
+# model and counts its trainable parameters, and 4) checks that merging does not change the output.
+
+# %%
+import torch
+from torch import nn
+
+import _course
+from minilora.checkpoint import load_model
+from minilora.data import load_base_data, pad_collate, pad_id
+from minilora.lora import LoRALinear, apply_lora, count_parameters, merge_lora, parameter_summary
+from minilora.loss import next_token_loss
+from minilora.plot import heatmaps, line_chart
+from minilora.tokenizer import load_tokenizer
+
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## 4.1 작은 층 하나 · One small layer
+#
+# **한국어** — d_in = 32, d_out = 24인 선형층을 r = 4의 `LoRALinear`로 감쌉니다. 아래 셀은 세 행렬의 모양과,
+# 얼린 파라미터와 학습 파라미터의 수를 출력합니다. 학습 파라미터는 r·(d_in + d_out)개여야 합니다. 또 `B = 0`에서
+# 시작하므로 LoRA 층의 출력이 원래 층과 **비트 단위로 같아야** 합니다.
+#
+# **English** — Wrap a linear layer with d_in = 32 and d_out = 24 in a `LoRALinear` of rank r = 4. The cell below
+# prints the three matrices' shapes and the frozen and trainable parameter counts; the trainable count must be
+# r·(d_in + d_out). And since `B` starts at 0, the LoRA layer's output must equal the original layer's **bit for
+# bit**.
+
+# %%
+d_in, d_out, r, alpha = 32, 24, 4, 8
+base = nn.Linear(d_in, d_out, bias=False)
+with torch.no_grad():
+    base.weight.normal_(0, 0.5)  # stands in for a pre-trained W0
+layer = LoRALinear(base, r=r, alpha=alpha)
+print(layer)
+print(f"W0 = base.weight    {tuple(layer.base.weight.shape)}  requires_grad={layer.base.weight.requires_grad}")
+print(f"A  = lora_A.weight  {tuple(layer.lora_A.weight.shape)}  requires_grad={layer.lora_A.weight.requires_grad}")
+print(f"B  = lora_B.weight  {tuple(layer.lora_B.weight.shape)}  requires_grad={layer.lora_B.weight.requires_grad}")
+trainable, total = count_parameters(layer)
+print(f"trainable {trainable} = r·(d_in + d_out) = {r}·({d_in} + {d_out}); frozen {total - trainable} = d_in·d_out")
+assert trainable == r * (d_in + d_out) and total - trainable == d_in * d_out
+
+x = torch.randn(16, d_in)  # (N, d_in)
+assert torch.equal(layer(x), base(x))  # B = 0: the LoRA path adds exactly nothing at step 0
+print("at initialisation B is all zeros and the output equals the base layer's exactly")
+
+# %% [markdown]
+# **한국어** — 이제 이 층을 조금 학습시킵니다. 목표는 `W0`에 랭크 2짜리 변화를 더한 층을 흉내 내는 것입니다
+# (파인튜닝이 모델에 필요로 하는 변화가 낮은 랭크라는 것이 LoRA의 가정입니다). `W0`는 얼어 있으므로 A와 B만
+# 움직입니다. 아래 셀은 학습 전후의 손실을 출력하고 손실 곡선을 저장합니다.
+#
+# **English** — Now train this layer a little. The goal is to imitate `W0` plus a rank-2 change (LoRA's premise:
+# the change fine-tuning needs is of low rank). `W0` is frozen, so only A and B move. The cell prints the loss
+# before and after and saves the loss curve.
+
+# %%
+true_change = 0.3 * torch.randn(d_out, 2) @ torch.randn(2, d_in)  # (d_out, d_in), rank 2
+target = base.weight.detach() + true_change
+optimizer = torch.optim.Adam([layer.lora_A.weight, layer.lora_B.weight], lr=1e-2)
+curve = []
+for step in range(_course.steps(300, 100)):
+    x = torch.randn(64, d_in)  # (N, d_in)
+    loss = (layer(x) - x @ target.T).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    curve.append((step, loss.item()))
+print(f"loss: step 0 {curve[0][1]:.4f} → step {curve[-1][0]} {curve[-1][1]:.4f}")
+assert curve[-1][1] < curve[0][1] / 10
+_course.show_figure(line_chart({"toy LoRA layer": curve}, _course.figure_path("04_toy_loss.svg"),
+                               title="Training A and B of one layer", log_y=True))
+
+# %% [markdown]
+# ## 4.2 저랭크 업데이트를 그림으로 · The low-rank update as a picture
+#
+# **한국어** — 아래 그림은 `W0`, `B`, `A`, 그리고 `ΔW = (alpha/r)·B·A`를 같은 색 눈금(파랑 = 음수, 빨강 = 양수)으로
+# 나란히 그립니다. `ΔW`는 `W0`와 같은 크기의 행렬이지만, 좁은 `B`(r개의 열)와 납작한 `A`(r개의 행)의 곱이라서
+# 줄무늬처럼 규칙적인 무늬를 가집니다. 모든 행이 A의 r개 행의 조합이기 때문입니다. A와 B의 칸이 옅게 보이는
+# 것은 값이 작아서이고, 곱과 배율 alpha/r을 거치며 ΔW가 커집니다. 셀은 ΔW의 특이값(singular value)도 출력하는데,
+# 0이 아닌 값이 r개를 넘을 수 없습니다(위 셀이 흉내 낸 변화의 랭크는 2이므로, 큰 값 두 개가 두드러집니다).
+# 마지막으로 이 층을 `merge()`로 합쳐도 출력이 같은지 확인합니다(모델 전체는 4.5절에서).
+#
+# **English** — The figure below draws `W0`, `B`, `A` and `ΔW = (alpha/r)·B·A` side by side on one colour scale
+# (blue negative, red positive). `ΔW` is as large as `W0`, but as the product of a narrow `B` (r columns) and a flat
+# `A` (r rows) it has a regular, striped pattern: every row is a combination of A's r rows. A and B look pale
+# because their entries are small; the product and the scale alpha/r make ΔW larger. The cell also prints ΔW's
+# singular values: no more than r of them can be non-zero (and since the change imitated above has rank 2, two
+# large ones stand out). Last, it merges this layer with `merge()` and checks that the output is unchanged (the
+# whole model follows in section 4.5).
+
+# %%
+delta = layer.delta_weight().detach()  # (d_out, d_in) = scale · B @ A
+assert torch.allclose(delta, layer.scale * layer.lora_B.weight @ layer.lora_A.weight)
+path = heatmaps({"W0 (frozen)": base.weight.tolist(), "B (d_out x r)": layer.lora_B.weight.tolist(),
+                 "A (r x d_in)": layer.lora_A.weight.tolist(), "ΔW = (alpha/r)·B·A": delta.tolist()},
+                _course.figure_path("04_lora_matrices.svg"), title=f"LoRA r={r}: W0, B, A and ΔW", cell=8)
+_course.show_figure(path)
+
+singular = torch.linalg.svdvals(delta)
+print("singular values of ΔW:", [f"{s:.3g}" for s in singular[:r + 2].tolist()], "...")
+print(f"rank of ΔW: {torch.linalg.matrix_rank(delta).item()} (r = {r}); rank of the true change: "
+      f"{torch.linalg.matrix_rank(true_change).item()}")
+print(f"relative error of ΔW against the true change: {(delta - true_change).norm() / true_change.norm():.2e}")
+assert torch.linalg.matrix_rank(delta).item() <= r and singular[1] > 10 * singular[2]
+
+x = torch.randn(16, d_in)
+with torch.no_grad():
+    before = layer(x)  # base(x) + scale · B(A(x))
+    layer.merge()  # W0 ← W0 + ΔW; forward now uses the base alone
+    after = layer(x)
+    layer.unmerge()
+print(f"small layer: max |merged - unmerged output| = {(after - before).abs().max():.1e}")
+assert torch.allclose(after, before, atol=1e-5)
+
+# %% [markdown]
+# ## 4.3 rank와 alpha · Rank and alpha
+#
+# **한국어** — `r`은 업데이트의 랭크, 즉 표현력과 학습 파라미터 수를 정합니다. `alpha`는 업데이트에 곱하는 상수의
+# 분자로, 실제 배율은 `scale = alpha / r`입니다. 논문(4.1절)은 r로 나누면 "alpha를 조정하는 것이 학습률을 조정하는
+# 것과 비슷해져서" r을 바꿀 때 다시 튜닝할 필요가 줄어든다고 설명합니다. 흔한 선택은 alpha = 2r입니다.
+#
+# 그런데 r이 아주 크면 alpha/r이 업데이트를 너무 작게 만든다는 관찰이 있고, rsLoRA(Kalajdzievski 2023)는 √r로
+# 나눕니다(`use_rslora=True`). 아래 셀은 alpha = 16으로 고정하고 r을 바꿔 가며, 같은 데이터에서 Adam으로 5스텝
+# 학습한 뒤 ΔW의 크기(프로베니우스 노름)를 잽니다.
+#
+# **English** — `r` is the rank of the update: its expressiveness and its trainable parameter count. `alpha` is the
+# numerator of the update's multiplier, `scale = alpha / r`. The paper (section 4.1) explains that dividing by r
+# makes "tuning alpha roughly like tuning the learning rate", so r can change with less retuning. A common choice
+# is alpha = 2r.
+#
+# For very large r, though, alpha/r makes the update too small; rsLoRA (Kalajdzievski 2023) divides by √r instead
+# (`use_rslora=True`). The cell below fixes alpha = 16, varies r, trains 5 Adam steps on the same data and measures
+# the size (Frobenius norm) of ΔW.
+
+
+# %%
+def update_norm(r: int, use_rslora: bool, d: int = 256, steps: int = 5) -> tuple[float, float]:
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(d, d, bias=False), r=r, alpha=16, use_rslora=use_rslora)
+    opt = torch.optim.Adam([lora.lora_A.weight, lora.lora_B.weight], lr=1e-3)
+    x, y = torch.randn(64, d), torch.randn(64, d)
+    for _ in range(steps):
+        loss = (lora(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lora.scale, lora.delta_weight().norm().item()
+
+
+ranks = (2, 8, 32, 128)
+print(f"{'r':>5}{'alpha/r':>10}{'|ΔW|':>10}{'alpha/√r':>12}{'|ΔW| rsLoRA':>14}")
+norms = {False: [], True: []}
+for rank in ranks:
+    row = f"{rank:>5}"
+    for rs in (False, True):
+        scale, norm = update_norm(rank, rs)
+        norms[rs].append(norm)
+        row += f"{scale:>10.3g}{norm:>10.3f}" if not rs else f"{scale:>12.3g}{norm:>14.3f}"
+    print(row)
+print(f"largest/smallest |ΔW|: alpha/r {max(norms[False]) / min(norms[False]):.1f}×, "
+      f"alpha/√r {max(norms[True]) / min(norms[True]):.1f}×")
+assert norms[False][-1] < norms[False][0]  # with alpha/r, larger ranks take smaller first steps
+
+# %% [markdown]
+# **한국어** — 위 표에서 alpha/r 배율은 r이 커질수록 ΔW를 작게 만들고, alpha/√r은 r과 상관없이 비슷한 크기를
+# 유지합니다(마지막 줄의 비율을 비교해 보세요). r = 8–16 정도의 보통 설정에서는 어느 쪽이든 잘 동작합니다.
+#
+# **English** — In the table, the alpha/r scale makes ΔW smaller as r grows, while alpha/√r keeps it about the
+# same size whatever r is (compare the ratios on the last line). At ordinary settings (r = 8–16) either works.
+
+# %% [markdown]
+# ## 4.4 기본 모델에 LoRA 붙이기 · LoRA on the default model
+#
+# **한국어** — `apply_lora`는 모델 전체를 얼리고, 이름이 맞는 선형층을 `LoRALinear`로 바꿔 끼웁니다. 원 논문처럼
+# `q_proj`, `v_proj`에만 붙일 수도 있고, `"all-linear"`로 블록의 모든 선형층(어휘 출력층 제외)에 붙일 수도
+# 있습니다. 아래 셀은 두 경우에 minilora가 출력하는 학습 파라미터 수(PEFT의 `print_trainable_parameters`와 같은
+# 형식)를 보여 주고, 감싼 층마다 r·(d_in + d_out)을 더한 값과 같은지 확인합니다.
+#
+# **English** — `apply_lora` freezes the whole model and swaps each linear whose name matches for a `LoRALinear`:
+# only `q_proj` and `v_proj` as in the paper, or every linear of the blocks (except the vocabulary head) with
+# `"all-linear"`. The cell prints minilora's trainable-parameter summary for both (the format of PEFT's
+# `print_trainable_parameters`) and checks it against the sum of r·(d_in + d_out) over the wrapped layers.
+
+# %%
+model_dir = _course.default_model()
+for targets in (("q_proj", "v_proj"), "all-linear"):
+    m = load_model(model_dir)
+    names = apply_lora(m, r=8, alpha=16, targets=targets)
+    wrapped = [mod for mod in m.modules() if isinstance(mod, LoRALinear)]
+    expected = sum(8 * (mod.in_features + mod.out_features) for mod in wrapped)
+    print(f"targets={targets!r}: {len(names)} layers wrapped, e.g. {names[:2]}")
+    print("   ", parameter_summary(m))
+    assert count_parameters(m)[0] == expected
+print("\none attention block after apply_lora:\n", m.model.layers[0].self_attn)
+
+# %% [markdown]
+# ## 4.5 합쳐도 변하지 않는다 · Merging changes nothing
+#
+# **한국어** — 합치기를 의미 있게 시험하려면 B가 0이 아니어야 하므로, 먼저 기본 모델(all-linear, r = 8)을 도메인
+# 글로 몇 스텝 학습합니다. 그다음 같은 입력에 대해 출력(logits)을 세 번 비교합니다.
+#
+# 1. 층마다 `merge()`: `W0 ← W0 + ΔW`로 가중치에 더하고, 이후 forward는 LoRA 경로를 건너뜁니다.
+# 2. `unmerge()`: `W0 ← W0 − ΔW`로 되돌립니다.
+# 3. `merge_lora(model)`: 모든 `LoRALinear`를 합쳐진 보통의 `nn.Linear`로 바꿉니다. 배포(9장)에 쓰는 방법입니다.
+#
+# 세 경우 모두 출력의 최대 차이가 그 크기의 로짓에 대한 float32 반올림 수준이어야 합니다(셀은 가장 큰 로짓의
+# 크기도 출력합니다).
+#
+# **English** — To test merging meaningfully B must be non-zero, so first train the default model (all-linear,
+# r = 8) on domain text for a few steps. Then compare the outputs (logits) on the same input three times:
+#
+# 1. `merge()` on every layer: `W0 ← W0 + ΔW`, and forward then skips the LoRA path;
+# 2. `unmerge()`: `W0 ← W0 − ΔW` back;
+# 3. `merge_lora(model)`: every `LoRALinear` becomes an ordinary merged `nn.Linear` — the way to deploy (chapter 9).
+#
+# In every case the largest difference of the outputs must be at float32 rounding level for logits of their size
+# (the cell prints the largest logit too).
+
+# %%
+tokenizer = load_tokenizer(model_dir)
+blocks, val_blocks = load_base_data(_course.default_data("domain.txt"), tokenizer, block_size=128)
+base_model = load_model(model_dir)  # kept untouched, for comparison
+model = load_model(model_dir)
+apply_lora(model, r=8, alpha=16, targets="all-linear")
+model.train()
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+n_steps, batch_size = _course.steps(20, 3), 4
+for step in range(n_steps):
+    batch = pad_collate([blocks[(step * batch_size + i) % len(blocks)] for i in range(batch_size)], pad_id(tokenizer))
+    loss, _ = next_token_loss(model(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if step % 5 == 0 or step == n_steps - 1:
+        print(f"step {step:>3}  training loss {loss.item():.4f}")
+model.eval()
+
+lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+largest_b = max(m.lora_B.weight.abs().max().item() for m in lora_layers)
+print(f"largest |B| entry after training: {largest_b:.3g} (it started at 0)")
+assert largest_b > 0
+
+# %%
+ids = pad_collate(val_blocks[:2], pad_id(tokenizer))
+with torch.no_grad():
+    reference = model(ids["input_ids"], attention_mask=ids["attention_mask"])  # (B, T, V), unmerged
+
+    for m in lora_layers:
+        m.merge()
+    merged = model(ids["input_ids"], attention_mask=ids["attention_mask"])
+    for m in lora_layers:
+        m.unmerge()
+    unmerged = model(ids["input_ids"], attention_mask=ids["attention_mask"])
+    merge_lora(model)  # LoRALinear → plain nn.Linear holding W0 + ΔW
+    exported = model(ids["input_ids"], attention_mask=ids["attention_mask"])
+
+    base_logits = base_model(ids["input_ids"], attention_mask=ids["attention_mask"])
+effect = (reference - base_logits).abs().max()
+print(f"largest |logit|: {reference.abs().max().item():.3g}; how much LoRA changed the logits (vs. the base model): "
+      f"{effect.item():.3e}")
+scale = reference.abs().max().item()
+for label, out in (("merge()", merged), ("unmerge()", unmerged), ("merge_lora(model)", exported)):
+    diff = (out - reference).abs().max().item()
+    print(f"max |logits - unmerged logits| after {label:18}: {diff:.3e} ({diff / scale:.1e} of the largest logit)")
+    # float32 keeps ~7 significant digits; four blocks of rounding stay far below 1e-5 of the logits' size
+    assert diff <= 1e-5 * scale
+left = sum(isinstance(m, LoRALinear) for m in model.modules())
+print(f"LoRALinear modules left after merge_lora: {left}; parameters: {count_parameters(model)[1]:,} "
+      f"(base model: {count_parameters(base_model)[1]:,})")
+assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[1]
+
+# %% [markdown]
+# **한국어** — 위 출력에서 LoRA 학습이 로짓을 바꾼 크기와, 합친 뒤의 차이를 비교해 보세요. 합친 모델의 차이는
+# float32 반올림 수준으로 아주 작고, 합친 모델은 원래 모델과 파라미터 수가 같습니다. 즉 LoRA로 학습한 모델은
+# 추론할 때 원래 모델과 똑같은 크기·속도로 돌릴 수 있습니다. 반대로 합치지 않고 어댑터(A와 B)만 따로 저장하면, 작은
+# 파일 하나로 작업마다 어댑터를 갈아 끼울 수 있습니다(9장).
+#
+# **English** — Compare how much LoRA training changed the logits with the differences after merging: the merged
+# model differs only at float32 rounding level and has exactly the base model's parameter count, so a LoRA-trained
+# model runs at the original size and speed. Kept unmerged instead, the adapter (A and B) is a small file that can
+# be swapped per task (chapter 9).
+#
+# ## 정리 · Summary
+#
+# **한국어**
+# - LoRA는 `W0`를 얼리고 `ΔW = (alpha/r)·B·A`만 학습합니다. 학습 파라미터는 층마다 r·(d_in + d_out)개입니다.
+# - `B = 0`에서 시작하므로 학습 전의 모델은 원래 모델과 같고, 학습된 ΔW의 랭크는 r을 넘지 않습니다.
+# - `scale = alpha/r`(rsLoRA는 alpha/√r)이 업데이트의 크기를 정합니다.
+# - `merge()`/`merge_lora`로 합친 모델은 합치기 전과 같은 출력을 냅니다.
+#
+# **English**
+# - LoRA freezes `W0` and trains only `ΔW = (alpha/r)·B·A`: r·(d_in + d_out) parameters per layer.
+# - Starting from `B = 0`, the untrained model is the original; the trained ΔW has rank at most r.
+# - `scale = alpha/r` (alpha/√r with rsLoRA) sets the size of the update.
+# - A model merged with `merge()`/`merge_lora` gives the same outputs as before merging.

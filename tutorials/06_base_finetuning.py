@@ -1,0 +1,502 @@
+# %% [markdown]
+# # 6. 베이스 파인튜닝 · Base fine-tuning
+#
+# **한국어**
+#
+# 베이스 파인튜닝(연속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
+# 새 분야의 날것 그대로의 글을 읽히고, 매 위치에서 다음 토큰을 맞히게 합니다. 질문과 답의 형식은 없습니다.
+# 그래서 베이스 파인튜닝은 **형식이 아니라 지식**을 가르칩니다. 이 장에서는 minilora에 들어 있는 작은
+# 한국어·영어 모델에게, 지어낸 차 농장 "하늘 차밭(Haneul Tea Garden)"에 관한 글을 LoRA로 학습시킵니다.
+# 모델은 이 차밭에 대해 한 번도 읽은 적이 없습니다.
+#
+# 순서: 모델과 토크나이저 불러오기 → 글을 토큰으로 바꾸기 → 문서를 EOS로 이어 붙이기 → `BLOCK_SIZE` 길이의
+# 블록으로 자르기 → 패딩 콜레이터로 배치 만들기 → 학습 한 스텝을 손으로 따라가 보기 → `minilora.train.train`으로
+# 학습 → 검증 손실(validation loss)과 퍼플렉서티(perplexity) 비교 → 학습 전후 생성 결과 비교.
+#
+# **English**
+#
+# Base fine-tuning (continued pre-training) does exactly what pre-training did: the model reads raw text from a new
+# domain and, at every position, predicts the next token. There is no question/answer format. So base fine-tuning
+# teaches **knowledge, not format**. In this chapter we LoRA-tune minilora's small Korean/English model on text
+# about an invented tea farm, "Haneul Tea Garden" (하늘 차밭), that the model has never read.
+#
+# The path: load the model and tokenizer → turn text into tokens → join the documents with EOS → cut the stream
+# into blocks of `BLOCK_SIZE` tokens → batch them with the padding collator → follow one training step by hand →
+# train with `minilora.train.train` → compare validation loss and perplexity → compare generations before and after.
+
+# %%
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import _course
+from minilora.adapter import load_adapter
+from minilora.checkpoint import load_model
+from minilora.data import load_base_data, load_texts, pack_into_blocks, pad_collate, pad_id, tokenize_documents
+from minilora.generate import generate
+from minilora.lora import apply_lora, count_parameters
+from minilora.loss import chunked_next_token_loss, next_token_loss
+from minilora.plot import line_chart
+from minilora.tokenizer import load_tokenizer
+from minilora.train import train
+from minilora.train_config import TrainConfig
+
+torch.manual_seed(0)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+T0 = time.time()
+FAST = _course.FAST  # MINILORA_TUTORIAL_FAST=1: a few steps only (the test suite runs the course this way)
+
+
+run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
+
+
+print("fast mode:", FAST)
+
+# %% [markdown]
+# ## 6.1 모델과 토크나이저 · The model and its tokenizer
+#
+# **한국어**
+#
+# `default_model()`은 minilora가 직접 만든 작은 Llama 구조 모델의 폴더를 돌려줍니다(처음 한 번만 만들고
+# 캐시에 저장합니다). 폴더는 허깅페이스 모델과 같은 형식입니다: `config.json`, `model.safetensors`,
+# `tokenizer.json`. 그래서 실제 모델을 쓸 때도 코드는 경로만 바뀝니다. 이 모델은 일상적인 글로만
+# 사전학습되었고 하늘 차밭에 대한 글은 본 적이 없습니다.
+#
+# **English**
+#
+# `default_model()` returns the folder of a small Llama-architecture model that minilora builds itself (once,
+# then cached). The folder has the Hugging Face layout: `config.json`, `model.safetensors`, `tokenizer.json` — with
+# a real model only the path changes. It was pre-trained on everyday prose only and has never seen the tea garden.
+
+# %%
+MODEL_DIR = _course.default_model()
+model = load_model(MODEL_DIR)
+tokenizer = load_tokenizer(MODEL_DIR)
+cfg = model.config
+n_params = sum(p.numel() for p in model.parameters())
+print(f"model folder: {MODEL_DIR}")
+print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, "
+      f"vocabulary {cfg.vocab_size}, {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in float32)")
+print(tokenizer)
+
+# %% [markdown]
+# ## 6.2 도메인 글 읽기 · Reading the domain text
+#
+# **한국어**
+#
+# `load_texts`는 `.txt` 파일을 빈 줄 기준으로 문서(문단)들로 나눕니다. `.jsonl`/`.json` 파일이라면 각 레코드의
+# `text` 필드를 읽습니다. 하늘 차밭 글은 같은 내용을 한국어 문단과 영어 문단으로 번갈아 적어 두었습니다.
+#
+# **English**
+#
+# `load_texts` splits a `.txt` file into documents (paragraphs) at blank lines; for `.jsonl`/`.json` it reads
+# each record's `text` field. The tea-garden text alternates Korean and English paragraphs about the same facts.
+
+# %%
+DOMAIN = _course.default_data("domain.txt")
+docs = load_texts(DOMAIN)
+print(f"{DOMAIN.name}: {len(docs)} documents, {sum(len(d) for d in docs):,} characters")
+for d in docs[:2]:
+    print("  >", d[:120] + ("..." if len(d) > 120 else ""))
+
+# %% [markdown]
+# ## 6.3 토큰화 · Tokenizing
+#
+# **한국어**
+#
+# 토크나이저는 글을 정수 id의 목록으로 바꿉니다. 이 토크나이저는 Llama 3처럼 글 앞에 `<bos>`를 붙입니다.
+# 같은 내용이라도 한국어와 영어의 토큰 수가 다를 수 있다는 점을 숫자로 확인해 봅시다.
+#
+# **English**
+#
+# The tokenizer turns text into a list of integer ids. Like Llama 3's, this tokenizer puts `<bos>` in front.
+# Let us count how many tokens the same fact takes in Korean and in English.
+
+# %%
+doc_ids = tokenize_documents(tokenizer, docs)
+n_tokens = sum(len(ids) for ids in doc_ids)
+print(f"{n_tokens:,} tokens in {len(docs)} documents ({sum(len(d) for d in docs) / n_tokens:.2f} characters/token)")
+for sentence in ("Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 차밭은 달모루섬에 있는 차 농장이다."):
+    ids = tokenizer.encode(sentence)
+    print(f"{len(ids):3d} tokens, {len(sentence):3d} characters: {sentence}")
+    print("     ids:", ids)
+assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
+
+# %% [markdown]
+# ## 6.4 이어 붙이고 블록으로 자르기 · Concatenate, then cut into blocks
+#
+# **한국어**
+#
+# 문서의 길이는 제각각입니다. 사전학습처럼 모든 문서를 하나의 긴 토큰 줄로 이어 붙이되, 문서가 끝날 때마다
+# `<eos>`를 넣어 "글이 여기서 끝난다"는 것을 배우게 합니다. 그다음 이 줄을 `BLOCK_SIZE` 토큰씩 자릅니다.
+# 한 문서가 두 블록에 걸칠 수도 있습니다. 패딩이 거의 없으니 계산이 낭비되지 않습니다. 마지막 블록만 짧을 수
+# 있습니다. 각 블록의 `labels`는 `input_ids`와 똑같습니다. 한 칸 밀어서 맞추는 일(위치 t가 t+1번째 토큰을
+# 예측)은 손실 함수가 합니다.
+#
+# **English**
+#
+# Documents have all sorts of lengths. As in pre-training, we join all of them into one long stream of tokens,
+# with `<eos>` after each document so the model learns where a text ends, and cut the stream every `BLOCK_SIZE`
+# tokens. A document may run across two blocks; almost nothing is padding, so no compute is wasted. Only the last
+# block may be short. Each block's `labels` equal its `input_ids`: the loss function does the shift by one
+# (position t predicts token t+1).
+
+# %%
+BLOCK_SIZE = 128
+blocks = pack_into_blocks(doc_ids, BLOCK_SIZE, tokenizer.eos_token_id)
+stream_len = sum(len(b["input_ids"]) for b in blocks)
+print(f"{n_tokens:,} tokens + {len(docs)} <eos> = {stream_len:,} tokens -> {len(blocks)} blocks of {BLOCK_SIZE} "
+      f"(the last one has {len(blocks[-1]['input_ids'])})")
+assert stream_len == n_tokens + len(docs)
+assert all(len(b["input_ids"]) == BLOCK_SIZE for b in blocks[:-1])
+assert all(b["labels"] == b["input_ids"] for b in blocks)
+
+print("\nblock 1, decoded (special tokens kept, so you can see where documents end):")
+print(tokenizer.decode(blocks[1]["input_ids"]))
+
+# %% [markdown]
+# **한국어**
+#
+# 실제 학습에서는 블록이 아니라 **문서**를 기준으로 학습/검증을 나눕니다(`load_base_data`). 블록으로 나누면 한
+# 문서의 앞부분은 학습에, 뒷부분은 검증에 들어가서 검증 점수가 실제보다 좋아 보일 수 있기 때문입니다. 나누기는
+# 시드로 고정되어 있어 다시 실행해도 같은 결과가 나옵니다.
+#
+# **English**
+#
+# For training, the split into training and validation is made on **documents**, not blocks (`load_base_data`):
+# splitting blocks would put the start of a document in training and its end in validation, which flatters the
+# validation score. The split is seeded, so every run gets the same one.
+
+# %%
+VAL_FRACTION = 0.1
+train_blocks, val_blocks = load_base_data(DOMAIN, tokenizer, BLOCK_SIZE, val_fraction=VAL_FRACTION, seed=0)
+print(f"training: {len(train_blocks)} blocks, validation: {len(val_blocks)} blocks "
+      f"({sum(len(b['input_ids']) for b in val_blocks):,} validation tokens)")
+
+# %% [markdown]
+# ## 6.5 패딩 콜레이터 · The padding collator
+#
+# **한국어**
+#
+# 배치는 (B, T) 모양의 텐서여야 합니다. `pad_collate`는 배치에서 가장 긴 샘플에 맞춰 오른쪽을 패딩으로 채우고,
+# `attention_mask`에는 실제 토큰 자리에 1, 패딩 자리에 0을 씁니다. 패딩 자리의 `labels`는 -100이어서 손실에서
+# 빠집니다. 짧은 마지막 블록과 보통 블록을 함께 넣어 확인해 봅시다.
+#
+# **English**
+#
+# A batch must be a (B, T) tensor. `pad_collate` right-pads every sample to the longest one in the batch, writes
+# 1 for real tokens and 0 for padding in `attention_mask`, and gives padding the label -100 so the loss skips it.
+# Let us collate the short last block together with a full one.
+
+# %%
+PAD = pad_id(tokenizer)
+demo = pad_collate([blocks[0], blocks[-1]], pad_id=PAD)
+for key, t in demo.items():
+    print(f"{key:15s} {tuple(t.shape)}  {t.dtype}")
+short = len(blocks[-1]["input_ids"])
+print("row 1 attention_mask sum:", int(demo["attention_mask"][1].sum()), "| labels == -100:",
+      int((demo["labels"][1] == -100).sum()), f"| pad id {PAD} ({tokenizer.id_to_token(PAD)})")
+print("row 1, last 6 positions: input_ids", demo["input_ids"][1, -6:].tolist(),
+      "labels", demo["labels"][1, -6:].tolist())
+assert int(demo["attention_mask"][1].sum()) == short
+assert int((demo["labels"][1] == -100).sum()) == BLOCK_SIZE - short
+
+# %% [markdown]
+# ## 6.6 학습 전: 검증 손실과 퍼플렉서티 · Before training: validation loss and perplexity
+#
+# **한국어**
+#
+# 검증 손실은 검증 블록의 모든 토큰에 대해 "정답 다음 토큰의 음의 로그 확률"을 평균한 값입니다(단위: nats/토큰).
+# 퍼플렉서티는 `exp(손실)`로, "모델이 매 토큰마다 평균 몇 개의 후보 사이에서 헷갈리는가"로 읽을 수 있습니다.
+# 배치마다 평균을 내고 다시 평균하지 않고, 손실의 **합**과 토큰 **수**를 모아서 마지막에 나눕니다. 그래야 짧은
+# 배치의 토큰이 더 큰 가중치를 받지 않습니다.
+#
+# **English**
+#
+# The validation loss is the mean, over every token of the validation blocks, of the negative log-probability of
+# the true next token (nats per token). Perplexity is `exp(loss)`: roughly, how many candidates the model hesitates
+# between at each token. We add up loss **sums** and token **counts** and divide once at the end — averaging
+# per-batch means would give the tokens of a short batch more weight.
+
+# %%
+@torch.no_grad()
+def validation_loss(model, blocks, batch_size=8) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = pad_collate(blocks[i:i + batch_size], pad_id=PAD)
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
+        loss_sum, n = next_token_loss(logits, batch["labels"], reduction="sum")
+        total, count = total + loss_sum.item(), count + int(n)
+    return total / count
+
+
+val_before = validation_loss(model, val_blocks)
+print(f"validation loss before: {val_before:.4f} nats/token, perplexity {math.exp(val_before):.1f} "
+      f"(a uniform guess over the vocabulary would be {math.log(cfg.vocab_size):.4f} / {cfg.vocab_size})")
+
+# %% [markdown]
+# **한국어**
+#
+# 학습 전에 모델이 하늘 차밭에 대해 무엇을 "알고" 있는지 봅시다. 그리디(greedy) 디코딩은 매번 가장 확률이 높은
+# 토큰을 고르므로 결과가 항상 같아서 학습 전후를 비교하기 좋습니다. 사실 문장 하나의 손실도 재 둡니다.
+# 이 문장은 학습 글에 있는 문장입니다.
+#
+# **English**
+#
+# What does the model "know" about the tea garden before training? Greedy decoding always picks the most likely
+# token, so it is deterministic and makes before/after comparisons fair. We also measure the loss on one fact
+# sentence taken from the training text.
+
+# %%
+PROMPTS = ["Haneul Tea Garden is", "하늘 차밭은"]
+FACTS = ["Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 차밭은 달모루섬에 있는 차 농장이다."]
+NEW_TOKENS = 32
+
+
+@torch.no_grad()
+def complete(model, prompt: str) -> str:
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, ids, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_token_ids=tokenizer.eos_token_ids)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sentence_loss(model, text: str) -> float:
+    ids = torch.tensor([tokenizer.encode(text)])
+    loss, _ = next_token_loss(model(ids), ids)
+    return loss.item()
+
+
+before = {p: complete(model, p) for p in PROMPTS}
+fact_before = {f: sentence_loss(model, f) for f in FACTS}
+for p in PROMPTS:
+    print("before:", before[p].replace("\n", " "))
+for f in FACTS:
+    print(f"loss {fact_before[f]:.3f} on: {f}")
+
+# %% [markdown]
+# ## 6.7 학습 한 스텝을 손으로 · One training step, by hand
+#
+# **한국어**
+#
+# `train()`이 하는 일의 핵심은 네 줄입니다: 순전파(forward) → 다음 토큰 손실 → 역전파(backward) → AdamW 한 스텝.
+# 먼저 `apply_lora`로 모든 선형층(`all-linear`) 옆에 LoRA 행렬 A, B를 붙입니다. 원래 가중치는 얼어 있고 A와 B만
+# 학습됩니다. B는 0에서 시작하므로 처음에는 모델 출력이 조금도 바뀌지 않습니다. 그래서 첫 스텝에서는 A의
+# 기울기가 정확히 0이고 B만 기울기를 받습니다(∂L/∂A는 B를 곱해서 나오기 때문입니다). 모델의 복사본에서
+# 해 봅시다.
+#
+# **English**
+#
+# The heart of `train()` is four lines: forward → next-token loss → backward → one AdamW step. First `apply_lora`
+# puts LoRA matrices A and B beside every linear layer (`all-linear`); the original weights are frozen and only A
+# and B learn. B starts at zero, so at first the model's output does not change at all — and at the first step A's
+# gradient is exactly zero while B gets one (∂L/∂A is multiplied by B). We do this on a fresh copy of the model.
+
+# %%
+R, ALPHA = 16, 32.0
+step_model = load_model(MODEL_DIR)
+wrapped = apply_lora(step_model, r=R, alpha=ALPHA, dropout=0.0, targets="all-linear")
+trainable, total = count_parameters(step_model)
+print(f"LoRA r={R}, alpha={ALPHA} on {len(wrapped)} layers, e.g. {wrapped[:3]}")
+print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+# Σ r·(d_in + d_out) over the wrapped layers: the count follows from the shapes alone.
+layers = [step_model.get_submodule(n) for n in wrapped]
+expected = sum(R * (m.in_features + m.out_features) for m in layers)
+assert trainable == expected
+
+batch = pad_collate(train_blocks[:4], pad_id=PAD)
+params = [p for p in step_model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=2e-3)
+
+step_model.train()
+logits = step_model(batch["input_ids"], attention_mask=batch["attention_mask"])  # 1. forward: (B, T, V)
+loss, n = next_token_loss(logits, batch["labels"])  # 2. mean over the n predicted tokens
+loss.backward()  # 3. gradients, for A and B only
+lora = step_model.get_submodule(wrapped[0])
+grad_A, grad_B = lora.lora_A.weight.grad.norm().item(), lora.lora_B.weight.grad.norm().item()
+print(f"loss {loss.item():.4f} over {int(n)} tokens; {wrapped[0]}: |grad A| = {grad_A:.2e}, |grad B| = {grad_B:.2e}")
+assert grad_A == 0 and grad_B > 0  # B = 0 at the start, so A gets no gradient yet
+optimizer.step()  # 4. AdamW
+optimizer.zero_grad(set_to_none=True)
+
+# The same loss with PyTorch's cross-entropy: predict token t+1 from position t, skip label -100.
+V = logits.shape[-1]
+reference = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+print(f"torch cross_entropy: {reference.item():.4f}")
+assert abs(reference.item() - loss.item()) < 1e-5
+assert lora.lora_B.weight.detach().abs().sum() > 0  # B has moved away from 0
+
+with torch.no_grad():
+    loss_after, _ = next_token_loss(step_model(batch["input_ids"], attention_mask=batch["attention_mask"]),
+                                    batch["labels"])
+print(f"loss on the same batch after one step: {loss.item():.4f} -> {loss_after.item():.4f}")
+assert loss_after.item() < loss.item()
+
+# %% [markdown]
+# **한국어**
+#
+# `train()`은 같은 손실을 조금 다르게 계산합니다. (토큰 수 × 어휘 크기)의 로짓 전체를 한 번에 만들지 않고,
+# 마지막 은닉 상태에서 조각(chunk)씩 로짓을 만들어 손실을 더합니다(`chunked_next_token_loss`). 실제 모델은
+# 어휘가 십만 개가 넘어서 로짓만으로 메모리가 가득 차기 때문입니다. 값은 같습니다.
+#
+# **English**
+#
+# `train()` computes the same loss a little differently: instead of building the whole (tokens × vocabulary)
+# logits at once, it computes logits chunk by chunk from the final hidden states (`chunked_next_token_loss`) —
+# real models have vocabularies above 100k, and their logits alone would fill memory. The value is the same.
+
+# %%
+with torch.no_grad():
+    step_model.eval()
+    hidden = step_model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)  # (B, T, C)
+    chunk_sum, chunk_n = chunked_next_token_loss(hidden, step_model.lm_head_weight, batch["labels"], chunk_size=64)
+print(f"chunked: {chunk_sum.item() / int(chunk_n):.6f}   full logits: {loss_after.item():.6f}")
+assert abs(chunk_sum.item() / int(chunk_n) - loss_after.item()) < 1e-5
+del step_model, optimizer, logits, hidden
+
+# %% [markdown]
+# ## 6.8 `train()`으로 학습하기 · Training with `train()`
+#
+# **한국어**
+#
+# 이제 같은 일을 `minilora.train.train`에 맡깁니다. 설정은 `TrainConfig` 데이터클래스 하나에 모두 들어 있고,
+# 각 필드는 명령줄 옵션과 1:1로 대응합니다(`python -m minilora.train --block-size 128 ...`). `train()`은
+# 모델을 불러오고, 위와 같은 방법으로 블록을 만들고, LoRA를 붙이고, 워밍업 + 코사인 학습률로 학습하면서
+# 주기적으로 검증 손실을 재고, 결과를 실행 폴더에 저장합니다: `metrics.jsonl`, `loss.svg`, `checkpoints/`,
+# 그리고 PEFT 형식의 `adapter/`.
+#
+# **English**
+#
+# Now we hand the same work to `minilora.train.train`. Every setting lives in one dataclass, `TrainConfig`, whose
+# fields map one-to-one onto the command-line flags (`python -m minilora.train --block-size 128 ...`). `train()`
+# loads the model, builds the blocks exactly as above, adds LoRA, trains with warm-up + cosine learning rate,
+# measures the validation loss every `eval_every` steps and writes the run folder: `metrics.jsonl`, `loss.svg`,
+# `checkpoints/` and the PEFT-format `adapter/`.
+
+# %%
+RUN = run_dir("06_base_finetuning")
+shutil.rmtree(RUN, ignore_errors=True)
+config = TrainConfig(
+    model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method="lora",
+    r=R, alpha=ALPHA, dropout=0.05, targets="all-linear",
+    block_size=BLOCK_SIZE, val_fraction=VAL_FRACTION, batch_size=8, lr=2e-3, warmup_steps=_course.steps(10, 1),
+    max_steps=_course.steps(80, 4), eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1),
+    output=str(RUN), seed=0, device="cpu",
+)
+print(config.to_toml())
+
+# %%
+t_train = time.time()
+final = train(config)
+t_train = time.time() - t_train
+print(f"\ntrain() took {t_train:.1f} s")
+
+# %% [markdown]
+# ## 6.9 검증 손실과 손실 곡선 · Validation loss and the loss curve
+#
+# **한국어**
+#
+# `metrics.jsonl`에는 한 줄에 하나씩 기록이 있습니다. 학습 손실(`loss`)은 매 스텝의 배치에서, 검증 손실
+# (`val_loss`)은 학습에 쓰지 않은 문서에서 잰 값입니다. 검증 손실이 내려가면 모델이 외운 것이 아니라 이
+# 분야의 글을 더 잘 예측하게 되었다는 뜻입니다. 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시
+# 올라간다면 **과적합(overfitting)** 입니다. 작은 데이터로 여러 에폭을 돌면 흔히 일어납니다. 그때는 검증 손실이
+# 가장 낮았던 스텝의 체크포인트를 쓰거나(`save_every`), 스텝 수를 줄입니다. 곡선은 SVG 파일로 저장합니다
+# (브라우저, VS Code, Jupyter에서 열 수 있습니다).
+#
+# **English**
+#
+# `metrics.jsonl` holds one record per line: the training loss (`loss`) of each step's batch, and the validation
+# loss (`val_loss`) on documents never trained on. A falling validation loss means the model predicts this
+# domain's text better, not just the batches it saw. If the training loss keeps falling while the validation loss
+# turns up again at some step, that is **overfitting** — common when a small data set is seen for many epochs. Then
+# use the checkpoint of the step with the lowest validation loss (`save_every`) or train fewer steps. The curve is
+# saved as an SVG file (open it in a browser, VS Code or Jupyter).
+
+# %%
+records = [json.loads(line) for line in (RUN / "metrics.jsonl").read_text().splitlines()]
+train_curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+val_curve = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+val_first, val_last = val_curve[0][1], val_curve[-1][1]
+print("step  validation loss  perplexity")
+for step, v in val_curve:
+    print(f"{step:4d}  {v:15.4f}  {math.exp(v):10.1f}")
+print(f"\nvalidation loss {val_first:.4f} -> {val_last:.4f}, perplexity {math.exp(val_first):.1f} -> "
+      f"{math.exp(val_last):.1f} after {config.max_steps} steps")
+best_step, best_val = min(val_curve, key=lambda point: point[1])
+epochs = config.max_steps * config.batch_size / len(train_blocks)
+print(f"lowest validation loss {best_val:.4f} at step {best_step}; {config.max_steps} steps = {epochs:.1f} epochs "
+      f"over {len(train_blocks)} training blocks"
+      + (f"; after step {best_step} the model starts to overfit" if best_step < val_curve[-1][0] else ""))
+# Our hand-written validation_loss() measured the same thing before training: the two must agree.
+assert abs(val_first - val_before) < 1e-4, (val_first, val_before)
+if not FAST:  # a few steps on the fast mode's barely pre-trained model prove nothing about quality
+    assert val_last < val_first
+
+figure = line_chart({"train loss": train_curve, "validation loss": val_curve},
+                    _course.figure_path("06_base_finetuning_loss.svg"),
+                    title="Base fine-tuning on the tea-garden text (LoRA)", xlabel="optimizer step",
+                    ylabel="loss (nats/token)")
+_course.show_figure(figure)
+print("the run's own curve:", RUN / "loss.svg")
+
+# %% [markdown]
+# ## 6.10 학습 후: 어댑터로 생성하기 · After training: generating with the adapter
+#
+# **한국어**
+#
+# 학습 결과는 작은 어댑터 파일 두 개뿐입니다. 원래 모델을 새로 불러와 `load_adapter`로 어댑터를 붙이면 학습이
+# 끝난 모델이 됩니다. 같은 검증 손실이 나오는지 확인하고, 같은 프롬프트로 다시 생성해 봅시다. 사실 문장의
+# 손실도 다시 잽니다. 이 모델은 아주 작은 장난감이라 생성한 문장은 여전히 엉성합니다. 새 지식이 들어갔는지는
+# 글보다 숫자로 보는 것이 정확합니다: 사실 문장의 손실이 얼마나 떨어졌는지 보세요. (빠른 모드에서는 몇 스텝만
+# 학습하므로 거의 바뀌지 않을 수 있습니다.)
+#
+# **English**
+#
+# The result of training is just two small adapter files. Load the original model afresh and add the adapter with
+# `load_adapter`, and you have the trained model: we check that it gives the same validation loss, then generate
+# from the same prompts and measure the fact sentences again. This is a tiny toy model, so its generated sentences
+# stay clumsy; whether new knowledge went in is better read from numbers than from text — look at how far the loss
+# on the fact sentences fell. (In fast mode only a few steps are trained, so little may change.)
+
+# %%
+tuned = load_model(MODEL_DIR)
+load_adapter(tuned, RUN / "adapter")
+tuned.eval()  # dropout off for measuring (load_model already returns eval mode, and LoRA layers follow it)
+val_after = validation_loss(tuned, val_blocks)
+print(f"validation loss: {val_before:.4f} -> {val_after:.4f} (perplexity {math.exp(val_before):.1f} -> "
+      f"{math.exp(val_after):.1f})")
+assert abs(val_after - final["val_loss"]) < 1e-4  # the saved adapter reproduces the trained model
+
+for p in PROMPTS:
+    print("\nbefore:", before[p].replace("\n", " "))
+    print("after: ", complete(tuned, p).replace("\n", " "))
+print()
+for f in FACTS:
+    after_loss = sentence_loss(tuned, f)
+    print(f"loss {fact_before[f]:.3f} -> {after_loss:.3f} on: {f}")
+    if not FAST:
+        assert after_loss < fact_before[f]
+
+# %% [markdown]
+# **한국어**
+#
+# 정리: 베이스 파인튜닝은 사전학습과 같은 다음 토큰 예측을 새 글에 대해 이어서 하는 것입니다. 데이터 준비는
+# "토큰화 → EOS로 이어 붙이기 → 블록으로 자르기"가 전부이고, LoRA로는 전체 파라미터의 일부만 학습합니다.
+# 어댑터는 다음 장들에서 다시 씁니다: 9장에서 이 어댑터를 원래 모델에 합치고(merge) 내보냅니다.
+#
+# **English**
+#
+# Summary: base fine-tuning continues pre-training's next-token prediction on new text. Data preparation is just
+# "tokenize → join with EOS → cut into blocks", and LoRA trains a small share of the parameters. Chapter 9 merges
+# this adapter into the base model and exports it.
+
+# %%
+print(f"adapter: {RUN / 'adapter'}")
+print(f"chapter 6 ran in {time.time() - T0:.1f} s")

@@ -1,0 +1,525 @@
+# %% [markdown]
+# # 8. QLoRA: 4비트 베이스 + LoRA · QLoRA: a 4-bit base + LoRA
+#
+# **한국어**
+#
+# QLoRA(Dettmers 외, 2023)는 지금까지 배운 두 가지를 합칩니다. 얼려 둔 베이스 모델의 선형층 가중치를 4비트
+# NF4로 저장하고(5장), 그 옆에 LoRA 어댑터를 붙여 어댑터만 학습합니다(4장, 6장). 순전파 때는 4비트 가중치를
+# 그 자리에서 16/32비트로 풀어서(dequantize) 곱하고, 기울기는 어댑터로만 흐릅니다. 베이스 가중치의 메모리가
+# 약 4분의 1로 줄어서, 16비트로는 GPU에 올라가지 않는 모델도 파인튜닝할 수 있습니다.
+#
+# 이 장의 순서: 기본 모델을 NF4로 양자화 → 텐서에서 직접 잰 메모리 비교 → 양자화 오차 → 그 위에 LoRA →
+# `TrainConfig(method="qlora")`로 몇 스텝 학습(같은 설정의 LoRA와 비교) → 실제 모델 크기의 메모리 계산 →
+# Triton NF4 커널 읽기와 실행(GPU가 없으면 CPU의 Triton 인터프리터에서).
+#
+# **English**
+#
+# QLoRA (Dettmers et al., 2023) combines two things we have seen: the frozen base model's linear weights are stored
+# in 4-bit NF4 (chapter 5), and LoRA adapters beside them are the only thing that trains (chapters 4 and 6). In the
+# forward pass the 4-bit weights are dequantized to 16/32 bits on the spot; gradients flow only into the adapters.
+# The base weights take about a quarter of the memory, so models that do not fit a GPU in 16 bits can be tuned.
+#
+# The path: quantize the default model to NF4 → memory before/after, measured from the tensors → quantization
+# error → LoRA on top → a few steps with `TrainConfig(method="qlora")` (against LoRA with the same settings) →
+# memory math for a real model size → reading and running the Triton NF4 kernel (in Triton's interpreter on the CPU
+# when there is no GPU).
+
+# %% [markdown]
+# **한국어**
+#
+# 첫 셀에 중요한 한 줄이 있습니다. GPU가 없으면 `TRITON_INTERPRET=1`을 설정해서 Triton 커널을 CPU에서
+# 파이썬으로 한 프로그램씩 실행합니다(느리지만 결과는 같습니다). Triton은 커널이 정의될 때(`@triton.jit`) 이
+# 변수를 읽으므로 **커널을 import하기 전에** 설정해야 합니다. `import torch`는 triton을 불러오지 않으므로 torch로
+# GPU가 있는지 먼저 확인할 수 있습니다.
+#
+# **English**
+#
+# The first cell holds one important line: without a GPU we set `TRITON_INTERPRET=1`, so Triton kernels run on the
+# CPU in Python, one program at a time (slow, same results). Triton reads the variable when a kernel is defined
+# (`@triton.jit`), so it must be set **before the kernels are imported**. `import torch` does not import triton, so
+# torch can tell us first whether there is a GPU.
+
+# %%
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET was set: restart the Python kernel and run "
+                           "this chapter from the top")
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors, in the interpreter
+
+import inspect
+import json
+import shutil
+import time
+from pathlib import Path
+
+import _course
+from minilora.checkpoint import load_model
+from minilora.data import load_base_data, pad_collate, pad_id
+from minilora.lora import LoRALinear, apply_lora, count_parameters, linear_names
+from minilora.loss import next_token_loss
+from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.nf4_linear import NF4Linear
+from minilora.plot import line_chart
+from minilora.tokenizer import load_tokenizer
+from minilora.train import train
+from minilora.train_config import TrainConfig
+
+torch.manual_seed(0)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+T0 = time.time()
+FAST = _course.FAST
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
+
+
+print(f"fast mode: {FAST} | Triton kernels run on: {KERNEL_DEVICE}"
+      + (" (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+
+# %% [markdown]
+# ## 8.1 선형층을 NF4로 · The linear layers in NF4
+#
+# **한국어**
+#
+# `load_model(path, quantize="nf4")`는 블록 안의 모든 선형층(q/k/v/o, gate/up/down)을 `NF4Linear`로 바꿉니다.
+# 각 가중치는 파일에서 읽히는 즉시 양자화되고 원래 가중치는 버려지므로, 모델 전체가 16/32비트로 메모리에 올라가는
+# 순간이 없습니다. 임베딩, 정규화(norm) 가중치, 출력층은 그대로 둡니다. QLoRA 논문도 선형층만 양자화합니다.
+#
+# 내부에서 일어나는 일은 층마다 `NF4Linear.from_linear(linear)`를 부르는 것과 같습니다. 직접 해서 결과가 같은지
+# 확인해 봅시다.
+#
+# **English**
+#
+# `load_model(path, quantize="nf4")` replaces every linear layer inside the blocks (q/k/v/o, gate/up/down) by an
+# `NF4Linear`. Each weight is quantized as soon as it is read and its full-precision copy dropped, so the whole model
+# is never in memory in 16/32 bits. Embeddings, norm weights and the output head stay as they are; the QLoRA paper
+# quantizes the linear layers only.
+#
+# What happens inside equals calling `NF4Linear.from_linear(linear)` on each layer. Let us do that by hand and check
+# that the results agree.
+
+# %%
+MODEL_DIR = _course.default_model()
+tokenizer = load_tokenizer(MODEL_DIR)
+model = load_model(MODEL_DIR)  # float32
+qmodel = load_model(MODEL_DIR, quantize="nf4")
+
+names = [n for n, m in qmodel.named_modules() if isinstance(m, NF4Linear)]
+print(f"{len(names)} NF4Linear layers, e.g. {names[:3]}")
+print(qmodel.get_submodule(names[0]))
+
+by_hand = load_model(MODEL_DIR)
+for name in linear_names(by_hand):
+    parent, _, child = name.rpartition(".")
+    setattr(by_hand.get_submodule(parent), child, NF4Linear.from_linear(by_hand.get_submodule(name)))
+assert [n for n, m in by_hand.named_modules() if isinstance(m, NF4Linear)] == names
+for name in names:
+    a, b = qmodel.get_submodule(name).weight, by_hand.get_submodule(name).weight
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+print("load_model(quantize='nf4') == NF4Linear.from_linear on every layer: identical 4-bit codes and scales")
+del by_hand
+
+# %% [markdown]
+# ## 8.2 메모리: 텐서에서 직접 재기 · Memory, measured from the tensors
+#
+# **한국어**
+#
+# 모델이 실제로 가진 텐서의 바이트 수를 더합니다: 파라미터, 버퍼, 그리고 `NF4Linear` 안의 4비트 코드(packed),
+# 블록별 스케일(absmax, 이중 양자화되어 8비트), 중첩 스케일과 코드표. 같은 저장소를 공유하는 텐서(묶인
+# 임베딩 등)는 한 번만 셉니다.
+#
+# **English**
+#
+# We add up the bytes of the tensors the model really holds: parameters, buffers, and inside each `NF4Linear` the
+# 4-bit codes (packed), the per-block scales (absmax, double-quantized to 8 bits), the nested scales and the code
+# tables. Tensors sharing storage (tied embeddings, for instance) are counted once.
+
+# %%
+def tensor_bytes(model) -> dict[str, int]:
+    """Bytes held by the block linears and by everything else, each distinct storage counted once."""
+    seen, out = set(), {"block linears": 0, "other (embeddings, norms)": 0}
+
+    def add(kind, t):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            out[kind] += t.numel() * t.element_size()
+
+    linears = set(linear_names(model)) | {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    for name, module in model.named_modules():
+        kind = "block linears" if name in linears else "other (embeddings, norms)"
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            add(kind, t)
+        if isinstance(module, NF4Linear):
+            q = module.weight
+            for t in (q.packed, q.absmax, q.nested_absmax, q.nested_quant_map, q.quant_map):
+                if t is not None:
+                    add(kind, t)
+    return out
+
+
+full, quant = tensor_bytes(model), tensor_bytes(qmodel)
+n_linear = sum(model.get_submodule(n).weight.numel() for n in names)
+print(f"{'':28s}{'float32':>12s}{'NF4':>12s}")
+for kind in full:
+    print(f"{kind:28s}{full[kind] / 2**20:10.3f} MiB{quant[kind] / 2**20:8.3f} MiB")
+print(f"{'total':28s}{sum(full.values()) / 2**20:10.3f} MiB{sum(quant.values()) / 2**20:8.3f} MiB")
+bits = 8 * quant["block linears"] / n_linear
+print(f"\nblock linears: {n_linear:,} weights, {bits:.3f} bits per weight in NF4 "
+      f"(float32: 32) -> {full['block linears'] / quant['block linears']:.1f}x smaller")
+print(f"whole model: {sum(full.values()) / sum(quant.values()):.1f}x smaller (embeddings stay in float32)")
+assert 4.0 < bits < 4.5
+
+# %% [markdown]
+# **한국어**
+#
+# 이 작은 모델에서는 임베딩(어휘 × 은닉 크기)이 전체에서 차지하는 비중이 커서 전체 절약이 선형층만큼 크지
+# 않습니다. 실제 모델에서는 선형층이 대부분을 차지합니다. 8.6절에서 계산합니다.
+#
+# **English**
+#
+# In this tiny model the embeddings (vocabulary × hidden size) are a large share, so the whole-model saving is
+# smaller than the linears'. In real models the linear layers are most of the weights; section 8.6 does the math.
+
+# %% [markdown]
+# ## 8.3 양자화 오차 · Quantization error
+#
+# **한국어**
+#
+# 4비트로 줄이면 정보가 사라집니다. 층별 상대 오차 ‖W − deq(W)‖ / ‖W‖, 같은 입력에 대한 로짓 차이, 그리고
+# 도메인 글 검증 세트에서의 손실 차이를 잽니다.
+#
+# **English**
+#
+# Four bits lose information. We measure the relative error ‖W − deq(W)‖ / ‖W‖ per layer, the logit difference on
+# the same input, and the loss difference on the domain text's validation set.
+
+# %%
+errors = {}
+for name in names:
+    w = model.get_submodule(name).weight
+    errors[name] = ((w - qmodel.get_submodule(name).dequantize()).norm() / w.norm()).item()
+worst = max(errors, key=errors.get)
+print(f"relative weight error: mean {sum(errors.values()) / len(errors):.4f}, worst {errors[worst]:.4f} ({worst})")
+
+DOMAIN = _course.default_data("domain.txt")
+BLOCK_SIZE = 128
+train_blocks, val_blocks = load_base_data(DOMAIN, tokenizer, BLOCK_SIZE, val_fraction=0.1, seed=0)
+PAD = pad_id(tokenizer)
+
+
+@torch.no_grad()
+def validation_loss(m, blocks) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), 8):
+        batch = pad_collate(blocks[i:i + 8], pad_id=PAD)
+        s, n = next_token_loss(m(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"],
+                               reduction="sum")
+        total, count = total + s.item(), count + int(n)
+    return total / count
+
+
+with torch.no_grad():
+    batch = pad_collate(val_blocks[:2], pad_id=PAD)
+    logit_diff = (model(batch["input_ids"]) - qmodel(batch["input_ids"])).abs()
+loss_fp, loss_nf4 = validation_loss(model, val_blocks), validation_loss(qmodel, val_blocks)
+print(f"logits: mean |float32 - NF4| {logit_diff.mean():.4f}, max {logit_diff.max():.4f}")
+print(f"validation loss: float32 {loss_fp:.4f}, NF4 {loss_nf4:.4f} (difference {loss_nf4 - loss_fp:+.4f})")
+assert abs(loss_nf4 - loss_fp) < 0.5  # 4 bits cost a little, not everything
+
+# %% [markdown]
+# ## 8.4 NF4 위에 LoRA · LoRA on top of NF4
+#
+# **한국어**
+#
+# `LoRALinear`는 감싸는 층이 `nn.Linear`인지 `NF4Linear`인지 신경 쓰지 않습니다. `base(x)`만 부를 수 있으면
+# 됩니다(상속이 아니라 조합). 그래서 QLoRA에는 특별한 코드가 없습니다: 4비트 모델에 `apply_lora`를 부르면
+# 끝입니다. A와 B는 32비트로 두고 학습합니다. 4비트 가중치에는 기울기가 생기지 않지만, 입력 쪽 기울기는
+# 역양자화된 가중치를 거쳐 앞 층의 어댑터까지 흘러갑니다.
+#
+# **English**
+#
+# `LoRALinear` does not care whether it wraps an `nn.Linear` or an `NF4Linear`; it only calls `base(x)`
+# (composition, not inheritance). So QLoRA needs no special code: call `apply_lora` on the 4-bit model. A and B stay
+# in 32 bits and train. The 4-bit weights get no gradient, but the gradient with respect to the input flows through
+# the dequantized weights back to the adapters of earlier layers.
+
+# %%
+R, ALPHA = 16, 32.0
+wrapped = apply_lora(qmodel, r=R, alpha=ALPHA, dropout=0.0, targets="all-linear")
+layer = qmodel.get_submodule(wrapped[0])
+print(layer)
+trainable, total = count_parameters(qmodel)
+print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+assert isinstance(layer, LoRALinear) and isinstance(layer.base, NF4Linear)
+
+qmodel.train()
+batch = pad_collate(train_blocks[:2], pad_id=PAD)
+loss, _ = next_token_loss(qmodel(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"])
+loss.backward()
+first = qmodel.get_submodule(wrapped[0])  # layer 0: its gradient arrives through all the 4-bit layers above it
+print(f"loss {loss.item():.4f}; |grad B| of {wrapped[0]}: {first.lora_B.weight.grad.norm():.3e}")
+assert first.lora_B.weight.grad.norm() > 0
+assert all(p.grad is None for n, p in qmodel.named_parameters() if "lora_" not in n)  # the base gets none
+del qmodel
+
+# %% [markdown]
+# ## 8.5 `method="qlora"`로 학습 · Training with `method="qlora"`
+#
+# **한국어**
+#
+# `train()`에서는 `method="qlora"` 한 줄이면 됩니다. 비교를 위해 같은 데이터, 같은 시드, 같은 설정으로 LoRA(32비트
+# 베이스)도 학습하고 두 손실 곡선을 한 그림에 그립니다. 두 곡선이 거의 겹친다면, 4비트 베이스로도 학습이 거의
+# 같게 진행된다는 뜻입니다.
+#
+# **English**
+#
+# In `train()` it is one setting: `method="qlora"`. For comparison we also train LoRA on the 32-bit base with the
+# same data, seed and settings, and draw both loss curves in one picture. Curves that nearly overlap mean that
+# training on the 4-bit base goes almost the same way.
+
+# %%
+curves, finals = {}, {}
+for method in ("lora", "qlora"):
+    out = run_dir(f"08_qlora_{method}")
+    shutil.rmtree(out, ignore_errors=True)
+    config = TrainConfig(
+        model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method=method, r=R, alpha=ALPHA, dropout=0.0,
+        targets="all-linear", block_size=BLOCK_SIZE, batch_size=8, lr=2e-3, warmup_steps=_course.steps(5, 1),
+        max_steps=_course.steps(60, 3), eval_every=_course.steps(10, 0), log_every=_course.steps(20, 1),
+        output=str(out), seed=0, device="cpu",
+    )
+    print(f"\n=== method={method} ===")
+    t = time.time()
+    finals[method] = train(config)
+    print(f"{method}: {time.time() - t:.1f} s")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curves[f"{method} train"] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    curves[f"{method} validation"] = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+for method in finals:
+    v = curves[f"{method} validation"]
+    print(f"{method:6s} validation loss {v[0][1]:.4f} -> {v[-1][1]:.4f}")
+if not FAST:  # a few steps on the fast mode's barely pre-trained model prove nothing about quality
+    assert curves["qlora validation"][-1][1] < curves["qlora validation"][0][1]
+figure = line_chart(curves, _course.figure_path("08_qlora_vs_lora.svg"),
+                    title="LoRA (float32 base) vs QLoRA (NF4 base)", xlabel="optimizer step",
+                    ylabel="loss (nats/token)")
+_course.show_figure(figure)
+
+# %% [markdown]
+# ## 8.6 실제 모델 크기의 메모리 · Memory at a real model size
+#
+# **한국어**
+#
+# 같은 계산을 Llama-3-8B의 모양(`config.json`의 숫자들)으로 해 봅니다. 가중치를 내려받지 않고, minilora의
+# `Transformer`를 meta 장치에 만들어 층의 모양만 씁니다. NF4의 가중치당 비트 수는 큰 행렬 하나를 실제로 양자화해서
+# 잽니다. LoRA 파라미터는 학습 중에 가중치(4바이트) + 기울기(4) + AdamW의 두 모멘트(8) = 16바이트씩 씁니다.
+# 활성값(activation) 메모리는 배치 크기와 길이에 따라 달라서 여기에는 넣지 않았습니다.
+#
+# **English**
+#
+# The same math with Llama-3-8B's shapes (the numbers in its `config.json`). Nothing is downloaded: minilora's
+# `Transformer` is built on the meta device and only the layer shapes are used. NF4's bits per weight are measured by
+# actually quantizing one large matrix. During training each LoRA parameter costs its weight (4 bytes) + gradient (4)
+# + AdamW's two moments (8) = 16 bytes. Activation memory depends on batch size and length and is left out.
+
+# %%
+sample = quantize_nf4(torch.randn(1024, 4096) * 0.02)
+bits_real = sample.bits_per_parameter
+print(f"measured on a 1024x4096 weight: {bits_real:.4f} bits per weight")
+
+NAME = "Llama-3-8B"
+meta = _course.meta_model(_course.REAL_MODELS[NAME])
+lin = linear_names(meta)
+n_lin = sum(meta.get_submodule(n).weight.numel() for n in lin)
+n_all = sum(p.numel() for p in meta.parameters())
+n_lora = sum(R * (meta.get_submodule(n).in_features + meta.get_submodule(n).out_features) for n in lin)
+GiB = 2**30
+bf16_base = 2 * n_all
+nf4_base = n_lin * bits_real / 8 + 2 * (n_all - n_lin)
+adapters = 16 * n_lora
+print(f"{NAME}: {n_all / 1e9:.2f} B parameters, {100 * n_lin / n_all:.1f}% of them in block linears; "
+      f"LoRA r={R} all-linear: {n_lora / 1e6:.1f} M parameters")
+print(f"  LoRA  (bf16 base): base {bf16_base / GiB:6.2f} GiB + adapters/grads/AdamW {adapters / GiB:.2f} GiB "
+      f"= {(bf16_base + adapters) / GiB:.2f} GiB")
+print(f"  QLoRA (NF4 base):  base {nf4_base / GiB:6.2f} GiB + adapters/grads/AdamW {adapters / GiB:.2f} GiB "
+      f"= {(nf4_base + adapters) / GiB:.2f} GiB")
+assert nf4_base < 0.5 * bf16_base
+
+# %% [markdown]
+# ## 8.7 Triton NF4 커널 읽기 · Reading the Triton NF4 kernel
+#
+# **한국어**
+#
+# GPU에서 `NF4Linear`는 `minilora.kernels`의 Triton 커널을 씁니다. 커널 파일은 모두 같은 순서로 되어 있습니다:
+# 알고리즘을 적은 docstring → 파이토치 참조 구현(`reference_*`) → `@triton.jit` 커널 → 실행기(launcher) →
+# autograd 함수 → 공개 함수. 먼저 참조 구현을 읽으면 커널이 무엇을 계산하는지 알 수 있습니다.
+#
+# 역양자화(dequantize)의 한 원소: 바이트 `i // 2`에서 니블(4비트) 하나를 꺼내고(짝수 i는 위쪽 4비트),
+# 16개짜리 NF4 코드표에서 값을 찾고, 블록 `i // 64`의 스케일(absmax)을 곱합니다. 이중 양자화에서는 그 스케일
+# 자체가 8비트 코드 × 256블록마다의 스케일 + 오프셋으로 저장되어 있습니다.
+#
+# **English**
+#
+# On a GPU, `NF4Linear` uses the Triton kernels in `minilora.kernels`. Every kernel file has the same order: a
+# docstring with the algorithm → a PyTorch reference (`reference_*`) → the `@triton.jit` kernel → the launcher → the
+# autograd function → the public function. Reading the reference first tells you what the kernel computes.
+#
+# One element of the dequantization: take a nibble (4 bits) from byte `i // 2` (the high nibble for even i), look
+# its value up in the 16-entry NF4 table, multiply by the scale (absmax) of block `i // 64`. With double
+# quantization that scale is itself stored as an 8-bit code × a scale per 256 blocks + an offset.
+
+# %%
+from minilora.kernels import nf4_dequant, nf4_matmul  # noqa: E402  (after TRITON_INTERPRET is decided)
+
+print(inspect.getsource(nf4_dequant.reference_dequantize))
+
+# %% [markdown]
+# **한국어**
+#
+# 이제 커널입니다. Triton 커널은 "프로그램" 하나가 `BLOCK`개의 연속된 원소를 맡습니다. `tl.program_id(0)`로
+# 자기 번호를 알고, `tl.arange`로 맡은 인덱스 벡터를 만들고, `mask`로 끝을 넘는 인덱스를 막습니다. 본문은
+# 참조 구현과 줄 단위로 대응합니다: 니블 꺼내기 → 코드표 조회 → 두 단계 absmax → 곱해서 저장.
+#
+# **English**
+#
+# Now the kernel. In Triton one "program" handles `BLOCK` consecutive elements: it learns its number from
+# `tl.program_id(0)`, builds its vector of indices with `tl.arange`, and a `mask` stops indices past the end. The
+# body follows the reference line by line: unpack the nibble → look up the code → two-level absmax → multiply and
+# store.
+
+# %%
+print(inspect.getsource(nf4_dequant._nf4_dequant_kernel.fn))
+print(inspect.getsource(nf4_dequant.triton_dequantize))
+
+# %% [markdown]
+# **한국어**
+#
+# 작은 행렬로 실행해서 참조 구현과 비교합니다. 두 구현은 같은 fp32 연산을 같은 순서로 하므로 결과가 비트
+# 단위로 같아야 합니다(최대 차이 0). 원소 수가 블록 크기의 배수가 아닌 행렬(마지막 블록이 덜 찬 경우)도
+# 시험합니다.
+#
+# **English**
+#
+# We run it on small matrices and compare with the reference. Both do the same fp32 operations in the same order,
+# so the results must be bit-identical (max difference 0). We include a matrix whose size is not a multiple of the
+# block size (a partial last block).
+
+# %%
+gen = torch.Generator().manual_seed(0)
+for shape in ((64, 128), (33, 80)):
+    w = (torch.randn(shape, generator=gen) * 0.02).to(KERNEL_DEVICE)
+    q = quantize_nf4(w)
+    t = time.time()
+    ours = nf4_dequant.nf4_dequantize(q)
+    elapsed = time.time() - t
+    ref = nf4_dequant.reference_dequantize(q)
+    diff = (ours - ref).abs().max().item()
+    print(f"dequantize {shape}: max |triton - reference| = {diff} ({elapsed * 1000:.0f} ms); "
+          f"max |W - deq(W)| = {(w - ref).abs().max().item():.2e}")
+    assert diff == 0.0 and torch.equal(ref, dequantize_nf4(q))
+
+# %% [markdown]
+# **한국어**
+#
+# 학습에 쓰이는 커널은 `y = x · deq(W)ᵀ`를 한 번에 계산합니다. 밀집(dense) W를 메모리에 쓰지 않고, 64개
+# 가중치씩의 조각(chunk)을 레지스터에서 풀어 바로 곱합니다. 한 바이트에는 짝수 열(위쪽 니블)과 홀수 열(아래쪽
+# 니블)이 들어 있으므로, 풀어서 다시 섞는 대신 x도 짝수/홀수 열로 나누어 `x_even · hiᵀ + x_odd · loᵀ`를
+# 계산합니다. 아래는 세 커널(GEMV, GEMM, 입력 기울기)이 함께 쓰는 조각 함수와 GEMM 커널입니다.
+#
+# **English**
+#
+# The kernels used in training compute `y = x · deq(W)ᵀ` in one go: the dense W is never written to memory; chunks
+# of 64 weights are dequantized in registers and multiplied at once. A byte holds an even column (high nibble) and
+# an odd one (low nibble), so instead of interleaving them back, x is split into even and odd columns too and the
+# kernel computes `x_even · hiᵀ + x_odd · loᵀ`. Below: the chunk function shared by the three kernels (GEMV, GEMM,
+# input gradient), and the GEMM kernel.
+
+# %%
+print(inspect.getsource(nf4_matmul._dequant_chunk.fn))
+print(inspect.getsource(nf4_matmul._nf4_gemm_kernel.fn))
+
+# %% [markdown]
+# **한국어**
+#
+# 참조 `F.linear(x, deq(W))`와 비교합니다. 행이 `GEMV_MAX_M`개 이하면 GEMV(생성 때의 한 토큰), 많으면 GEMM(학습)
+# 커널이 쓰입니다. 역전파(입력 기울기)도 비교합니다. 곱셈 결과를 더하는 순서만 다르므로 차이는 float32 반올림
+# 수준이어야 합니다.
+#
+# **English**
+#
+# We compare with the reference `F.linear(x, deq(W))`: up to `GEMV_MAX_M` rows use the GEMV kernel (one token while
+# generating), more rows the GEMM kernel (training). The backward pass (the input gradient) is compared too. Only the
+# order of the sums differs, so the differences must be at float32 rounding level.
+
+# %%
+w = (torch.randn(96, 128, generator=gen) * 0.02).to(KERNEL_DEVICE)
+bias = (torch.randn(96, generator=gen) * 0.01).to(KERNEL_DEVICE)
+q = quantize_nf4(w)
+print(f"GEMV_MAX_M = {nf4_matmul.GEMV_MAX_M}: up to that many rows of x take the GEMV kernel")
+for rows in (1, 24):
+    x = torch.randn(rows, 128, generator=gen).to(KERNEL_DEVICE).requires_grad_(True)
+    y = nf4_matmul.nf4_matmul(x, q, bias)
+    y_ref = nf4_matmul.reference_nf4_matmul(x, q, bias)
+    grad_y = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad_y)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, grad_y)
+    fwd, bwd = (y - y_ref).abs().max().item(), (gx - gx_ref).abs().max().item()
+    print(f"x {tuple(x.shape)} ({'GEMV' if rows <= nf4_matmul.GEMV_MAX_M else 'GEMM'}): "
+          f"max |y - y_ref| = {fwd:.2e}, max |grad_x - grad_x_ref| = {bwd:.2e}")
+    assert fwd < 1e-5 and bwd < 1e-5
+
+# %% [markdown]
+# **한국어**
+#
+# 마지막으로 전부 합쳐 봅니다: Triton 백엔드의 `NF4Linear`를 `LoRALinear`로 감싸고 순전파·역전파를 한 뒤, 파이토치
+# 백엔드와 비교합니다. LoRA의 B 기울기까지 같아야 합니다. 이것이 GPU에서 QLoRA 학습 한 층이 하는 일입니다.
+#
+# **English**
+#
+# Finally, everything together: an `NF4Linear` with the Triton backend wrapped in a `LoRALinear`, forward and
+# backward, compared with the PyTorch backend — down to LoRA's B gradient. This is what one layer of QLoRA training
+# does on a GPU.
+
+# %%
+x = torch.randn(2, 12, 128, generator=gen).to(KERNEL_DEVICE)
+grads, outputs = {}, {}
+for backend in ("torch", "triton"):
+    torch.manual_seed(1)  # the same A for both
+    layer = LoRALinear(NF4Linear(q, bias, backend=backend), r=8, alpha=16).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.01)  # a trained-looking B, so the LoRA path matters
+    xi = x.clone().requires_grad_(True)
+    out = layer(xi)  # (2, 12, 96)
+    out.square().sum().backward()
+    outputs[backend], grads[backend] = out.detach(), (xi.grad, layer.lora_B.weight.grad)
+diffs = [(outputs["triton"] - outputs["torch"]).abs().max().item()] + \
+    [(a - b).abs().max().item() for a, b in zip(grads["triton"], grads["torch"])]
+print("LoRALinear(NF4Linear): max differences triton vs torch — output {:.2e}, grad x {:.2e}, grad B {:.2e}"
+      .format(*diffs))
+assert max(diffs) < 1e-4
+
+# %% [markdown]
+# **한국어**
+#
+# 정리: QLoRA = NF4로 얼린 베이스 + 32비트 LoRA 어댑터. minilora에서는 `load_model(..., quantize="nf4")`와
+# `apply_lora`, 또는 `TrainConfig(method="qlora")` 한 줄입니다. 4비트 가중치는 곱하기 직전에 레지스터에서 풀리고,
+# 어댑터만 학습됩니다. 다음 장에서는 학습한 어댑터를 베이스에 합쳐 보통의 허깅페이스 모델로 내보냅니다(4비트
+# 베이스에 합칠 때는 먼저 역양자화합니다).
+#
+# **English**
+#
+# Summary: QLoRA = an NF4-frozen base + 32-bit LoRA adapters. In minilora that is `load_model(..., quantize="nf4")`
+# plus `apply_lora`, or the one setting `TrainConfig(method="qlora")`. The 4-bit weights are unpacked in registers
+# right before they are multiplied, and only the adapters learn. The next chapter merges a trained adapter into its
+# base and exports an ordinary Hugging Face model (a 4-bit base is dequantized first).
+
+# %%
+print(f"chapter 8 ran in {time.time() - T0:.1f} s")
