@@ -1,0 +1,569 @@
+"""LoRA training and generation speed and memory: minilora against transformers + peft, on the same model and batch.
+
+Both sides load one checkpoint folder (by default a Llama-shaped model with random weights, built here with
+transformers' save_pretrained: hidden 512, 8 layers, 8 heads over 4 key/value heads, vocab 32,000), wrap the same
+linear layers with LoRA (r = 16, alpha = 32, no dropout), get the same LoRA weights and the same batch of random
+tokens, and run in the same dtype (float32 on CPU; bf16 weights + bf16 autocast on GPU, LoRA weights float32):
+
+    train step   forward + backward + grad-norm clip + AdamW step, median of --steps after --warmup, optionally
+                 with gradient checkpointing on both sides (--grad-checkpointing both).
+                 minilora:  checkpoint.load_model + lora.apply_lora + train.train_step (the trainer's own step:
+                            model(..., return_hidden=True) -> loss.chunked_next_token_loss).
+                 reference: AutoModelForCausalLM (attn_implementation="sdpa") + peft.get_peft_model, loss from
+                            model(input_ids, labels=..., use_cache=False).loss, then the same clip/AdamW/scheduler.
+    peak memory  GPU: torch.cuda.max_memory_allocated over one step. CPU (no allocator statistics there): the
+                 weights + optimizer state alive before the step (their storages, counted once) plus the highest
+                 sum of tensor bytes allocated-minus-freed during one step, read from the CPU allocator's
+                 events in torch.profiler(profile_memory=True) - it sees every allocation, also an op's internal
+                 scratch buffers, not just the tensors an op returns. Not RSS: no Python objects, no allocator
+                 caching, no fragmentation.
+    forward      one no-grad forward of the training batch to logits (use_cache=False on the reference side).
+    generate     greedy decoding with a KV cache: minilora.generate.generate vs model.generate(do_sample=False),
+                 a --prompt-len prompt then --new-tokens tokens (no eos stop); decode ms/token is
+                 (time(new_tokens) - time(1 token)) / (new_tokens - 1), i.e. with the prefill taken out.
+
+The two sides' steps alternate (minilora, reference, reference, minilora, ...), so load from other processes on
+a shared machine slows both alike. Before timing, a correctness check runs the loss and its gradient once on
+both sides from identical weights (lora_B is set to small random values so the adapters matter) and prints the
+loss difference and the relative error of the LoRA gradients; the greedy tokens of both sides are compared too.
+
+Results: a Markdown table on stdout, and benchmarks/results/train_vs_peft_<cpu|cuda>_<date>.md + .json (or --out).
+Ratios are reported, never asserted. `--profile` adds the top operators of one training step of each side.
+
+    python benchmarks/bench_train_vs_peft.py                                   # GPU if present, else CPU
+    python benchmarks/bench_train_vs_peft.py --device cpu --batch 2 --seq 256 --grad-checkpointing both
+    python benchmarks/bench_train_vs_peft.py --model /path/to/Llama-3.2-1B --batch 4 --seq 1024   # a real model
+    python benchmarks/bench_train_vs_peft.py --tiny --out /tmp/x                # seconds: the smoke test's settings
+
+Not measured: QLoRA (4-bit bases: see bench_nf4_kernels.py), padded or packed batches (the mask path), multi-GPU.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The smoke test's settings: a 2-layer model and a handful of tokens, so the run is dominated by imports.
+TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256, batch=1, seq=16, steps=1,
+            warmup=1, prompt_len=8, new_tokens=4, repeats=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a Hugging Face model folder to use instead of the built-in random Llama")
+    shape = p.add_argument_group("built-in model shape (ignored with --model)")
+    shape.add_argument("--hidden", type=int, default=512)
+    shape.add_argument("--intermediate", type=int, default=1408)
+    shape.add_argument("--layers", type=int, default=8)
+    shape.add_argument("--heads", type=int, default=8)
+    shape.add_argument("--kv-heads", type=int, default=4)
+    shape.add_argument("--vocab", type=int, default=32000)
+    run = p.add_argument_group("workload")
+    run.add_argument("--batch", type=int, default=4, help="training batch B")
+    run.add_argument("--seq", type=int, default=256, help="training sequence length T")
+    run.add_argument("--r", type=int, default=16)
+    run.add_argument("--alpha", type=float, default=32.0)
+    run.add_argument("--steps", type=int, default=5, help="timed steps per side (the median is reported)")
+    run.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    run.add_argument("--grad-checkpointing", choices=("off", "on", "both"), default="off")
+    run.add_argument("--prompt-len", type=int, default=128)
+    run.add_argument("--new-tokens", type=int, default=32)
+    run.add_argument("--decode-batch", type=int, default=1)
+    run.add_argument("--repeats", type=int, default=3, help="repeats of each inference measurement (median)")
+    run.add_argument("--no-inference", action="store_true", help="skip the forward/generate measurements")
+    run.add_argument("--profile", action="store_true", help="also profile one training step of each side")
+    env = p.add_argument_group("environment and output")
+    env.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    env.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                     help="auto: float32 on CPU, bfloat16 on GPU")
+    env.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    env.add_argument("--seed", type=int, default=0)
+    env.add_argument("--tiny", action="store_true", help="the smallest settings (smoke test)")
+    env.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
+    env.add_argument("--no-save", action="store_true", help="only print")
+    env.add_argument("--note", default="", help="a line for the report (what else was running, ...)")
+    args = p.parse_args(argv)
+    if args.tiny:  # presets that explicit flags still override
+        p.set_defaults(**TINY)
+        args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    return args
+
+
+# --- the machine ------------------------------------------------------------------------------------------------
+
+
+def machine_info(args) -> dict:
+    import peft
+    import transformers
+
+    info = {"date": datetime.date.today().isoformat(), "device": args.device, "dtype": args.dtype,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# --- the two models ---------------------------------------------------------------------------------------------
+
+
+def build_llama(out_dir: Path, args) -> Path:
+    """A random Llama-shaped checkpoint written by transformers (float32, default init std 0.02)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, tie_word_embeddings=False,
+                         max_position_embeddings=max(2048, args.seq, args.prompt_len + args.new_tokens),
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(args.seed)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def load_both(path: Path, args, device: torch.device):
+    """(minilora model, peft model, wrapped module names): same weights, same LoRA targets, same LoRA values."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from minilora.adapter import adapter_state_dict, lora_modules
+    from minilora.checkpoint import load_model
+    from minilora.lora import apply_lora
+
+    dtype = getattr(torch, args.dtype)
+    mini = load_model(path, dtype=dtype, device=device)
+    names = apply_lora(mini, r=args.r, alpha=args.alpha, dropout=0.0, targets="all-linear")
+    # B = 0 at init would make step 0 the base model on both sides whatever the adapters do; small random B
+    # values make the loss/gradient check below exercise the LoRA path too.
+    torch.manual_seed(args.seed + 1)
+    for m in lora_modules(mini).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.01)
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})  # the same layers, by PEFT's suffix rule
+    ref = get_peft_model(hf, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                                        target_modules=suffixes, task_type="CAUSAL_LM"))
+    ref_names = {n.removeprefix("base_model.model.") for n, m in ref.named_modules() if hasattr(m, "lora_A")
+                 and hasattr(m, "base_layer")}
+    if ref_names != set(names):
+        raise SystemExit(f"LoRA targets differ: minilora {len(names)} layers, peft {len(ref_names)}")
+    result = set_peft_model_state_dict(ref, adapter_state_dict(mini))
+    if getattr(result, "unexpected_keys", None):
+        raise SystemExit(f"peft did not take LoRA tensors: {result.unexpected_keys[:3]}")
+    return mini, ref, names
+
+
+def lora_grads(model, peft_side: bool) -> dict:
+    """LoRA gradients by PEFT's saved-key name (the adapter name 'default' dropped)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            key = name.replace(".default.", ".") if peft_side else "base_model.model." + name
+            grads[key] = p.grad.detach().float()
+    return grads
+
+
+def check_agreement(mini, ref, batch, cfg, device, amp) -> dict:
+    """Loss and LoRA gradients of both sides on identical weights, before any step."""
+    from minilora.train import batch_loss_sum
+
+    mini.train(), ref.train()
+    loss_sum, n = batch_loss_sum(mini, batch, cfg, device)
+    (loss_sum / n).backward()
+    with amp():
+        ref_loss = ref(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    ref_loss.backward()
+    g_mini, g_ref = lora_grads(mini, False), lora_grads(ref, True)
+    assert set(g_mini) == set(g_ref), "LoRA parameter names differ between the two sides"
+    num = math.sqrt(sum(float((g_mini[k] - g_ref[k]).square().sum()) for k in g_ref))
+    den = math.sqrt(sum(float(g.square().sum()) for g in g_ref.values()))
+    mini.zero_grad(set_to_none=True), ref.zero_grad(set_to_none=True)
+    loss_m, loss_r = (loss_sum / n).item(), ref_loss.item()
+    return {"loss_minilora": loss_m, "loss_reference": loss_r, "loss_abs_diff": abs(loss_m - loss_r),
+            "lora_grad_rel_err": num / max(den, 1e-30), "lora_tensors": len(g_ref)}
+
+
+# --- timing and memory ------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, warmup: int, steps: int, device) -> dict:
+    """Per call of each function, called in turn (order reversed every round), warm-up calls dropped:
+    {name: {"wall": [s, ...], "cpu": [s, ...]}}.
+
+    "cpu" is this process's CPU time (all its threads). Single-threaded (--threads 1) it is the compute the call
+    needed, whatever other processes took from the machine meanwhile: on a loaded shared CPU a steadier measure
+    than wall time, though still not immune to what they do to the caches. On GPU, wall time is the measure.
+    """
+    times = {name: {"wall": [], "cpu": []} for name in fns}
+    order = list(fns)
+    for i in range(warmup + steps):
+        for name in order if i % 2 == 0 else order[::-1]:
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
+            synchronize(device)
+            if i >= warmup:
+                times[name]["wall"].append(time.perf_counter() - t0)
+                times[name]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def summarize(times: dict, tokens: int) -> dict:
+    """Median wall and CPU seconds of one side's calls, and tokens per second of wall time."""
+    wall, cpu = statistics.median(times["wall"]), statistics.median(times["cpu"])
+    return {"times_s": times["wall"], "median_s": wall, "cpu_times_s": times["cpu"], "cpu_median_s": cpu,
+            "tokens_per_s": tokens / wall}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tied weight counts once)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def resident_bytes(model, optimizer) -> int:
+    """Weights, buffers and optimizer state: what is alive between steps."""
+    state = [v for s in optimizer.state.values() for v in s.values()]
+    return tensor_bytes([*model.parameters(), *model.buffers(), *state])
+
+
+def cpu_step_peak(fn) -> int | None:
+    """Highest (allocated - freed) tensor bytes during fn(), from the CPU allocator's events in the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch without this (semi-private) accessor: say so rather than guess
+        return None
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory(fn, model, optimizer, device) -> dict:
+    """Peak bytes over one call of fn: total, and above what was alive before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_total": peak, "peak_above_resident": peak - before, "resident": before}
+    resident = resident_bytes(model, optimizer)
+    step = cpu_step_peak(fn)
+    return {"peak_total": None if step is None else resident + step, "peak_above_resident": step,
+            "resident": resident}
+
+
+def profile_table(fn, rows: int = 15) -> str:
+    """Top operators of one call of fn by self CPU time (self GPU time on GPU), split by input shapes so that,
+    e.g., the vocabulary-head matmul stands apart from the block matmuls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        fn()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=rows, max_name_column_width=36, max_shapes_column_width=56)
+
+
+# --- the workloads ----------------------------------------------------------------------------------------------
+
+
+def make_train_steps(mini, ref, batch, cfg, device, amp):
+    """Two zero-argument callables, one optimiser step each; the reference mirrors minilora.train.train_step."""
+    from minilora.train import lr_factor, make_optimizer, train_step
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, 10**9))
+
+    opt_m, opt_r = make_optimizer(mini, cfg), make_optimizer(ref, cfg)
+    sched_m, sched_r = scheduler(opt_m), scheduler(opt_r)
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+
+    def mini_step():
+        return train_step(mini, opt_m, sched_m, [batch], cfg, device)["loss"]
+
+    def ref_step():
+        ref.train()
+        with amp():
+            # use_cache=False: with the config's default (True) the model would also fill a KV cache it never uses.
+            loss = ref(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref_params, cfg.max_grad_norm)
+        opt_r.step()
+        sched_r.step()
+        opt_r.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return {"minilora": (mini_step, mini, opt_m), "reference": (ref_step, ref, opt_r)}
+
+
+def set_grad_checkpointing(mini, ref, on: bool) -> None:
+    mini.gradient_checkpointing = on
+    if hasattr(ref, "activation_checkpointing_enable"):  # transformers 5's name (the old one warns)
+        enable, disable, kw = ref.activation_checkpointing_enable, ref.activation_checkpointing_disable, "activation"
+    else:
+        enable, disable, kw = ref.gradient_checkpointing_enable, ref.gradient_checkpointing_disable, "gradient"
+    if on:
+        enable(**{f"{kw}_checkpointing_kwargs": {"use_reentrant": False}})  # non-reentrant, like minilora's
+    else:
+        disable()
+
+
+def bench_training(mini, ref, batch, cfg, args, device, amp) -> list[dict]:
+    steps = make_train_steps(mini, ref, batch, cfg, device, amp)
+    tokens = batch["input_ids"].numel()
+    results = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
+    for gc in modes:
+        set_grad_checkpointing(mini, ref, gc)
+        times = time_interleaved({k: v[0] for k, v in steps.items()}, args.warmup, args.steps, device)
+        mem = {k: peak_memory(fn, model, opt, device) for k, (fn, model, opt) in steps.items()}
+        row = {"workload": "train step" + (" + grad ckpt" if gc else ""), "tokens": tokens}
+        for side in steps:
+            row[side] = {**summarize(times[side], tokens), **mem[side]}
+        results.append(row)
+        if args.profile:
+            for side, (fn, _, _) in steps.items():
+                row[side]["profile"] = profile_table(fn)
+    set_grad_checkpointing(mini, ref, False)
+    return results
+
+
+def bench_inference(mini, ref, args, device, amp) -> list[dict]:
+    from transformers import GenerationConfig
+
+    from minilora.generate import generate
+
+    mini.eval(), ref.eval()
+    g = torch.Generator().manual_seed(args.seed + 2)
+    ids = torch.randint(3, mini.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    prompt = torch.randint(3, mini.config.vocab_size, (args.decode_batch, args.prompt_len), generator=g).to(device)
+
+    def hf_generate(n):
+        # eos_token_id=None: no early stop, both sides produce exactly n tokens
+        gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
+
+    fns = {
+        "forward": {"minilora": lambda: mini(ids), "reference": lambda: ref(input_ids=ids, use_cache=False).logits},
+        "generate 1": {"minilora": lambda: generate(mini, prompt, 1, eos_token_ids=[]),
+                       "reference": lambda: hf_generate(1)},
+        "generate": {"minilora": lambda: generate(mini, prompt, args.new_tokens, eos_token_ids=[]),
+                     "reference": lambda: hf_generate(args.new_tokens)},
+    }
+    stats = {}
+    with torch.no_grad(), amp():
+        for name, pair in fns.items():
+            stats[name] = time_interleaved(pair, 1, args.repeats, device)
+        out_m = generate(mini, prompt, args.new_tokens, eos_token_ids=[])[:, args.prompt_len:]
+        out_r = hf_generate(args.new_tokens)[:, args.prompt_len:]
+    same = int((out_m == out_r).sum()) if out_m.shape == out_r.shape else 0
+    n_new = args.decode_batch * args.new_tokens
+    sides = ("minilora", "reference")
+    rows = [{"workload": "forward (no grad)", "tokens": ids.numel(),
+             **{s: summarize(stats["forward"][s], ids.numel()) for s in sides}},
+            {"workload": f"generate {args.prompt_len}+{args.new_tokens}", "tokens": n_new,
+             "greedy_tokens_equal": f"{same}/{out_r.numel()}",
+             **{s: summarize(stats["generate"][s], n_new) for s in sides}}]
+    if args.new_tokens > 1:
+        row = {"workload": "decode, per token", "tokens": args.decode_batch}
+        for s in sides:
+            full, one = summarize(stats["generate"][s], 1), summarize(stats["generate 1"][s], 1)
+            wall = (full["median_s"] - one["median_s"]) / (args.new_tokens - 1)
+            cpu = (full["cpu_median_s"] - one["cpu_median_s"]) / (args.new_tokens - 1)
+            row[s] = {"median_s": wall, "cpu_median_s": cpu,
+                      "tokens_per_s": args.decode_batch / wall if wall > 0 else None}
+        rows.append(row)
+    return rows
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def mb(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f}"
+
+
+def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str) -> str:
+    head = f"# LoRA training vs transformers + peft — {info.get('gpu', info['cpu'])} — {info['date']}\n"
+    machine = ", ".join(f"{k}={v}" for k, v in info.items())
+    lines = [head, f"Machine: {machine}\n", f"Setup: {', '.join(f'{k}={v}' for k, v in setup.items())}\n"]
+    if note:
+        lines.append(f"Note: {note}\n")
+    lines.append(f"Agreement on identical weights before training: loss minilora {check['loss_minilora']:.6f} vs "
+                 f"reference {check['loss_reference']:.6f} (|diff| {check['loss_abs_diff']:.2e}); LoRA gradients "
+                 f"({check['lora_tensors']} tensors) relative error {check['lora_grad_rel_err']:.2e}.\n")
+    lines.append("`speed-up` = reference time / minilora time (> 1: minilora faster), from wall time and, on CPU, "
+                 "from process CPU time (steadier on a loaded machine when single-threaded); `memory` = minilora / "
+                 "reference peak. ms: median wall time (min-max) over the timed runs; tok/s from it.\n")
+    cpu = info["device"] == "cpu"
+    lines.append("| workload | tokens | minilora ms | reference ms | minilora tok/s | reference tok/s | speed-up "
+                 + ("| speed-up (CPU time) " if cpu else "") + "| minilora peak MB | reference peak MB | memory |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|")
+    for row in rows:
+        m, r = row["minilora"], row["reference"]
+        mem_m, mem_r = m.get("peak_total"), r.get("peak_total")
+        mem_ratio = f"{mem_m / mem_r:.2f}" if mem_m and mem_r else ""
+        speedup = ratio(r["median_s"], m["median_s"])
+        if cpu:
+            speedup += f" | {ratio(r['cpu_median_s'], m['cpu_median_s'])}"
+        lines.append(f"| {row['workload']} | {row['tokens']} | {fmt_ms(m)} | {fmt_ms(r)} | {fmt_rate(m)} "
+                     f"| {fmt_rate(r)} | {speedup} "
+                     f"| {mb(mem_m) if 'peak_total' in m else ''} | {mb(mem_r) if 'peak_total' in r else ''} "
+                     f"| {mem_ratio} |")
+    extra = [row for row in rows if "peak_above_resident" in row["minilora"]]
+    if extra:
+        lines.append("\nPeak memory split: resident (weights + optimizer state) + step (activations, gradients, "
+                     "temporaries):\n")
+        for row in extra:
+            parts = [f"{s} {mb(row[s]['resident'])} + {mb(row[s]['peak_above_resident'])} MB"
+                     for s in ("minilora", "reference")]
+            lines.append(f"- {row['workload']}: " + "; ".join(parts))
+    for row in rows:
+        if "greedy_tokens_equal" in row:
+            lines.append(f"\nGreedy tokens equal between the two sides: {row['greedy_tokens_equal']}.")
+        for side in ("minilora", "reference"):
+            if "profile" in row[side]:
+                lines.append(f"\nProfile, {row['workload']}, {side}:\n\n```\n{row[side]['profile']}\n```")
+    return "\n".join(lines) + "\n"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if a > 0 and b > 0 else "n/a"
+
+
+def fmt_rate(side: dict) -> str:
+    return "n/a" if side["tokens_per_s"] is None else f"{side['tokens_per_s']:,.1f}"
+
+
+def fmt_ms(side: dict) -> str:
+    text = f"{side['median_s'] * 1e3:,.1f}"
+    if len(side.get("times_s", [])) > 1:
+        text += f" ({min(side['times_s']) * 1e3:,.0f}-{max(side['times_s']) * 1e3:,.0f})"
+    return text
+
+
+def save(report: str, data: dict, out: Path, info: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"train_vs_peft_{info['device']}_{info['date']}"
+    stem.with_suffix(".md").write_text(report, encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return stem.with_suffix(".md")
+
+
+def describe_setup(args, mini, ref, names) -> dict:
+    """What was compared, for the report (the trainable counts of both sides must agree)."""
+    from minilora.lora import count_parameters
+
+    c = mini.config
+    trainable_ref = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    return {"model": args.model or f"random Llama C={c.hidden_size} L={c.num_hidden_layers} "
+            f"H={c.num_attention_heads}/{c.num_key_value_heads} I={c.intermediate_size} V={c.vocab_size}",
+            "lora": f"r={args.r} alpha={args.alpha:g} on {len(names)} linears "
+            f"({','.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})",
+            "trainable": f"{count_parameters(mini)[0]:,} vs {trainable_ref:,}",
+            "batch": f"B={args.batch} T={args.seq}", "steps": f"{args.warmup} warm-up + {args.steps} timed",
+            "decode": f"batch {args.decode_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"}
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+
+def quiet() -> None:
+    """No progress bars or deprecation chatter from transformers/peft in the report."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from minilora.train_config import TrainConfig
+
+    info = machine_info(args)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bfloat16" else nullcontext
+    # The trainer's own configuration: constant lr, clip at 1.0, autocast in args.dtype (see minilora/train.py).
+    cfg = TrainConfig(r=args.r, alpha=args.alpha, dropout=0.0, lr=1e-4, warmup_steps=0, schedule="constant",
+                      max_grad_norm=1.0, dtype=args.dtype, device=args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.model) if args.model else build_llama(Path(tmp), args)
+        mini, ref, names = load_both(path, args, device)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, mini.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+    setup = describe_setup(args, mini, ref, names)
+
+    check = check_agreement(mini, ref, batch, cfg, device, amp)
+    print(f"step-0 loss: minilora {check['loss_minilora']:.6f}, reference {check['loss_reference']:.6f}, "
+          f"|diff| {check['loss_abs_diff']:.2e}; LoRA grad rel err {check['lora_grad_rel_err']:.2e}", flush=True)
+    rows = bench_training(mini, ref, batch, cfg, args, device, amp)
+    if not args.no_inference:
+        rows += bench_inference(mini, ref, args, device, amp)
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    report = markdown(info, setup, check, rows, args.note)
+    print(report)
+    if not args.no_save:
+        data = {"machine": info, "setup": setup, "args": {k: str(v) for k, v in vars(args).items()},
+                "agreement": check, "rows": rows}
+        print(f"wrote {save(report, data, args.out, info)} (+ .json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
