@@ -164,7 +164,17 @@ class NF4Weight:
         packed = _require(state, key)
         if packed.dtype != torch.uint8:
             raise MiniloraError(f"'{key}' is {packed.dtype}; only bnb_4bit_quant_storage=uint8 is supported")
-        double_quant = f"{key}.nested_absmax" in state
+        # bnb records the nested (double) quantization in the JSON; the tensors must agree with it, or the uint8
+        # absmax codes would be read as scales (or fp32 scales as codes).
+        double_quant = "nested_offset" in info
+        if double_quant != (f"{key}.nested_absmax" in state):
+            raise MiniloraError(f"'{info_key}' says double quantization is {'on' if double_quant else 'off'} but "
+                                f"'{key}.nested_absmax' is {'missing' if double_quant else 'present'}; "
+                                f"the checkpoint is corrupt")
+        absmax_dtype = state.get(f"{key}.absmax", torch.empty(0)).dtype
+        if f"{key}.absmax" in state and absmax_dtype != (torch.uint8 if double_quant else torch.float32):
+            raise MiniloraError(f"'{key}.absmax' is {absmax_dtype}, expected "
+                                f"{'uint8 codes (double quantization)' if double_quant else 'float32 scales'}")
         if double_quant and info.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
             raise MiniloraError(f"'{info_key}': nested_blocksize {info['nested_blocksize']} is unsupported (only 256)")
         dtype = getattr(torch, info["dtype"], None)
@@ -256,6 +266,9 @@ def _quantize_8bit_dynamic(x: torch.Tensor, code: torch.Tensor, blocksize: int) 
     return codes.to(torch.uint8), absmax
 
 
+QUANTIZE_CHUNK = 1 << 20  # a multiple of every supported blocksize
+
+
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a float32/float16/bfloat16 tensor to NF4 (see the module docstring for the algorithm)."""
     if weight.dtype not in _SUPPORTED_DTYPES:
@@ -265,12 +278,20 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if weight.numel() == 0:
         raise MiniloraError("quantize_nf4: the weight is empty")
     weight = weight.detach()
-    flat = weight.reshape(-1).float()  # (n,) bf16/fp16 → fp32 is exact
+    flat = weight.reshape(-1)  # (n,)
     quant_map = NF4_CODE.to(weight.device)
-    codes, absmax = _quantize_4bit_codes(flat, blocksize, quant_map)  # (n,), (n_blocks,)
-    codes = torch.nn.functional.pad(codes, (0, codes.numel() % 2), value=7)  # pad nibble = the code of 0.0
-    codes = codes.to(torch.uint8).view(-1, 2)
-    packed = (codes[:, 0] << 4) | codes[:, 1]  # first element in the high nibble
+    # Quantize QUANTIZE_CHUNK values at a time: the fp32 copy, the scaled values and the int64 code indices cost
+    # ~30 bytes per value, 0.3 GB for one 11 M-weight MLP matrix at once. Chunks are whole blocks and an even
+    # number of values, so the result is the same bytes as one pass.
+    packed_parts, absmax_parts = [], []
+    for start in range(0, flat.numel(), QUANTIZE_CHUNK):
+        piece = flat[start:start + QUANTIZE_CHUNK].float()  # bf16/fp16 → fp32 is exact
+        codes, absmax = _quantize_4bit_codes(piece, blocksize, quant_map)  # (n,), (n_blocks,)
+        codes = torch.nn.functional.pad(codes, (0, codes.numel() % 2), value=7)  # pad nibble = the code of 0.0
+        codes = codes.to(torch.uint8).view(-1, 2)
+        packed_parts.append((codes[:, 0] << 4) | codes[:, 1])  # first element in the high nibble
+        absmax_parts.append(absmax)
+    packed, absmax = torch.cat(packed_parts), torch.cat(absmax_parts)
 
     nested_absmax = nested_quant_map = None
     offset = 0.0

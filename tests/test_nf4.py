@@ -228,3 +228,20 @@ def test_from_hf_state_errors():
     missing = {k: v for k, v in state.items() if k != "m.weight.nested_quant_map"}
     with pytest.raises(MiniloraError, match="nested_quant_map"):
         NF4Weight.from_hf_state(missing, "m")
+    # The JSON says double quantization but the nested tensors are gone: the uint8 codes must not be read as scales.
+    no_nested = {k: v for k, v in state.items() if ".nested_" not in k}
+    with pytest.raises(MiniloraError, match="double quantization is on but 'm.weight.nested_absmax' is missing"):
+        NF4Weight.from_hf_state(no_nested, "m")
+    plain = quantize_nf4(torch.randn(8, 64), double_quant=False).to_hf_state("m")
+    codes_as_scales = dict(plain, **{"m.weight.absmax": torch.zeros(8, dtype=torch.uint8)})
+    with pytest.raises(MiniloraError, match="expected float32 scales"):
+        NF4Weight.from_hf_state(codes_as_scales, "m")
+
+
+def test_large_weight_is_quantized_in_chunks_with_the_same_bytes(monkeypatch):
+    # quantize_nf4 works through QUANTIZE_CHUNK values at a time to bound its temporaries; with a small chunk a
+    # (257, 300) weight spans many chunks and ends in a partial block, and must still equal bnb byte for byte.
+    import minilora.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 4096)
+    assert_same_as_bnb(_random_weight((257, 300), torch.bfloat16), double_quant=True)
