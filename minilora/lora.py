@@ -174,26 +174,34 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by its base linear with ΔW merged in; returns the model, now free of LoRA.
 
-    An nn.Linear base is merged in place (no copy of the weights). A 4-bit base is first dequantized into an
-    nn.Linear of the dtype its dequantize() returns, then merged: the result is no longer 4-bit.
+    An nn.Linear base is merged in place (no copy of the weights). A 4-bit base becomes an nn.Linear of its compute
+    dtype holding dequantize(W) + ΔW, summed in float32 and rounded once: the result is no longer 4-bit.
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):
             continue
-        if not isinstance(module.base, nn.Linear):
-            module.base = _dequantized_linear(module.base)
-        module.merge()
+        if isinstance(module.base, nn.Linear):
+            module.merge()
+            merged = module.base
+        else:
+            merged = _merged_dense_linear(module)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module.base)
+        setattr(model.get_submodule(parent_name), child, merged)
     return model
 
 
-def _dequantized_linear(base: nn.Module) -> nn.Linear:
-    w0 = base.dequantize()  # (d_out, d_in)
-    bias = getattr(base, "bias", None)
-    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=w0.device, dtype=w0.dtype)
+def _merged_dense_linear(module: "LoRALinear") -> nn.Linear:
+    """A dense nn.Linear with weight dequantize(W0) + ΔW for a LoRALinear over a quantized base."""
+    base = module.base
+    dtype = getattr(base, "compute_dtype", None) or torch.float32
     with torch.no_grad():
-        linear.weight.copy_(w0)
+        w0 = base.dequantize(torch.float32)  # (d_out, d_in): the 4-bit values are exact in float32
+        delta = module.delta_weight().float().to(w0.device) if not module.merged else 0.0
+        weight = (w0 + delta).to(dtype)  # one rounding, not one for the dequantize and one for the sum
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
     return linear.requires_grad_(False)

@@ -44,8 +44,8 @@ class FakeNF4Linear(nn.Module):
         self.register_buffer("qweight", torch.round(weight / self.scale).to(torch.int8))
         self.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return (self.qweight.float() * self.scale).to(dtype or torch.float32)
 
     def forward(self, x):
         return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)

@@ -197,3 +197,21 @@ def test_moves_to_cuda_and_picks_triton():
     x = _x(3, 128, dtype=torch.bfloat16).cuda()
     ref = F.linear(x, layer.dequantize(), layer.bias)
     torch.testing.assert_close(layer(x), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_merge_lora_over_nf4_rounds_once_to_the_compute_dtype():
+    # merge_lora on a QLoRA layer: dequantize(W0) + ΔW summed in float32, then one rounding to bf16 — not a bf16
+    # dequantize followed by a second rounding of the sum.
+    from minilora.lora import apply_lora, merge_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(NF4Linear.from_linear(nn.Linear(64, 48), compute_dtype=torch.bfloat16, backend="torch"))
+    apply_lora(model, r=4, alpha=8, targets=["0"])
+    nn.init.normal_(model[0].lora_B.weight, std=0.01)
+    q, delta = model[0].base.weight, model[0].delta_weight().float()
+    merge_lora(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.bfloat16
+    expected = (dequantize_nf4(q, torch.float32) + delta).bfloat16()
+    assert torch.equal(model[0].weight, expected)
+    twice_rounded = (dequantize_nf4(q, torch.bfloat16).float() + delta).bfloat16()
+    assert not torch.equal(expected, twice_rounded)  # the test can tell the two apart
