@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_sft_data": "sft", "tokenize_conversation": "sft", "pack_samples": "sft",
     # QLoRA
     "quantize_nf4": "nf4", "dequantize_nf4": "nf4", "NF4Weight": "nf4", "NF4Linear": "nf4_linear",
+    "quantize_model": "checkpoint", "dequantize_model": "quantized_checkpoint", "model_memory": "quantized_checkpoint",
     # training
     "TrainConfig": "train_config", "train": "train",
     "MiniloraError": "errors",
