@@ -295,7 +295,8 @@ def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch
     """Greedy continuations of each prompt (deterministic, so before/after are comparable).
 
     In sft mode each prompt is a user turn rendered through the chat template, and the reply ends at the
-    template's end-of-turn token; in base mode the prompt is raw text to continue."""
+    template's end-of-turn token (a reply that never reaches it is marked: learning to stop is part of SFT);
+    in base mode the prompt is raw text to continue."""
     from .chat import chat_once
     from .generate import generate
 
@@ -304,7 +305,8 @@ def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch
     for prompt in prompts:
         if cfg.mode == "sft":
             reply = chat_once(model, tokenizer, [{"role": "user", "content": prompt}], cfg.sample_tokens)
-            texts.append(f"user: {prompt}\nassistant: {reply.text}")
+            cut = "" if reply.stopped else f" [… no end of turn within {cfg.sample_tokens} tokens]"
+            texts.append(f"user: {prompt}\nassistant: {reply.text}{cut}")
             continue
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.0,

@@ -1,5 +1,7 @@
 """The built-in default model: its recipe builds a Hugging Face checkpoint that transformers reads the same way."""
 
+import json
+
 import pytest
 import torch
 
@@ -37,3 +39,46 @@ def test_the_default_model_is_shipped_or_built(monkeypatch, tmp_path):
     path = ensure_default_model()
     assert path.parent == tmp_path and (path / "model.safetensors").is_file()
     assert ensure_default_model() == path  # cached: the second call builds nothing
+
+
+# --- the demonstrations `python -m minilora.train` runs with no --model/--data -------------------------------
+
+def run_demo(argv: list[str], capsys) -> tuple[dict, str]:
+    from minilora.train import parse_args, resolve_default, train
+
+    final = train(resolve_default(parse_args(argv)))
+    return final, capsys.readouterr().out
+
+
+def replies(out: str, title: str) -> list[str]:
+    """The assistant replies printed under '--- {title} ---'."""
+    block = out.split(f"--- {title} ---")[1].split("\n\n")[0]
+    return [line.split("assistant: ", 1)[1] for line in block.splitlines() if "assistant: " in line]
+
+
+def test_no_arguments_run_the_base_demonstration_on_the_shipped_corpus(tmp_path, capsys):
+    # A few steps of the real demonstration (the full run is the README's first command).
+    final, out = run_demo(["--max-steps", "4", "--eval-every", "2", "--output", str(tmp_path)], capsys)
+    assert "built-in demonstration" in out and "trainable params:" in out
+    assert "--- before fine-tuning ---" in out and "--- after fine-tuning ---" in out
+    assert "Haneul Tea Garden is" in out  # the demo's sample prompt
+    config = (tmp_path / "config.toml").read_text()
+    assert 'mode = "base"' in config and "domain.txt" in config and "r = 16" in config
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() and final["step"] == 4
+
+
+def test_sft_demonstration_teaches_the_json_answer_format(tmp_path, capsys):
+    """The whole SFT demonstration (~35 s on 2 cores): before, no reply is JSON; after, every reply opens the
+    {"answer": ...} object, and most close it with the language of the question, stopping at end of turn."""
+    final, out = run_demo(["--mode", "sft", "--output", str(tmp_path)], capsys)
+    config = (tmp_path / "config.toml").read_text()
+    assert 'mode = "sft"' in config and "instruct_json.jsonl" in config
+    before, after = replies(out, "before fine-tuning"), replies(out, "after fine-tuning")
+    assert len(before) == len(after) == 4
+    assert not any(r.startswith("{") for r in before)
+    assert all(r.startswith('{"answer": "') for r in after)
+    closed = [r for r in after if r.endswith('"language": "en"}') or r.endswith('"language": "ko"}')]
+    assert len(closed) >= 2
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    assert val[-1] < val[0] / 2  # 9.7 → 4.0 on the held-out questions

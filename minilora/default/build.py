@@ -16,6 +16,8 @@ MINILORA_DEFAULT_PRETRAIN_STEPS steps, which tests set low.
 
 The demonstration then fine-tunes that model with LoRA on `domain.txt` — facts about an invented tea garden —
 so the validation loss on the domain text falls visibly and the before/after samples show the new knowledge.
+`python -m minilora.train --mode sft` runs the instruction-tuning demonstration instead: the same model learns,
+through its chat template and with a response-only loss, to answer questions as JSON (`instruct_json.jsonl`).
 
 This is a toy base model: it learns spelling and common phrases, not reasoning. Point `--model` at a real
 checkpoint for real work.
@@ -166,22 +168,37 @@ def ensure_default_model() -> Path:
     return target
 
 
-# The demonstration's settings; a value the user set on the command line (anything differing from the
-# TrainConfig default) wins over these.
+# The demonstrations' settings; a value the user set on the command line (anything differing from the
+# TrainConfig default) wins over these. `--mode sft` picks the instruction-tuning demonstration.
+# Base fine-tuning: 54 blocks of 128 tokens, so 40 steps of 8 are ~6 epochs — past that the tiny model only
+# memorises the training blocks and the validation loss turns back up.
 DEMO = dict(
-    mode="base", method="lora", r=16, alpha=32.0, dropout=0.05, targets="all-linear", block_size=128,
-    batch_size=8, lr=2e-3, warmup_steps=10, max_steps=150, eval_every=25, save_every=50, log_every=5,
+    mode="base", method="lora", r=16, alpha=32.0, dropout=0.1, targets="all-linear", block_size=128,
+    batch_size=8, lr=2e-3, warmup_steps=10, max_steps=40, eval_every=5, save_every=20, log_every=5,
     output="runs/default", sample_prompts="Haneul Tea Garden is|하늘 차밭은", sample_tokens=32,
 )
+# Instruction tuning: questions about the tea garden whose answers always come as JSON
+# {"answer": ..., "language": "en" | "ko"} (instruct_json.jsonl). The model is far too small to learn the facts
+# from 108 examples, but it does learn the *format* — the point of the course's JSON example. The sample
+# prompts are two training questions and two it never saw, one of each language.
+SFT_DEMO = dict(
+    mode="sft", method="lora", r=32, alpha=64.0, dropout=0.0, targets="all-linear", block_size=256,
+    batch_size=8, lr=5e-3, warmup_steps=10, max_steps=200, eval_every=25, save_every=100, log_every=5,
+    output="runs/default-sft", sample_tokens=80,
+    sample_prompts="Where is Haneul Tea Garden?|하늘 차밭은 어디에 있나요?|What is the capital of France?|고양이는 무엇을 먹나요?",
+)
+DEMO_DATA = {"base": "domain.txt", "sft": "instruct_json.jsonl"}
 
 
 def default_run_config(cfg: TrainConfig) -> TrainConfig:
-    """The user's config with the demonstration's model, data and settings filled in."""
+    """The user's config with the demonstration's model, data and settings filled in (by `cfg.mode`)."""
+    demo = SFT_DEMO if cfg.mode == "sft" else DEMO
     defaults = TrainConfig()
-    changes = {name: value for name, value in DEMO.items() if getattr(cfg, name) == getattr(defaults, name)}
-    print("no --model/--data given: running the built-in demonstration "
-          "(LoRA base fine-tuning of a tiny bilingual model on an invented tea-garden corpus)")
-    return replace(cfg, model=str(ensure_default_model()), data=str(HERE / "domain.txt"), **changes)
+    changes = {name: value for name, value in demo.items() if getattr(cfg, name) == getattr(defaults, name)}
+    what = ("LoRA instruction tuning of a tiny bilingual model to answer in JSON" if cfg.mode == "sft" else
+            "LoRA base fine-tuning of a tiny bilingual model on an invented tea-garden corpus")
+    print(f"no --model/--data given: running the built-in demonstration ({what})")
+    return replace(cfg, model=str(ensure_default_model()), data=str(HERE / DEMO_DATA[cfg.mode]), **changes)
 
 
 
