@@ -124,7 +124,7 @@ def losses(run_dir) -> dict[int, float]:
 
 def data_counts(stdout: str) -> tuple[int, int]:
     """(training samples or rows, validation samples or rows) from the trainer's "data:" line."""
-    m = re.search(r"^data: (\d+) training / (\d+) validation samples", stdout, re.M)
+    m = re.search(r"^data: (\d+) training / (\d+) validation (?:samples|packed rows)", stdout, re.M)
     return int(m[1]), int(m[2])
 
 
