@@ -15,7 +15,8 @@ model is built on first use and cached in ~/.cache/minilora (or $MINILORA_HOME) 
 MINILORA_DEFAULT_PRETRAIN_STEPS steps, which tests set low.
 
 The demonstration then fine-tunes that model with LoRA on `domain.txt` — facts about an invented tea garden —
-so the validation loss on the domain text falls visibly and the before/after samples show the new knowledge.
+so the validation loss on held-out domain text falls visibly (7.9 → 6.0) and the samples pick up the domain's
+words — a model this small learns vocabulary and phrasing from 54 blocks of text, not facts.
 `python -m minilora.train --mode sft` runs the instruction-tuning demonstration instead: the same model learns,
 through its chat template and with a response-only loss, to answer questions as JSON (`instruct_json.jsonl`).
 
