@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one short run, for whoever has one (no session so far had):
+#   1. the tests marked `gpu` (Triton kernels compiled for real against their PyTorch references, the QLoRA
+#      step on the GPU) and the kernel tests on CUDA tensors;
+#   2. the NF4 kernel benchmark against bitsandbytes and cuBLAS (writes benchmarks/results/nf4_cuda_<date>.*);
+#   3. the LoRA training benchmark against transformers + peft on the GPU (train_vs_peft_cuda_<date>.*).
+# Steps whose oracle is not installed are reported and skipped; the exit status is that of the tests.
+# Results go to benchmarks/results/ (and to $OUT too when it is set): commit them with the machine they name.
+set -u
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET  # the interpreter runs kernels in NumPy: never for a GPU run
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA GPU here"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+python3 -P -m pytest -q -m gpu tests/ -x -p no:cacheprovider
+status=$?
+python3 -P -m pytest -q tests/test_kernels.py tests/test_nf4_linear.py tests/test_qlora.py -p no:cacheprovider || status=1
+
+has() { python3 -c "import $1" 2>/dev/null; }
+if has bitsandbytes; then
+    timeout 300 python3 benchmarks/bench_nf4_kernels.py --note "benchmarks/gpu_checks.sh"
+else
+    echo "skipped bench_nf4_kernels.py: bitsandbytes is not installed"
+fi
+if has transformers && has peft; then
+    timeout 300 python3 benchmarks/bench_train_vs_peft.py --device cuda --dtype bfloat16 --grad-checkpointing both
+else
+    echo "skipped bench_train_vs_peft.py: transformers/peft are not installed"
+fi
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT/results" && cp benchmarks/results/*cuda* "$OUT/results/" 2>/dev/null || true
+fi
+exit $status
