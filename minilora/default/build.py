@@ -181,12 +181,16 @@ DEMO = dict(
 # Instruction tuning: questions about the tea garden whose answers always come as JSON
 # {"answer": ..., "language": "en" | "ko"} (instruct_json.jsonl). The model is far too small to learn the facts
 # from 108 examples, but it does learn the *format* — the point of the course's JSON example. The sample
-# prompts are two training questions and two it never saw, one of each language.
+# prompts are four training questions and four it never saw, half of each language.
 SFT_DEMO = dict(
     mode="sft", method="lora", r=32, alpha=64.0, dropout=0.0, targets="all-linear", block_size=256,
     batch_size=8, lr=5e-3, warmup_steps=10, max_steps=200, eval_every=25, save_every=100, log_every=5,
     output="runs/default-sft", sample_tokens=80,
-    sample_prompts="Where is Haneul Tea Garden?|하늘 차밭은 어디에 있나요?|What is the capital of France?|고양이는 무엇을 먹나요?",
+    sample_prompts="|".join([
+        "Where is Haneul Tea Garden?", "하늘 차밭은 어디에 있나요?", "Who founded Haneul Tea Garden?",
+        "하늘 차밭은 몇 년에 세워졌나요?", "What is the capital of France?", "고양이는 무엇을 먹나요?",
+        "How do I make green tea?", "오늘 날씨는 어때요?",
+    ]),
 )
 DEMO_DATA = {"base": "domain.txt", "sft": "instruct_json.jsonl"}
 
