@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one short run, for whoever has one (no session so far had):
-#   1. the tests marked `gpu` (Triton kernels compiled for real against their PyTorch references, the QLoRA
-#      step on the GPU) and the kernel tests on CUDA tensors;
+#   1. the tests marked `gpu`: every kernel test on CUDA tensors (Triton kernels compiled for real against their
+#      PyTorch references), the NF4 linear and the QLoRA step on the GPU;
 #   2. the NF4 kernel benchmark against bitsandbytes and cuBLAS (writes benchmarks/results/nf4_cuda_<date>.*);
 #   3. the LoRA training benchmark against transformers + peft on the GPU (train_vs_peft_cuda_<date>.*).
 # Steps whose oracle is not installed are reported and skipped; the exit status is that of the tests.
@@ -12,9 +12,8 @@ unset TRITON_INTERPRET  # the interpreter runs kernels in NumPy: never for a GPU
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA GPU here"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-python3 -P -m pytest -q -m gpu tests/ -x -p no:cacheprovider
+python3 -P -m pytest -q -m gpu tests/ -p no:cacheprovider
 status=$?
-python3 -P -m pytest -q tests/test_kernels.py tests/test_nf4_linear.py tests/test_qlora.py -p no:cacheprovider || status=1
 
 has() { python3 -c "import $1" 2>/dev/null; }
 if has bitsandbytes; then
