@@ -9,8 +9,9 @@ nn.Linear — composition, no special case.
 
 Backends (argument `backend`):
     "triton": the fused kernels of minilora/kernels/nf4_matmul.py — the dense W is never materialised.
-    "torch":  F.linear(x, dequantize_nf4(W)) — the readable reference, for CPUs. Note that autograd keeps the
-              dequantized W alive until backward (2 bytes per weight in bf16).
+    "torch":  F.linear(x, dequantize_nf4(W)) — the readable reference, for CPUs. The dense W lives only while
+              the matmul runs: backward dequantizes it again for grad_x = grad_y · W (as bitsandbytes'
+              MatMul4Bit does), so autograd keeps no 2-bytes-per-weight copy of the base between the passes.
     "auto":   "triton" for CUDA tensors, "torch" otherwise.
 
 Like bitsandbytes' Linear4bit, x is cast to the compute dtype and the result back to x's dtype. `state_dict()`
@@ -31,6 +32,26 @@ from minilora.errors import MiniloraError
 from minilora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+class DequantizeMatMul(torch.autograd.Function):
+    """y = x · dequant(W)ᵀ + b in x's dtype, differentiable w.r.t. x; saves the 4-bit W, not the dense one.
+
+    Plain F.linear(x, dequantize_nf4(W), b) would make autograd save the dense W for backward: every base layer
+    of the model would hold a 16-bit copy from the forward to the backward pass, undoing QLoRA's memory saving.
+    Dequantizing a second time in backward costs one more pass over the 4-bit codes instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.q = q  # the frozen weight object itself, not a copy
+        return F.linear(x, dequantize_nf4(q, x.dtype), bias)  # (..., N); bias fused into the matmul, as in bnb
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_y @ dequantize_nf4(ctx.q, grad_y.dtype)  # (..., N) @ (N, K) → (..., K)
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # (N,)
+        return grad_x, None, grad_bias
 
 
 class NF4Linear(nn.Module):
@@ -84,7 +105,7 @@ class NF4Linear(nn.Module):
 
             y = nf4_matmul(x_c, self.weight, bias)
         else:
-            y = F.linear(x_c, self.dequantize(self.compute_dtype), bias)
+            y = DequantizeMatMul.apply(x_c, self.weight, bias)
         return y.to(x.dtype)  # (..., out_features)
 
     def extra_repr(self) -> str:

@@ -215,3 +215,24 @@ def test_merge_lora_over_nf4_rounds_once_to_the_compute_dtype():
     assert torch.equal(model[0].weight, expected)
     twice_rounded = (dequantize_nf4(q, torch.bfloat16).float() + delta).bfloat16()
     assert not torch.equal(expected, twice_rounded)  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_backward_keeps_only_the_4bit_weight_not_a_dense_copy(backend):
+    # QLoRA's memory saving holds during training only if autograd does not keep the dequantized W until backward
+    # (bnb's MatMul4Bit re-dequantizes in backward too). Record every tensor autograd saves for the base layer and
+    # its grad_x: nothing of the weight's size may be among them, and grad_x must still be grad_y · dequant(W).
+    layer = NF4Linear.from_linear(_linear(256, 192, True), backend=backend)
+    x = _x(2, 3, 256).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert (192, 256) not in saved and (256, 192) not in saved, saved
+    grad_y = _x(2, 3, 192, seed=7)
+    y.backward(grad_y)
+    torch.testing.assert_close(x.grad, grad_y @ dequantize_nf4(layer.weight, torch.float32), rtol=1e-5, atol=1e-6)
