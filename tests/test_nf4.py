@@ -238,10 +238,13 @@ def test_from_hf_state_errors():
         NF4Weight.from_hf_state(codes_as_scales, "m")
 
 
-def test_large_weight_is_quantized_in_chunks_with_the_same_bytes(monkeypatch):
-    # quantize_nf4 works through QUANTIZE_CHUNK values at a time to bound its temporaries; with a small chunk a
-    # (257, 300) weight spans many chunks and ends in a partial block, and must still equal bnb byte for byte.
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_large_weight_is_quantized_and_dequantized_in_chunks_with_the_same_bytes(monkeypatch, blocksize):
+    # quantize_nf4 and dequantize_nf4 work through a chunk of values at a time to bound their temporaries; with
+    # small chunks a (257, 300) weight spans many chunks and ends in a partial block (and with blocksize 4096 a
+    # chunk is a single block), and must still equal bnb byte for byte, and value for value once dequantized.
     import minilora.nf4 as nf4
 
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 4096)
-    assert_same_as_bnb(_random_weight((257, 300), torch.bfloat16), double_quant=True)
+    monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 4096)
+    assert_same_as_bnb(_random_weight((257, 300), torch.bfloat16), double_quant=True, blocksize=blocksize)
