@@ -1,4 +1,4 @@
-"""LoRA training and generation speed and memory: minilora against transformers + peft, on the same model and batch.
+"""LoRA/QLoRA training and generation speed and memory: minilora against transformers + peft, same model and batch.
 
 Both sides load one checkpoint folder (by default a Llama-shaped model with random weights, built here with
 transformers' save_pretrained: hidden 512, 8 layers, 8 heads over 4 key/value heads, vocab 32,000), wrap the same
@@ -35,7 +35,16 @@ Ratios are reported, never asserted. `--profile` adds the top operators of one t
     python benchmarks/bench_train_vs_peft.py --model /path/to/Llama-3.2-1B --batch 4 --seq 1024   # a real model
     python benchmarks/bench_train_vs_peft.py --tiny --out /tmp/x                # seconds: the smoke test's settings
 
-Not measured: QLoRA (4-bit bases: see bench_nf4_kernels.py), padded or packed batches (the mask path), multi-GPU.
+--method qlora: both sides quantize the block linears to NF4 with double quantization (blocksize 64, compute dtype
+= --dtype) while loading: minilora.checkpoint.load_model(quantize="nf4") against from_pretrained with a
+BitsAndBytesConfig (bitsandbytes' Linear4bit). The 4-bit bits are identical on both sides (tests/test_nf4.py), so
+the agreement check compares the same function. Resident memory counts the 4-bit weights and their scales (state
+dict tensors), which are not nn.Parameters on either side. On CPU both sides dequantize and call F.linear; on a GPU
+minilora runs its Triton kernels and bitsandbytes its CUDA ones.
+
+    python benchmarks/bench_train_vs_peft.py --method qlora --device cpu --threads 1 --no-inference
+
+Not measured: padded or packed batches (the mask path), multi-GPU.
 """
 
 import argparse
@@ -70,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--kv-heads", type=int, default=4)
     shape.add_argument("--vocab", type=int, default=32000)
     run = p.add_argument_group("workload")
+    run.add_argument("--method", choices=("lora", "qlora"), default="lora",
+                     help="qlora: NF4 base weights on both sides (minilora vs transformers + bitsandbytes)")
     run.add_argument("--batch", type=int, default=4, help="training batch B")
     run.add_argument("--seq", type=int, default=256, help="training sequence length T")
     run.add_argument("--r", type=int, default=16)
@@ -117,6 +128,10 @@ def machine_info(args) -> dict:
             "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
             "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+    if args.method == "qlora":
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -160,7 +175,7 @@ def load_both(path: Path, args, device: torch.device):
     from minilora.lora import apply_lora
 
     dtype = getattr(torch, args.dtype)
-    mini = load_model(path, dtype=dtype, device=device)
+    mini = load_model(path, dtype=dtype, device=device, quantize="nf4" if args.method == "qlora" else None)
     names = apply_lora(mini, r=args.r, alpha=args.alpha, dropout=0.0, targets="all-linear")
     # B = 0 at init would make step 0 the base model on both sides whatever the adapters do; small random B
     # values make the loss/gradient check below exercise the LoRA path too.
@@ -168,7 +183,15 @@ def load_both(path: Path, args, device: torch.device):
     for m in lora_modules(mini).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.01)
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    if args.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                  quantization_config=bnb, device_map=str(device))
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})  # the same layers, by PEFT's suffix rule
     ref = get_peft_model(hf, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
                                         target_modules=suffixes, task_type="CAUSAL_LM"))
@@ -260,9 +283,13 @@ def tensor_bytes(tensors) -> int:
 
 
 def resident_bytes(model, optimizer) -> int:
-    """Weights, buffers and optimizer state: what is alive between steps."""
+    """Weights, buffers and optimizer state: what is alive between steps.
+
+    The state dict adds what a 4-bit layer holds outside its parameters (minilora's NF4 codes and scales,
+    bitsandbytes' quant-state absmax tensors); storages already counted are not counted twice.
+    """
     state = [v for s in optimizer.state.values() for v in s.values()]
-    return tensor_bytes([*model.parameters(), *model.buffers(), *state])
+    return tensor_bytes([*model.parameters(), *model.buffers(), *model.state_dict().values(), *state])
 
 
 def cpu_step_peak(fn) -> int | None:
@@ -432,7 +459,9 @@ def mb(nbytes) -> str:
 
 
 def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str) -> str:
-    head = f"# LoRA training vs transformers + peft — {info.get('gpu', info['cpu'])} — {info['date']}\n"
+    title = ("QLoRA training vs transformers + bitsandbytes + peft" if "bitsandbytes" in info
+             else "LoRA training vs transformers + peft")
+    head = f"# {title} — {info.get('gpu', info['cpu'])} — {info['date']}\n"
     machine = ", ".join(f"{k}={v}" for k, v in info.items())
     lines = [head, f"Machine: {machine}\n", f"Setup: {', '.join(f'{k}={v}' for k, v in setup.items())}\n"]
     if note:
@@ -492,7 +521,8 @@ def fmt_ms(side: dict) -> str:
 
 def save(report: str, data: dict, out: Path, info: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"train_vs_peft_{info['device']}_{info['date']}"
+    method = "qlora_" if "bitsandbytes" in info else ""
+    stem = out / f"{method}train_vs_peft_{info['device']}_{info['date']}"
     stem.with_suffix(".md").write_text(report, encoding="utf-8")
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return stem.with_suffix(".md")
@@ -508,6 +538,7 @@ def describe_setup(args, mini, ref, names) -> dict:
             f"H={c.num_attention_heads}/{c.num_key_value_heads} I={c.intermediate_size} V={c.vocab_size}",
             "lora": f"r={args.r} alpha={args.alpha:g} on {len(names)} linears "
             f"({','.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})",
+            "base": "NF4, double quantization, blocksize 64" if args.method == "qlora" else args.dtype,
             "trainable": f"{count_parameters(mini)[0]:,} vs {trainable_ref:,}",
             "batch": f"B={args.batch} T={args.seq}", "steps": f"{args.warmup} warm-up + {args.steps} timed",
             "decode": f"batch {args.decode_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"}

@@ -3,7 +3,9 @@
 #   1. the tests marked `gpu`: every kernel test on CUDA tensors (Triton kernels compiled for real against their
 #      PyTorch references), the NF4 linear and the QLoRA step on the GPU;
 #   2. the NF4 kernel benchmark against bitsandbytes and cuBLAS (writes benchmarks/results/nf4_cuda_<date>.*);
-#   3. the LoRA training benchmark against transformers + peft on the GPU (train_vs_peft_cuda_<date>.*).
+#   3. the LoRA training benchmark against transformers + peft on the GPU (train_vs_peft_cuda_<date>.*);
+#   4. the QLoRA training benchmark against transformers + bitsandbytes + peft (qlora_train_vs_peft_cuda_<date>.*).
+# Each benchmark has its own timeout; run them one by one if a single call must stay under 10 minutes.
 # Steps whose oracle is not installed are reported and skipped; the exit status is that of the tests.
 # Results go to benchmarks/results/ (and to $OUT too when it is set): commit them with the machine they name.
 set -u
@@ -25,6 +27,12 @@ if has transformers && has peft; then
     timeout 300 python3 benchmarks/bench_train_vs_peft.py --device cuda --dtype bfloat16 --grad-checkpointing both
 else
     echo "skipped bench_train_vs_peft.py: transformers/peft are not installed"
+fi
+if has transformers && has peft && has bitsandbytes; then
+    timeout 200 python3 benchmarks/bench_train_vs_peft.py --method qlora --device cuda --dtype bfloat16 \
+        --grad-checkpointing both --no-inference
+else
+    echo "skipped bench_train_vs_peft.py --method qlora: transformers/peft/bitsandbytes are not installed"
 fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/results" && cp benchmarks/results/*cuda* "$OUT/results/" 2>/dev/null || true

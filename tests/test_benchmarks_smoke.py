@@ -1,9 +1,10 @@
-"""Smoke test of benchmarks/bench_train_vs_peft.py: it runs end to end with its smallest settings.
+"""Smoke test of benchmarks/bench_train_vs_peft.py: it runs end to end with its smallest settings, LoRA and QLoRA.
 
 No timing is asserted (timings on a shared 2-core machine mean nothing at this size). What is checked: the script
 exits 0, prints its Markdown table, writes the .md and .json results into the folder it is given, and its own
 agreement check finds minilora's and transformers + peft's step-0 loss and LoRA gradients equal on identical
-weights (float32: the loss to 1e-5, the gradients to a relative 1e-4; measured 0 and 2e-7 for this tiny model).
+weights (float32: the loss to 1e-5, the gradients to a relative 1e-4; measured 0 and 2e-7 for this tiny model;
+with --method qlora, against transformers + bitsandbytes + peft: 9.5e-7 and 3.4e-7).
 The script runs in a subprocess, as a user runs it: imports, argument parsing and file writing included.
 """
 
@@ -12,12 +13,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_vs_peft.py"
 
 
-def test_bench_train_vs_peft_tiny(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bench_train_vs_peft_tiny(tmp_path, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1", "--out", str(tmp_path),
-           "--note", "smoke test"]
+           "--note", "smoke test", "--method", method]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -25,12 +31,15 @@ def test_bench_train_vs_peft_tiny(tmp_path):
     for workload in ("| train step |", "| forward (no grad) |", "| generate 8+4 |", "| decode, per token |"):
         assert workload in proc.stdout, workload
 
-    md = list(tmp_path.glob("train_vs_peft_cpu_*.md"))
-    js = list(tmp_path.glob("train_vs_peft_cpu_*.json"))
+    stem = "qlora_train_vs_peft" if method == "qlora" else "train_vs_peft"
+    md = list(tmp_path.glob(f"{stem}_cpu_*.md"))
+    js = list(tmp_path.glob(f"{stem}_cpu_*.json"))
     assert len(md) == 1 and len(js) == 1, sorted(p.name for p in tmp_path.iterdir())
     assert "smoke test" in md[0].read_text(encoding="utf-8")
     data = json.loads(js[0].read_text(encoding="utf-8"))
     assert data["machine"]["device"] == "cpu" and data["machine"]["torch_threads"] == 1
+    assert ("bitsandbytes" in data["machine"]) == (method == "qlora")
+    assert data["setup"]["base"] == ("NF4, double quantization, blocksize 64" if method == "qlora" else "float32")
     assert [row["workload"] for row in data["rows"]][0] == "train step"
     train = data["rows"][0]
     for side in ("minilora", "reference"):
