@@ -242,6 +242,9 @@ assert abs(loss_nf4 - loss_fp) < 0.5  # 4 bits cost a little, not everything
 # 됩니다(상속이 아니라 조합). 그래서 QLoRA에는 특별한 코드가 없습니다: 4비트 모델에 `apply_lora`를 부르면
 # 끝입니다. A와 B는 32비트로 두고 학습합니다. 4비트 가중치에는 기울기가 생기지 않지만, 입력 쪽 기울기는
 # 역양자화된 가중치를 거쳐 앞 층의 어댑터까지 흘러갑니다.
+# 이때 역전파는 순전파에서 만든 16/32비트 가중치를 저장해 두지 않고 4비트에서 한 번 더 풀어 씁니다
+# (bitsandbytes와 같은 방식). 저장해 두면 모든 층의 조밀한 사본이 역전파까지 메모리에 남아 QLoRA의 절약이
+# 사라지기 때문입니다. 대가는 역양자화 한 번 더입니다.
 #
 # **English**
 #
@@ -249,6 +252,9 @@ assert abs(loss_nf4 - loss_fp) < 0.5  # 4 bits cost a little, not everything
 # (composition, not inheritance). So QLoRA needs no special code: call `apply_lora` on the 4-bit model. A and B stay
 # in 32 bits and train. The 4-bit weights get no gradient, but the gradient with respect to the input flows through
 # the dequantized weights back to the adapters of earlier layers.
+# The backward pass does not keep the 16/32-bit weight the forward pass made: it dequantizes the 4 bits again
+# (as bitsandbytes does). Keeping it would hold a dense copy of every layer until backward and undo QLoRA's
+# saving; the price is one more dequantization.
 
 # %%
 R, ALPHA = 16, 32.0
