@@ -1,17 +1,27 @@
-"""Rotary position embeddings (RoPE), with Llama 3.1's and linear frequency scaling.
+"""Rotary position embeddings (RoPE), with the context-extension variants of Llama 3.1, YaRN and LongRoPE.
 
 RoFormer (Su et al. 2021, section 3.2): split each query/key head into pairs of dims and rotate pair i by the angle
 `position * inv_freq[i]`, with inv_freq[i] = theta ** (-2i / d). The dot product of a rotated query and key then
 depends only on their distance. Like Hugging Face (and unlike the paper's interleaved pairs), dim j is paired with
 dim j + d/2 ("rotate_half"), which is how the released checkpoints' q/k weights are laid out.
 
-Context-extension variants change only inv_freq:
+Pair i turns once every wavelength_i = 2π / inv_freq[i] tokens. A model pre-trained on `original_max` tokens has
+seen the fast pairs turn many times but the slow ones (wavelength > original_max) only part of a turn, so beyond
+original_max the slow pairs reach angles never seen in training. Context-extension variants change inv_freq:
 - linear (Chen et al. 2023, "position interpolation"): every frequency / factor.
 - llama3 (Llama 3.1): wavelengths longer than original_max / low_freq_factor are divided by `factor`, shorter than
   original_max / high_freq_factor are kept, and the band in between is interpolated smoothly.
+- yarn (Peng et al. 2023, "YaRN"): "NTK-by-parts" interpolation, the same idea measured in turns: pairs that
+  turn more than beta_fast times within original_max are kept, pairs that turn fewer than beta_slow times are
+  divided by `factor`, with a linear ramp over the pair index in between. YaRN also sharpens attention with a
+  temperature t: cos and sin are multiplied by sqrt(1/t) = 0.1 ln(factor) + 1, so every q·k score by 1/t.
+- longrope (Ding et al. 2024, "LongRoPE", as used by Phi-3 / Phi-3.5 / Phi-4-mini): each pair has its own searched
+  rescale factor, inv_freq[i] / rescale[i], from one of two lists: `short_factor` while the sequence fits in
+  original_max, `long_factor` beyond it (the choice is made in model.py, per forward call). cos and sin are
+  multiplied by sqrt(1 + ln(factor) / ln(original_max)).
 Partial rotary (Phi-3 `partial_rotary_factor`): only the first `rotary_dim` dims of a head rotate.
 
-Not handled: dynamic NTK, YaRN and LongRoPE (config.py refuses them).
+Not handled: dynamic NTK (config.py refuses it).
 """
 
 import math
@@ -29,9 +39,11 @@ def inverse_frequencies(
     original_max_position_embeddings: int = 8192,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The rotation speed of each dim pair, float32 (rotary_dim // 2,), computed as transformers does."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
-    inv_freq = 1.0 / (theta**exponents)  # (rotary_dim // 2,)
+    """The rotation speed of each dim pair, float32 (rotary_dim // 2,), computed as transformers does.
+
+    For "default", "linear" and "llama3"; YaRN and LongRoPE have their own functions below.
+    """
+    inv_freq = 1.0 / (theta ** _exponents(rotary_dim, device))  # (rotary_dim // 2,)
     if rope_type == "linear":
         return inv_freq / factor
     if rope_type == "llama3":
@@ -39,6 +51,11 @@ def inverse_frequencies(
     if rope_type != "default":
         raise ValueError(f"unknown rope_type {rope_type!r}")
     return inv_freq
+
+
+def _exponents(rotary_dim: int, device=None) -> torch.Tensor:
+    """2i / rotary_dim for each pair i, float32 (rotary_dim // 2,): inv_freq[i] = theta ** -exponents[i]."""
+    return torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float() / rotary_dim
 
 
 def _llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor, original_max):
@@ -53,15 +70,92 @@ def _llama3_scaling(inv_freq, factor, low_freq_factor, high_freq_factor, origina
     return torch.where(is_medium, blended, scaled)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of every (position, pair) angle, each (B, T, rotary_dim), in `dtype`.
+def yarn_inverse_frequencies(
+    rotary_dim: int,
+    theta: float,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """YaRN's "NTK-by-parts" frequencies (Peng et al. 2023), float32 (rotary_dim // 2,).
+
+    Pair i keeps its frequency if it turns more than beta_fast times within original_max tokens, is divided by
+    `factor` if it turns fewer than beta_slow times, and in between is blended with a weight that is linear in i.
+    truncate: round the ramp's ends outwards to whole pairs (YaRN's reference code does; some configs turn it off).
+    """
+    d = rotary_dim
+    wavelength_over_2pi = theta ** _exponents(d, device)  # (d // 2,) = 1 / inv_freq
+    extrapolated = 1.0 / wavelength_over_2pi  # the pre-trained frequencies, kept for fast pairs
+    interpolated = 1.0 / (factor * wavelength_over_2pi)  # position interpolation, for slow pairs
+    low = _pair_turning(beta_fast, d, theta, original_max_position_embeddings)  # a smaller i turns faster
+    high = _pair_turning(beta_slow, d, theta, original_max_position_embeddings)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # a one-pair ramp would divide by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0 up to low, 1 from high
+    keep = (1 - ramp).to(device)  # 1: keep the pair's frequency, 0: interpolate it
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+def _pair_turning(turns: float, rotary_dim: int, theta: float, original_max: int) -> float:
+    """The (fractional) pair index i whose pair turns `turns` times within original_max tokens.
+
+    Pair i's wavelength is 2π theta^(2i / d); setting original_max / wavelength = turns and solving for i gives
+    i = d ln(original_max / (2π turns)) / (2 ln theta).
+    """
+    return rotary_dim * math.log(original_max / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def yarn_attention_factor(factor: float, mscale: float | None = None, mscale_all_dim: float | None = None) -> float:
+    """YaRN's cos/sin multiplier sqrt(1/t) = 0.1 ln(factor) + 1, t being its attention temperature (Peng et al. 2023).
+
+    DeepSeek-style configs give two weights instead: m(mscale) / m(mscale_all_dim), with m(k) = 0.1 k ln(factor) + 1
+    (equal weights cancel to 1). No sharpening when the context is not extended (factor <= 1).
+    """
+
+    def m(k: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * k * math.log(factor) + 1.0
+
+    if mscale and mscale_all_dim:
+        return m(mscale) / m(mscale_all_dim)
+    return m()
+
+
+def longrope_inverse_frequencies(rotary_dim: int, theta: float, rescale: list[float] | tuple[float, ...],
+                                 device: torch.device | str | None = None) -> torch.Tensor:
+    """LongRoPE frequencies, float32 (rotary_dim // 2,): pair i turns rescale[i] times slower than in RoFormer.
+
+    rescale is one of the config's two searched lists (short_factor or long_factor), one number per pair.
+    """
+    rescale = torch.tensor(rescale, dtype=torch.float32, device=device)  # (rotary_dim // 2,)
+    return 1.0 / (rescale * theta ** _exponents(rotary_dim, device))
+
+
+def longrope_attention_factor(factor: float, original_max_position_embeddings: int) -> float:
+    """LongRoPE's cos/sin multiplier sqrt(1 + ln(factor) / ln(original_max)); 1 when the context is not extended.
+
+    factor = max_position_embeddings / original_max for Phi-3 (e.g. 131072 / 4096 = 32 gives 1.19).
+    """
+    if factor <= 1:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos and sin of every (position, pair) angle, times `scale`, each (B, T, rotary_dim), in `dtype`.
 
     The angles are computed in float32 (bf16 positions would be too coarse past a few hundred tokens) and only the
-    result is rounded, as transformers does.
+    result is rounded, as transformers does. scale is YaRN's / LongRoPE's attention factor (1 otherwise): scaling
+    both q and k by it scales every attention score by scale².
     """
     angles = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, rotary_dim // 2)
     angles = torch.cat((angles, angles), dim=-1)  # (B, T, rotary_dim): pair j with j + rotary_dim / 2
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
