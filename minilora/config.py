@@ -13,8 +13,13 @@ Two dialects of config.json exist on the hub and both are read:
 Keys a file leaves out take the defaults of the family's transformers config class (e.g. Gemma ties its
 embeddings unless told otherwise).
 
+RoPE scaling (rope.py has the formulas): default, linear, llama3, yarn and longrope. Old Phi-3 configs spell
+longrope "su" (and Phi-3's "yarn" means longrope too, as transformers' Phi3Config reads it). Where the pre-training
+length `original_max_position_embeddings` sits differs: inside the rope dict (Llama 3.1, Qwen YaRN) or at the top
+level (Phi-3); like transformers, a top-level value wins, and Phi-3 defaults it to 4096.
+
 Deliberately not handled (a clear MiniloraError says so): other families, multimodal wrappers (`gemma3`),
-RoPE types other than default/linear/llama3 (yarn, dynamic, longrope), bidirectional attention.
+dynamic NTK RoPE scaling, bidirectional attention.
 """
 
 import copy
@@ -23,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MiniloraError
+from .rope import longrope_attention_factor, yarn_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # activation name in config.json -> the function model.py applies
@@ -38,11 +44,17 @@ class RopeConfig:
     """Rotary embedding parameters of one layer type (see rope.py for the formulas)."""
 
     theta: float = 10_000.0  # base of the geometric frequency ladder (RoFormer, Su et al. 2021, eq. 15)
-    rope_type: str = "default"  # "default", "linear" (positions / factor) or "llama3" (per-band rescaling)
-    factor: float = 1.0  # linear / llama3: how much longer the context became
+    rope_type: str = "default"  # "default", "linear", "llama3", "yarn" or "longrope" (see rope.py)
+    factor: float = 1.0  # linear / llama3 / yarn / longrope: how much longer the context became
     low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low_freq_factor are divided by factor
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high_freq_factor are kept
-    original_max_position_embeddings: int = 8192  # llama3: the pre-training context length
+    original_max_position_embeddings: int = 8192  # llama3 / yarn / longrope: the pre-training context length
+    beta_fast: float = 32.0  # yarn: pairs turning more often than this within original_max keep their frequency
+    beta_slow: float = 1.0  # yarn: pairs turning less often than this are divided by factor
+    truncate: bool = True  # yarn: round the ramp's ends outwards to whole pairs
+    short_factor: tuple[float, ...] = ()  # longrope: per-pair rescale while a sequence fits in original_max
+    long_factor: tuple[float, ...] = ()  # longrope: per-pair rescale for longer sequences
+    attention_factor: float = 1.0  # yarn / longrope: cos and sin are multiplied by this (scores by its square)
     partial_rotary_factor: float = 1.0  # share of each head's dims that rotate (Phi-3 may use < 1)
 
     def __post_init__(self):
@@ -50,6 +62,13 @@ class RopeConfig:
             raise unsupported("rope type", self.rope_type, SUPPORTED_ROPE_TYPES)
         if self.theta <= 0 or self.factor <= 0 or not 0 < self.partial_rotary_factor <= 1:
             raise MiniloraError(f"config.json: bad rope parameters {self}")
+        for name in ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"):
+            if getattr(self, name) <= 0:
+                raise MiniloraError(f"config.json: rope {name} must be positive, got {getattr(self, name)}")
+        if self.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if not getattr(self, name) or min(getattr(self, name)) <= 0:
+                    raise MiniloraError(f"config.json: longrope {name} must be a list of positive numbers")
 
 
 @dataclass
@@ -120,6 +139,17 @@ class ModelConfig:
             raise MiniloraError(f"config.json: activation {self.hidden_act!r} is not supported")
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise unsupported("dtype", self.dtype, SUPPORTED_DTYPES)
+        pairs = self.rotary_dim // 2
+        for r in self.rope.values():
+            if r.rope_type != "longrope":
+                continue
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(r, name)) != pairs:
+                    raise MiniloraError(
+                        f"config.json: longrope {name} has {len(getattr(r, name))} numbers, expected one per "
+                        f"rotating dim pair: {pairs} (head_dim {self.head_dim} x partial_rotary_factor "
+                        f"{r.partial_rotary_factor} / 2)"
+                    )
 
     @property
     def rotary_dim(self) -> int:
@@ -274,22 +304,66 @@ def _rope(d: dict, model_type: str) -> dict[str, RopeConfig]:
         return {"full_attention": _rope_one(full, d), "sliding_attention": _rope_one(local, d)}
     if nested:
         return {lt: _rope_one(params.get(lt) or {}, d) for lt in LAYER_TYPES}
-    one = _rope_one(dict(params or d.get("rope_scaling") or {}), d)
+    # One rope dict for all layers: a top-level original_max_position_embeddings overrides the dict's, as
+    # transformers' standardize_rope_params does (Phi3Config always has one: 4096 unless the file says otherwise).
+    top_original_max = d.get("original_max_position_embeddings", 4096 if model_type == "phi3" else None)
+    one = _rope_one(dict(params or d.get("rope_scaling") or {}), d, top_original_max)
     return {lt: one for lt in LAYER_TYPES}
 
 
-def _rope_one(p: dict, d: dict) -> RopeConfig:
+def _rope_one(p: dict, d: dict, top_original_max: int | None = None) -> RopeConfig:
     """One rope dict (rope_parameters or rope_scaling) + top-level fallbacks -> RopeConfig."""
     rope_type = p.get("rope_type") or p.get("type") or "default"
-    if rope_type in ("su", "yarn", "longrope", "dynamic"):
+    if rope_type == "su" or (rope_type == "yarn" and d.get("model_type") == "phi3"):
+        rope_type = "longrope"  # Phi-3's older names for it (transformers' Phi3Config renames both)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
         raise unsupported("rope type", rope_type, SUPPORTED_ROPE_TYPES)
-    original_max = p.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
+    if rope_type == "yarn" and p.get("factor") is None:
+        raise MiniloraError("config.json: rope type 'yarn' needs a 'factor' (how much longer the context became)")
+    original_max = int(
+        top_original_max or p.get("original_max_position_embeddings") or d.get("max_position_embeddings") or 8192
+    )
+    factor, attention_factor = 1.0, 1.0  # attention_factor: what cos and sin are multiplied by (rope.py)
+    if rope_type in ("linear", "llama3"):
+        factor = _number(p, "factor", 1.0)
+    elif rope_type == "yarn":
+        factor = _number(p, "factor")
+        attention_factor = yarn_attention_factor(factor, _number(p, "mscale"), _number(p, "mscale_all_dim"))
+    elif rope_type == "longrope":
+        # Phi-3 gives no factor: the extension is the ratio of the two lengths (131072 / 4096 = 32 for -128k).
+        factor = _number(p, "factor", (d.get("max_position_embeddings") or original_max) / original_max)
+        attention_factor = longrope_attention_factor(factor, original_max)
     return RopeConfig(
         theta=float(p.get("rope_theta") or d.get("rope_theta") or 10_000.0),
         rope_type=rope_type,
-        factor=float(p.get("factor", 1.0)) if rope_type != "default" else 1.0,
-        low_freq_factor=float(p.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(p.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original_max or d.get("max_position_embeddings") or 8192),
+        factor=factor,
+        low_freq_factor=_number(p, "low_freq_factor", 1.0),
+        high_freq_factor=_number(p, "high_freq_factor", 4.0),
+        original_max_position_embeddings=original_max,
+        beta_fast=_number(p, "beta_fast") or 32.0,  # 0 / null mean the default, as in transformers
+        beta_slow=_number(p, "beta_slow") or 1.0,
+        truncate=bool(p.get("truncate", True)),
+        short_factor=_factor_list(p, "short_factor") if rope_type == "longrope" else (),
+        long_factor=_factor_list(p, "long_factor") if rope_type == "longrope" else (),
+        attention_factor=_number(p, "attention_factor", attention_factor),  # a given value wins
         partial_rotary_factor=float(p.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0),
     )
+
+
+def _number(p: dict, key: str, default: float | None = None) -> float | None:
+    """p[key] as a float (default if absent or null); MiniloraError naming the key for anything else."""
+    value = p.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MiniloraError(f"config.json: rope {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _factor_list(p: dict, key: str) -> tuple[float, ...]:
+    """A longrope factor list (one number per rotating dim pair) as a tuple; MiniloraError naming the key."""
+    value = p.get(key)
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise MiniloraError(f"config.json: longrope {key} must be a list of numbers, got {shown}")
+    return tuple(float(x) for x in value)

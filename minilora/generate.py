@@ -5,6 +5,16 @@ token per step, so each step costs O(current length) instead of re-running the w
 left-padded: the attention mask hides the padding and positions count real tokens only, so a padded row
 generates exactly what it would alone.
 
+LongRoPE models (Phi-3-128k, Phi-3.5) rotate with one factor list up to original_max tokens and another beyond
+(rope.py), chosen per forward call for the whole batch. The cached keys of a generation that grows past
+original_max were rotated with the short list, so at the step where the (padded) sequence first exceeds
+original_max the whole sequence is run again, filling a fresh cache with the long one: from then on every step
+sees what a full forward of the sequence would. transformers' Phi-3 does the same (its
+`prepare_inputs_for_generation` drops the cache at that step). Difference: minilora does it for any family whose
+config asks for longrope, transformers only for Phi-3 (a Llama or Qwen config with longrope keeps its short-rotated
+cache there). And since one choice covers the batch, a left-padded row whose batch crosses original_max is not
+generated exactly as it would be alone.
+
 Sampling (applied in this order, as transformers does):
 - temperature T: logits / T (T = 0 means greedy: always the most likely token);
 - top-k (Fan et al. 2018): keep the k most likely tokens;
@@ -46,10 +56,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
 
     cache = KVCache()
-    # Prefill: the whole prompt at once. Only the last position's logits are needed, so project just that row to
-    # the vocabulary (a (T, C) x (C, V) product would be most of the prefill's work for a long prompt).
-    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)  # (B, T, C)
-    logits = model.compute_logits(hidden[:, -1])  # (B, V)
+    logits = prefill(model, ids, mask, cache)  # (B, V)
+    rope_switches = longrope_switch_lengths(model.config)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
     for _ in range(max_new_tokens):
@@ -62,10 +70,30 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         if finished.all():
             break
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)  # (B, S + 1)
-        logits = model(token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # one token per row
+        if any(cache.seq_len <= n < mask.shape[1] for n in rope_switches):  # the sequence just outgrew n tokens
+            cache = KVCache()
+            logits = prefill(model, torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1), mask, cache)
+        else:
+            logits = model(token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # one token per row
     if not new_tokens:
         return ids
     return torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1)
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the whole sequence ids (B, T) into an empty cache; return the last position's logits (B, V).
+
+    Only the last position's logits are needed, so just that row is projected to the vocabulary (a (T, C) x (C, V)
+    product would be most of the prefill's work for a long prompt).
+    """
+    hidden = model(ids, attention_mask=mask, kv_cache=cache, return_hidden=True)  # (B, T, C)
+    return model.compute_logits(hidden[:, -1])  # (B, V)
+
+
+def longrope_switch_lengths(config) -> set[int]:
+    """The original_max of each LongRoPE layer type: lengths past which its rotation changes (empty otherwise)."""
+    ropes = (config.rope[lt] for lt in set(config.layer_types))
+    return {r.original_max_position_embeddings for r in ropes if r.rope_type == "longrope"}
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -15,8 +15,8 @@ The attention mask is built here, explicitly, from three ingredients: causality 
 layers), a (B, T) padding mask, and optional segment ids for packed samples (block-diagonal: a token sees only
 earlier tokens of its own segment).
 
-Not handled: dropout (inference and LoRA fine-tuning of these models use none), bidirectional attention, other
-RoPE variants, mixture-of-experts.
+Not handled: dropout (inference and LoRA fine-tuning of these models use none), bidirectional attention, dynamic
+NTK RoPE scaling, mixture-of-experts.
 """
 
 from functools import partial
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
-from .rope import apply_rope, inverse_frequencies, rope_cos_sin
+from .config import ModelConfig, RopeConfig
+from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin,
+                   yarn_inverse_frequencies)
 
 
 class KVCache:
@@ -257,12 +258,7 @@ class Transformer(nn.Module):
         # One mask and one cos/sin pair per layer type (Gemma 3 uses different rope bases for local/global layers).
         rope, masks = {}, {}
         for lt in set(cfg.layer_types):
-            r = cfg.rope[lt]
-            inv_freq = inverse_frequencies(
-                cfg.rotary_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor, r.high_freq_factor,
-                r.original_max_position_embeddings, device=h.device,
-            )
-            rope[lt] = rope_cos_sin(position_ids, inv_freq, h.dtype)  # cos, sin: (B, T, rotary_dim)
+            rope[lt] = layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype)  # cos, sin: (B, T, rotary_dim)
             window = cfg.sliding_window if lt == "sliding_attention" else None
             masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device)
 
@@ -275,6 +271,30 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, masks[lt], kv_cache)
         h = self.model.norm(h)
         return h if return_hidden else self.compute_logits(h)
+
+
+def layer_rope(r: RopeConfig, rotary_dim: int, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin (B, T, rotary_dim) of positions (B, T) under one layer type's RoPE settings (formulas: rope.py).
+
+    LongRoPE chooses its factor list per forward call, as transformers does: long_factor when the call reaches
+    past original_max (max(position) + 1 > original_max, over the whole batch), else short_factor. A decoding step
+    with a KV cache sees only its own position, so the step that crosses original_max switches to the long factors
+    while the cached keys stay rotated with the short ones; generate.py recomputes the cache at that step (as
+    transformers' Phi-3 does).
+    """
+    device = position_ids.device
+    if r.rope_type == "yarn":
+        inv_freq = yarn_inverse_frequencies(rotary_dim, r.theta, r.factor, r.original_max_position_embeddings,
+                                            r.beta_fast, r.beta_slow, r.truncate, device=device)
+    elif r.rope_type == "longrope":
+        short = longrope_inverse_frequencies(rotary_dim, r.theta, r.short_factor, device)  # (rotary_dim // 2,)
+        long = longrope_inverse_frequencies(rotary_dim, r.theta, r.long_factor, device)
+        is_long = position_ids.max() + 1 > r.original_max_position_embeddings  # a 0-dim tensor: no GPU sync
+        inv_freq = torch.where(is_long, long, short)
+    else:
+        inv_freq = inverse_frequencies(rotary_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor,
+                                       r.high_freq_factor, r.original_max_position_embeddings, device=device)
+    return rope_cos_sin(position_ids, inv_freq, dtype, r.attention_factor)
 
 
 def default_position_ids(B, T, past, attention_mask, segment_ids, device) -> torch.Tensor:

@@ -7,6 +7,7 @@ transformers reading the same file.
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_both_dialects_give_the_same_config(saved_configs, family):
     assert ModelConfig.from_hf_dict(v4) == ModelConfig.from_hf_dict(v5)
 
 
-@pytest.mark.parametrize("family", ["llama3", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["llama3", "gemma3_text", "phi3", "phi3_longrope", "qwen2_yarn"])
 def test_transformers4_dialect_runs_like_transformers(tmp_path, family):
     """End to end: a hand-written transformers-4 config.json, read by minilora and by transformers, same logits."""
     path = make_tiny_checkpoint(family, tmp_path)
@@ -116,8 +117,9 @@ def test_gemma3_layer_pattern_and_rope_bases_in_both_dialects():
 @pytest.mark.parametrize("change, words", [
     ({"model_type": "gpt2"}, ["'gpt2'", "llama", "gemma3_text", "phi3"]),
     ({"model_type": "gemma3"}, ["gemma3_text"]),
-    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, ["'yarn'", "llama3", "linear"]),
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, ["'dynamic'", "llama3", "yarn", "longrope"]),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, ["'dynamic'"]),
+    ({"rope_scaling": {"type": "ntk", "factor": 2.0}}, ["'ntk'"]),
     ({"num_attention_heads": 6, "num_key_value_heads": 4}, ["num_key_value_heads"]),
     ({"hidden_act": "relu"}, ["'relu'"]),
     ({"torch_dtype": "float8_e4m3fn"}, ["float8_e4m3fn", "bfloat16"]),
@@ -131,10 +133,125 @@ def test_unsupported_configs_are_clear_errors(change, words):
         assert word in str(e.value)
 
 
-def test_phi3_longrope_is_refused():
-    d = _minimal_configs()["phi3"] | {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
-                                                       "long_factor": [2.0] * 8}}
-    with pytest.raises(MiniloraError, match="'longrope' is not supported"):
+def _minimal_configs() -> dict[str, dict]:
+    """The fields each family's config.json must have; the rest take the family's transformers defaults."""
+    core = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2)
+    families = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+    configs = {f: dict(core, model_type=f) for f in families}
+    configs["gemma"]["hidden_act"] = "gelu"
+    return configs
+
+
+def _phi3_128k(rope_type="longrope"):
+    """Phi-3-mini-128k-instruct's rope fields (transformers-4 dialect), on a model with 8 rotating pairs."""
+    scaling = {"type": rope_type, "short_factor": [1.0 + 0.01 * i for i in range(8)],
+               "long_factor": [1.0 + 2.0 * i for i in range(8)]}
+    return _minimal_configs()["phi3"] | {"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                                         "rope_theta": 10000.0, "rope_scaling": scaling}
+
+
+@pytest.mark.parametrize("rope_type", ["longrope", "su", "yarn"])  # "su" and Phi-3's "yarn": older names
+def test_phi3_128k_style_longrope(rope_type):
+    r = ModelConfig.from_hf_dict(_phi3_128k(rope_type)).rope[F]
+    assert r.rope_type == "longrope" and r.original_max_position_embeddings == 4096
+    assert r.factor == 32.0  # 131072 / 4096
+    assert r.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))  # 1.19
+    assert r.short_factor[1] == 1.01 and r.long_factor[1] == 3.0
+
+
+def test_yarn_config_in_both_dialects():
+    """Qwen2.5's YaRN block (transformers 4, "type") and Qwen3's (transformers 5, "rope_type") read alike."""
+    qwen = _minimal_configs()["qwen2"] | {"max_position_embeddings": 32768, "rope_theta": 1e6}
+    v4 = qwen | {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    v5 = qwen | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                                     "rope_theta": 1e6}}
+    for d in (v4, v5):
+        r = ModelConfig.from_hf_dict(d).rope[F]
+        assert r == RopeConfig(theta=1e6, rope_type="yarn", factor=4.0, original_max_position_embeddings=32768,
+                               attention_factor=0.1 * math.log(4.0) + 1)
+
+
+# Config shapes found on the hub (synthetic factor lists of the right length), read by transformers and by minilora.
+# Phi-3's "su" spelling is left out: transformers 5 refuses it unless rope_scaling repeats the original context.
+HUB_STYLE_ROPE = {
+    "phi3_mini_128k": _phi3_128k("longrope"),
+    "phi3_older_yarn_name": _phi3_128k("yarn"),
+    "phi4_mini_partial_rotary": _minimal_configs()["phi3"] | {
+        "hidden_size": 128, "num_attention_heads": 1, "num_key_value_heads": 1, "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0 + i for i in range(48)]},
+    },
+    "phi3_explicit_factor_and_attention_factor": _phi3_128k() | {"rope_scaling": {
+        "type": "longrope", "short_factor": [1.5] * 8, "long_factor": [3.0] * 8, "factor": 8.0,
+        "attention_factor": 1.25,
+    }},
+    "qwen3_yarn": _minimal_configs()["qwen3"] | {
+        "max_position_embeddings": 131072, "rope_theta": 1e6,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    },
+    "llama_yarn_top_level_original_wins": _minimal_configs()["llama"] | {
+        "original_max_position_embeddings": 2048,
+        "rope_scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 1024, "beta_fast": 16,
+                         "beta_slow": 2, "truncate": False, "mscale": 0.9, "mscale_all_dim": 0.5},
+    },
+    "mistral_yarn_original_from_max_position": _minimal_configs()["mistral"] | {
+        "max_position_embeddings": 8192,
+        "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "attention_factor": 1.1},
+    },
+}
+
+
+@pytest.mark.parametrize("name", HUB_STYLE_ROPE)
+def test_rope_settings_match_transformers(name):
+    """What transformers makes of the same config.json dict (which key wins, each default): the resolved original
+    context and attention factor, and cos/sin at the longest length that still fits it and (longrope) one past it."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from minilora.model import layer_rope
+
+    cfg = ModelConfig.from_hf_dict(copy.deepcopy(HUB_STYLE_ROPE[name]))
+    r = cfg.rope[F]
+    hf = AutoConfig.for_model(**copy.deepcopy(HUB_STYLE_ROPE[name]))
+    hf_rope = LlamaRotaryEmbedding(hf)  # the same module in every family: ROPE_INIT_FUNCTIONS + longrope's switch
+    assert hf_rope.rope_type == r.rope_type
+    assert r.original_max_position_embeddings == hf.rope_parameters["original_max_position_embeddings"]
+    assert r.attention_factor == pytest.approx(hf_rope.attention_scaling, rel=1e-12)
+    for length in (r.original_max_position_embeddings, r.original_max_position_embeddings + 1):
+        positions = torch.tensor([[0, 1, 7, 100, length - 1]])  # the call reaches `length` tokens
+        cos, sin = layer_rope(r, cfg.rotary_dim, positions, torch.float32)
+        hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions)
+        assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"long_factor": [1.0] * 7}, "long_factor has 7 numbers, expected one per rotating dim pair: 8"),
+    ({"short_factor": [1.0] * 16}, "short_factor has 16 numbers"),
+    ({"short_factor": None}, "longrope short_factor must be a list of numbers, got None"),
+    ({"long_factor": [1.0] * 7 + ["2.0"]}, "longrope long_factor must be a list of numbers"),
+    ({"long_factor": [1.0] * 7 + [0.0]}, "long_factor must be a list of positive numbers"),
+    ({"factor": "32"}, "rope factor must be a number"),
+    ({"attention_factor": -1.0}, "rope attention_factor must be positive"),
+])
+def test_malformed_longrope_fields_are_named(change, message):
+    d = _phi3_128k()
+    d["rope_scaling"] |= change
+    with pytest.raises(MiniloraError, match=message):
+        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factor": None}, "'yarn' needs a 'factor'"),
+    ({"beta_fast": "32"}, "rope beta_fast must be a number"),
+    ({"beta_slow": -1.0}, "rope beta_slow must be positive"),
+    ({"mscale": [1.0]}, "rope mscale must be a number"),
+    ({"attention_factor": 0.0}, "rope attention_factor must be positive"),
+    ({"original_max_position_embeddings": -4096}, "rope original_max_position_embeddings must be positive"),
+])
+def test_malformed_yarn_fields_are_named(change, message):
+    d = _minimal_configs()["qwen2"] | {"rope_scaling": {"type": "yarn", "factor": 4.0} | change}
+    with pytest.raises(MiniloraError, match=message):
         ModelConfig.from_hf_dict(d)
 
 
@@ -156,13 +273,3 @@ def test_load_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_minimal_configs()["llama"] | {"model_type": "bert"}))
     with pytest.raises(MiniloraError, match=f"{tmp_path}/config.json: model_type 'bert'"):
         load_config(tmp_path)
-
-
-def _minimal_configs() -> dict[str, dict]:
-    """The fields each family's config.json must have; the rest take the family's transformers defaults."""
-    core = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2)
-    families = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-    configs = {f: dict(core, model_type=f) for f in families}
-    configs["gemma"]["hidden_act"] = "gelu"
-    return configs

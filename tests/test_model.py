@@ -6,6 +6,8 @@ rope or mask moves them by > 1e-2). Greedy tokens must be identical: the tiny mo
 > 5e-4 (see tiny_models.py), far above that noise.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -97,13 +99,29 @@ def test_left_padded_batch_matches_transformers(models, family):
         alone = ours(ids[1:, 10:])  # row 1 without its padding
     real = mask.bool()
     assert (got[real] - expected[real]).abs().max() < TOL
+    if family == "phi3_longrope":
+        # Row 0 (24 tokens) is past original_max (16), so the whole batch rotates with the long factors, as in
+        # transformers (one choice per forward call); row 1 alone (14 tokens) uses the short ones.
+        assert (got[1, 10:] - alone[0]).abs().max() > 1e-2
+        with torch.no_grad():
+            alone = with_long_factors_only(ours, ids[1:, 10:])
     assert (got[1, 10:] - alone[0]).abs().max() < TOL
 
     short = ids[:, 14:]  # prompts of 10 and 4 real tokens
     assert our_greedy(ours, short, mask[:, 14:]).tolist() == hf_greedy(hf, short, mask[:, 14:]).tolist()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def with_long_factors_only(ours, ids):
+    """A longrope model's logits for ids with its long factors at any length (short_factor set to long_factor)."""
+    saved = ours.config.rope
+    ours.config.rope = {lt: dataclasses.replace(r, short_factor=r.long_factor) for lt, r in saved.items()}
+    try:
+        return ours(ids)
+    finally:
+        ours.config.rope = saved
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi3_longrope"])  # longrope: tests below
 def test_kv_cache_decoding_equals_full_forward(models, family):
     ours, _ = models(family)
     ids = random_ids(2, 20, seed=3)
@@ -114,6 +132,60 @@ def test_kv_cache_decoding_equals_full_forward(models, family):
         steps += [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
     assert cache.seq_len == 20
     assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+
+
+@pytest.mark.parametrize("T", [8, 16, 17, 24])
+def test_longrope_logits_match_transformers_on_both_sides_of_original_max(models, T):
+    """phi3_longrope pre-trained on 16 tokens: up to 16 the short factors rotate, from 17 on the long ones."""
+    ours, hf = models("phi3_longrope")
+    ids = random_ids(2, T, seed=T)
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    assert diff < TOL, f"T={T}: max |logits diff| = {diff:.2e}"
+
+
+def test_longrope_choice_follows_the_whole_sequence(models):
+    """The same 16 tokens get other logits once a 17th follows: the long factors then rotate every position."""
+    ours, _ = models("phi3_longrope")
+    ids = random_ids(1, 17, seed=6)
+    with torch.no_grad():
+        alone, in_longer = ours(ids[:, :16]), ours(ids)[:, :16]
+    assert (alone - in_longer).abs().max() > 1e-2
+
+
+def test_longrope_kv_cache_switches_like_transformers(models):
+    """With a cache, a step past original_max (16) rotates only its own query/key with the long factors; the cached
+    keys keep the short ones. transformers' forward does the same, so step logits agree with its cached steps, and
+    both differ from a full forward from step 17 on (which is why generate recomputes the cache there)."""
+    from transformers import DynamicCache
+
+    ours, hf = models("phi3_longrope")
+    ids = random_ids(2, 20, seed=3)
+    with torch.no_grad():
+        full = ours(ids)  # 20 tokens: all long
+        cache, hf_cache = KVCache(), DynamicCache(config=hf.config)
+        steps = [ours(ids[:, :9], kv_cache=cache)] + [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
+        hf_steps = [hf(ids[:, :9], past_key_values=hf_cache, use_cache=True).logits]
+        hf_steps += [hf(ids[:, t:t + 1], past_key_values=hf_cache, use_cache=True).logits for t in range(9, 20)]
+    stepped, hf_stepped = torch.cat(steps, dim=1), torch.cat(hf_steps, dim=1)
+    assert (stepped - hf_stepped).abs().max() < TOL
+    with torch.no_grad():
+        first16 = ours(ids[:, :16])
+    assert (stepped[:, :16] - first16).abs().max() < TOL  # up to 16 tokens all short: the cache changes nothing
+    assert (stepped[:, 16:] - full[:, 16:]).abs().max() > 1e-2  # from 17 on: short cached keys, long new ones
+
+
+def test_longrope_generation_equals_full_forward_greedy(models):
+    """generate recomputes its cache when the sequence outgrows original_max, so each token is the argmax of a full
+    forward over everything so far: prompts of 6 and 17 tokens (short, then long; long from the start)."""
+    ours, _ = models("phi3_longrope")
+    for T in (6, 17):
+        ids = random_ids(2, T, seed=7)
+        expected = ids
+        with torch.no_grad():
+            for _ in range(14):
+                expected = torch.cat((expected, ours(expected)[:, -1:].argmax(-1)), dim=1)
+        assert generate(ours, ids, max_new_tokens=14, eos_token_ids=[]).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
@@ -177,7 +249,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(models, family):
         assert torch.allclose(plain[name], recomputed[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope",
+                                    "qwen2_yarn"])
 def test_bfloat16_matches_transformers_bfloat16(tmp_path, family):
     """bf16 exposes every rounding point (norm order, Gemma's embedding scale, cos/sin): we round where transformers
     does.

@@ -53,6 +53,13 @@ FAMILIES = {
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "phi3": ("phi3", dict(sliding_window=8, rope_parameters={
         "rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5})),
+    # Phi-3-128k's layout: original context at the top level, factor = 256 / 16 = 16; 4 rotating pairs, so 4 factors
+    "phi3_longrope": ("phi3", dict(original_max_position_embeddings=16, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 4.0, 16.0, 64.0]})),
+    # Qwen YaRN: 4x of a 4096-token context; with 8 pairs at theta 1e4 the ramp blends pairs 2-6 (rope.py)
+    "qwen2_yarn": ("qwen2", dict(max_position_embeddings=16384, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0, "original_max_position_embeddings": 4096})),
 }
 
 
