@@ -1,9 +1,9 @@
 """Text generation: KV-cache decoding with greedy, temperature, top-k and top-p sampling, and a streaming CLI.
 
-Decoding runs the prompt once (prefill), keeping every layer's keys and values in a KVCache, then feeds one new
-token per step, so each step costs O(current length) instead of re-running the whole sequence. Batches may be
-left-padded: the attention mask hides the padding and positions count real tokens only, so a padded row
-generates exactly what it would alone.
+Decoding runs the prompt once (prefill), keeping each layer's keys and values in a KVCache (a sliding-window
+layer only its last window), then feeds one new token per step, so each step costs O(current length) instead of
+re-running the whole sequence. Batches may be left-padded: the attention mask hides the padding and positions
+count real tokens only, so a padded row generates exactly what it would alone.
 
 LongRoPE models (Phi-3-128k, Phi-3.5) rotate with one factor list up to original_max tokens and another beyond
 (rope.py), chosen per forward call for the whole batch. The cached keys of a generation that grows past

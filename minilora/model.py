@@ -34,28 +34,40 @@ from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for incremental decoding.
 
-    Keys are stored after RoPE, so a new token only computes its own q/k/v. Sliding-window layers keep every key
-    too (the mask hides the old ones): simpler, and decoding lengths here are short.
+    Keys are stored after RoPE, so a new token only computes its own q/k/v. A sliding-window layer keeps only what
+    a later query can still see, its `window - 1` newest keys (a query sees `window` keys, itself included): for
+    Gemma 2/3 or Mistral v0.1 the cache of those layers stops growing at the window instead of with the text.
     """
 
     def __init__(self):
-        self.keys: list[torch.Tensor] = []  # per layer (B, KV, S, D)
+        self.keys: list[torch.Tensor] = []  # per layer (B, KV, S_kept, D)
         self.values: list[torch.Tensor] = []
+        self.seen: list[int] = []  # per layer: tokens that went through it, kept or not
 
     @property
     def seq_len(self) -> int:
-        """Tokens already cached (S)."""
-        return self.keys[0].shape[2] if self.keys else 0
+        """Tokens already processed (S): the position the next token takes."""
+        return self.seen[0] if self.seen else 0
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's k, v (B, KV, T, D) to layer `layer_idx`; return all of them (B, KV, S + T, D)."""
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
+        """Append this step's k, v (B, KV, T, D) to layer `layer_idx`; return the keys and values this step attends
+        over: all of them (B, KV, S + T, D), or for a sliding layer the kept ones + T (from first_kept_key)."""
         if layer_idx == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=2)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
+            self.keys.append(k[:, :, :0])
+            self.values.append(v[:, :, :0])
+            self.seen.append(0)
+        k_all = torch.cat((self.keys[layer_idx], k), dim=2)
+        v_all = torch.cat((self.values[layer_idx], v), dim=2)
+        self.seen[layer_idx] += k.shape[2]
+        drop = first_kept_key(self.seen[layer_idx], window) - first_kept_key(self.seen[layer_idx] - k.shape[2], window)
+        self.keys[layer_idx], self.values[layer_idx] = k_all[:, :, drop:], v_all[:, :, drop:]
+        return k_all, v_all
+
+
+def first_kept_key(n_tokens: int, window: int | None) -> int:
+    """Index of the oldest key a layer's cache holds after n_tokens: 0, or for a sliding window the first of the
+    window - 1 newest (the only keys the next query, which sees `window` keys with itself, can reach)."""
+    return 0 if window is None else max(0, n_tokens - (window - 1))
 
 
 class RMSNorm(nn.Module):
@@ -85,6 +97,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcap
@@ -121,7 +134,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), S = cached + T
+            k, v = kv_cache.update(self.layer_idx, k, v, self.sliding_window)  # (B, KV, S, D), S = kept + T
         # Each group of H / KV query heads reads the same key/value head.
         groups = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
@@ -260,7 +273,8 @@ class Transformer(nn.Module):
         for lt in set(cfg.layer_types):
             rope[lt] = layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype)  # cos, sin: (B, T, rotary_dim)
             window = cfg.sliding_window if lt == "sliding_attention" else None
-            masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device)
+            first = first_kept_key(past, window) if kv_cache is not None else 0  # older keys left the cache
+            masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device, first)
 
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer, lt in zip(self.model.layers, cfg.layer_types):
@@ -315,8 +329,9 @@ def default_position_ids(B, T, past, attention_mask, segment_ids, device) -> tor
     return torch.arange(past, past + T, device=device).expand(B, T)
 
 
-def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, device) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, S) mask, True = may attend; queries are tokens past..past+T-1 of S = past + T.
+def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, device, first_key=0):
+    """Boolean (B or 1, 1, T, S) mask, True = may attend; queries are tokens past..past+T-1, keys are tokens
+    first_key..past+T-1 (S of them: a sliding layer's cache has dropped the keys before first_key).
 
     Like transformers, the sliding window counts index distance: a query sees the `sliding_window` newest keys,
     itself included. None means plain causal attention over a fresh sequence (the common training case).
@@ -324,7 +339,7 @@ def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, d
     if attention_mask is None and segment_ids is None and sliding_window is None and past == 0:
         return None
     q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
-    k_idx = torch.arange(past + T, device=device)[None, :]  # (1, S)
+    k_idx = torch.arange(first_key, past + T, device=device)[None, :]  # (1, S)
     allowed = k_idx <= q_idx  # causal
     if sliding_window is not None:
         allowed = allowed & (q_idx - k_idx < sliding_window)
@@ -333,7 +348,7 @@ def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, d
         if attention_mask.shape[-1] != past + T:
             n = attention_mask.shape[-1]
             raise ValueError(f"attention_mask covers {n} tokens, expected {past} cached + {T} new")
-        allowed = allowed & attention_mask.bool()[:, None, None, :]  # padding keys are never attended
+        allowed = allowed & attention_mask[:, first_key:].bool()[:, None, None, :]  # padding keys: never attended
     if segment_ids is not None:
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
         allowed = allowed & same[:, None]

@@ -132,6 +132,12 @@ def test_kv_cache_decoding_equals_full_forward(models, family):
         steps += [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
     assert cache.seq_len == 20
     assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+    # Sliding layers hold only the window - 1 newest keys (the tiny configs' window is 8); full layers hold all 20.
+    cfg = ours.config
+    kept = [20 if lt == "full_attention" else cfg.sliding_window - 1 for lt in cfg.layer_types]
+    assert [k.shape[2] for k in cache.keys] == kept == [v.shape[2] for v in cache.values]
+    if family in ("mistral", "gemma2", "gemma3"):
+        assert min(kept) == 7
 
 
 @pytest.mark.parametrize("T", [8, 16, 17, 24])
