@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from minilora.kernels.nf4_dequant import _check_weight, _or_dummy, triton_dequantize
 from minilora.nf4 import NF4Weight, dequantize_nf4
@@ -202,6 +203,29 @@ GEMV_BLOCK_N = 64  # 64 rows x 32 bytes = 2 KB of codes per loop iteration; 16 b
 GEMM_BLOCK = (16, 16) if INTERPRET else (64, 128)  # (BLOCK_M, BLOCK_N)
 GRAD_BLOCK = (16, 16) if INTERPRET else (64, 64)
 
+# Pipeline stages: Triton keeps num_stages tiles of x and of the codes in flight in shared memory, which the GPU
+# bounds per program. Compiled offline (tests/test_kernels.py), the GEMM tile at 3 stages needs 92 KB in bf16 but
+# 130 KB in fp32: more than the 99 KB of an RTX 3090/4090, A10 or L4 (A100: 163 KB, H100: 227 KB; a T4 does not
+# pipeline and needs 48 KB). So a launch that does not fit is retried with one stage fewer, and the depth that
+# loaded is remembered per kernel, dtype and device.
+_stages_that_fit: dict[tuple, int] = {}
+
+
+def _launch(kernel, grid, args: tuple, meta: dict, num_warps: int, num_stages: int) -> None:
+    """kernel[grid](*args, **meta) with num_stages pipeline stages, or fewer when this GPU's shared memory is short."""
+    key = (kernel.__name__, args[0].dtype, args[0].device)  # args[0]: the activations
+    stages = _stages_that_fit.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, **meta, num_warps=num_warps, num_stages=stages)
+        except OutOfResources:  # raised when the compiled kernel is loaded, before it runs: nothing was written
+            if stages == 1:
+                raise
+            stages -= 1
+            continue
+        _stages_that_fit[key] = stages
+        return
+
 
 def _chunk_half(q: NF4Weight) -> int:
     """Half the chunk width: chunks are 64 weights (or the whole quant block when it is 32), stored in HALF bytes."""
@@ -264,12 +288,9 @@ def nf4_gemm(x2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     block_m, block_n = GEMM_BLOCK
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _nf4_gemm_kernel[grid](
-        x2, *_common_args(q), y,
-        q.offset, M, N, K, x2.stride(0), y.stride(0),
-        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=_chunk_half(q), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8, num_stages=3,
-    )  # fmt: skip
+    args = (x2, *_common_args(q), y, q.offset, M, N, K, x2.stride(0), y.stride(0))
+    meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=_chunk_half(q), BLOCK_M=block_m, BLOCK_N=block_n)
+    _launch(_nf4_gemm_kernel, grid, args, meta, num_warps=8, num_stages=3)
     return y
 
 
@@ -279,12 +300,9 @@ def nf4_grad_input(gy2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     gx = torch.empty((M, K), dtype=gy2.dtype, device=gy2.device)
     block_m, block_n = GRAD_BLOCK
     grid = (triton.cdiv(M, block_m), K // (2 * half))
-    _nf4_grad_input_kernel[grid](
-        gy2, *_common_args(q), gx,
-        q.offset, M, N, K, gy2.stride(0), gx.stride(0),
-        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=8, num_stages=3,
-    )  # fmt: skip
+    args = (gy2, *_common_args(q), gx, q.offset, M, N, K, gy2.stride(0), gx.stride(0))
+    meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n)
+    _launch(_nf4_grad_input_kernel, grid, args, meta, num_warps=8, num_stages=3)
     return gx
 
 
