@@ -248,3 +248,21 @@ def test_large_weight_is_quantized_and_dequantized_in_chunks_with_the_same_bytes
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 4096)
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 4096)
     assert_same_as_bnb(_random_weight((257, 300), torch.bfloat16), double_quant=True, blocksize=blocksize)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_on_cuda_equals_bnb_on_cuda(dtype):
+    # The CPU tests above match bitsandbytes' CPU kernels. On a GPU both sides run other code: ours the same tensor
+    # ops on CUDA, bnb its CUDA kernels, whose 8-bit absmax quantizer searches the dynamic code instead of using the
+    # CPU's 65536-point table (see minilora/nf4.py). This compares the two on the GPU, absmax codes included; the
+    # dequantized weights must be identical wherever the codes are.
+    w = _random_weight((4096, 1024), dtype).cuda()
+    packed, state = bnb_F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    q = quantize_nf4(w)
+    assert torch.equal(q.packed, packed)
+    assert q.offset == state.offset.item()
+    assert torch.equal(q.nested_absmax, state.state2.absmax)
+    differing = (q.absmax != state.absmax).float().mean().item()
+    assert differing == 0.0, f"{differing:.3%} of the absmax codes differ from bnb's CUDA path"
+    assert torch.equal(dequantize_nf4(q), bnb_F.dequantize_4bit(packed, state).view(w.shape))
