@@ -32,7 +32,7 @@ Not handled: FP4 (bnb's other 4-bit type), quant_storage other than uint8, neste
 """
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -86,6 +86,15 @@ class NF4Weight:
     dtype: torch.dtype  # original weight dtype; dequantize_nf4 returns this by default
     blocksize: int = 64
     double_quant: bool = True
+    # Derived from quant_map on first use (see pair_table); not a constructor argument, so replace() resets it.
+    _pair_table: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def pair_table(self) -> torch.Tensor:
+        """The 256-entry byte → (high, low) NF4 value table of dequantize_nf4, built once per weight."""
+        if self._pair_table is None:
+            self._pair_table = _nf4_pair_table(self.quant_map)
+        return self._pair_table
 
     @property
     def numel(self) -> int:
@@ -99,7 +108,8 @@ class NF4Weight:
     def nbytes(self) -> int:
         """Bytes of the tensors that grow with the weight: codes, absmax, nested absmax and the 4-byte offset.
 
-        The two code tables (16 + 256 fp32 = 1088 bytes) are constants shared by every layer and not counted.
+        The two code tables (16 + 256 fp32 = 1088 bytes) are constants shared by every layer and not counted, nor
+        is the 2 KB pair_table the PyTorch dequantize derives from quant_map.
         """
         n = self.packed.numel() + self.absmax.numel() * self.absmax.element_size()
         if self.double_quant:
@@ -333,7 +343,7 @@ def dequantize_absmax(q: NF4Weight) -> torch.Tensor:
     return _scale_blocks_(codes, q.nested_absmax, NESTED_BLOCKSIZE) + q.offset  # two fp32 roundings, as in bnb
 
 
-DEQUANTIZE_CHUNK = 1 << 17  # values per pass on CPU (a multiple of every blocksize): ~1.5 MB of temporaries
+DEQUANTIZE_CHUNK = 1 << 20  # values per pass on CPU for large weights (a multiple of every blocksize)
 
 
 def _nf4_pair_table(quant_map: torch.Tensor) -> torch.Tensor:
@@ -350,21 +360,26 @@ def _nf4_pair_table(quant_map: torch.Tensor) -> torch.Tensor:
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight, shape q.shape, in `dtype` (default: the original dtype). Computed in fp32, then cast.
 
-    On CPU the work goes DEQUANTIZE_CHUNK values at a time, each chunk written straight into the output: the
-    int32 indices, int64 gathers and fp32 values of one chunk stay in the CPU caches, and the only large tensor
-    is the result. One pass over a whole 16M-weight matrix makes ~10 bytes of temporaries per weight and was
-    2-3x slower on one core (42 instead of 112 ms to bf16, 4096x4096). On a GPU one pass is cheaper than many
-    small kernel launches.
+    A weight of up to DEQUANTIZE_CHUNK values (and any weight on a GPU) is done in one pass. A larger one on CPU
+    goes a chunk at a time, each chunk written straight into the output, so the int32 indices, int64 gathers
+    and fp32 values (~16 bytes per weight) never exist for the whole matrix at once: one pass over a 16M-weight
+    matrix was 2-3x slower on one core (113-130 ms instead of 41-61 to bf16, 4096x4096).
     """
-    pair_table = _nf4_pair_table(q.quant_map)
     absmax = dequantize_absmax(q)  # (n_blocks,) fp32
-    packed = q.packed.view(-1)  # (n_bytes,) element 2i in the high nibble of byte i
-    out = torch.empty(q.numel, dtype=dtype or q.dtype, device=q.device)  # (n,)
-    chunk = DEQUANTIZE_CHUNK if q.device.type == "cpu" else q.numel
-    for start in range(0, q.numel, chunk):  # start is a multiple of the blocksize, so even
-        stop = min(start + chunk, q.numel)
-        pairs = pair_table.index_select(0, packed[start // 2 : (stop + 1) // 2].int())  # (bytes,) int64
-        values = pairs.view(torch.float32)[: stop - start]  # (stop - start,) NF4 values in [-1, 1]
-        scales = absmax[start // q.blocksize : -(-stop // q.blocksize)]  # the blocks this chunk covers
-        out[start:stop] = _scale_blocks_(values, scales, q.blocksize)  # fp32 → out's dtype
+    dtype = dtype or q.dtype
+    if q.device.type != "cpu" or q.numel <= DEQUANTIZE_CHUNK:
+        return _dequantize_span(q, absmax, 0, q.numel).view(q.shape).to(dtype)
+    out = torch.empty(q.numel, dtype=dtype)  # (n,)
+    for start in range(0, q.numel, DEQUANTIZE_CHUNK):
+        stop = min(start + DEQUANTIZE_CHUNK, q.numel)
+        out[start:stop] = _dequantize_span(q, absmax, start, stop)  # fp32 → out's dtype
     return out.view(q.shape)
+
+
+def _dequantize_span(q: NF4Weight, absmax: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Weights start..stop-1 of the flattened matrix in fp32 (start a multiple of the blocksize, so even)."""
+    packed = q.packed.view(-1)[start // 2 : (stop + 1) // 2]  # element 2i in the high nibble of byte i
+    pairs = q.pair_table.index_select(0, packed.int())  # (bytes,) int64 = two fp32 NF4 values each
+    values = pairs.view(torch.float32)[: stop - start]  # (stop - start,) in [-1, 1]
+    scales = absmax[start // q.blocksize : -(-stop // q.blocksize)]  # the blocks this span covers
+    return _scale_blocks_(values, scales, q.blocksize)
