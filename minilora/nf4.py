@@ -361,9 +361,9 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     """The dense weight, shape q.shape, in `dtype` (default: the original dtype). Computed in fp32, then cast.
 
     A weight of up to DEQUANTIZE_CHUNK values (and any weight on a GPU) is done in one pass. A larger one on CPU
-    goes a chunk at a time, each chunk written straight into the output, so the int32 indices, int64 gathers
-    and fp32 values (~16 bytes per weight) never exist for the whole matrix at once: one pass over a 16M-weight
-    matrix was 2-3x slower on one core (113-130 ms instead of 41-61 to bf16, 4096x4096).
+    goes a chunk at a time, each chunk written straight into the output, so the int32 indices and int64 gathers
+    (6 bytes per weight; the fp32 values are the gathers reinterpreted) never exist for the whole matrix at once:
+    one pass over a 16M-weight matrix was 2-3x slower on one core (113-130 ms instead of 41-61 to bf16, 4096x4096).
     """
     absmax = dequantize_absmax(q)  # (n_blocks,) fp32
     dtype = dtype or q.dtype
