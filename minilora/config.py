@@ -151,6 +151,13 @@ class ModelConfig:
                         f"{r.partial_rotary_factor} / 2)"
                     )
 
+    def window(self, layer_type: str) -> int | None:
+        """Keys a query of this layer type sees (itself included): sliding_window, or None for all of them.
+
+        One rule for both places that depend on it: the attention mask and what the KV cache keeps.
+        """
+        return self.sliding_window if layer_type == "sliding_attention" else None
+
     @property
     def rotary_dim(self) -> int:
         """Dims of each head that rotate (the rest pass through), as transformers computes it."""

@@ -97,7 +97,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+        self.sliding_window = cfg.window(cfg.layer_types[layer_idx])  # None: a full-attention layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcap
@@ -272,7 +272,7 @@ class Transformer(nn.Module):
         rope, masks = {}, {}
         for lt in set(cfg.layer_types):
             rope[lt] = layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype)  # cos, sin: (B, T, rotary_dim)
-            window = cfg.sliding_window if lt == "sliding_attention" else None
+            window = cfg.window(lt)
             first = first_kept_key(past, window) if kv_cache is not None else 0  # older keys left the cache
             masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device, first)
 
