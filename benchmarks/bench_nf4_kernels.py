@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

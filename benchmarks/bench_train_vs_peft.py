@@ -18,7 +18,7 @@ tokens, and run in the same dtype (float32 on CPU; bf16 weights + bf16 autocast 
                  scratch buffers, not just the tensors an op returns. Not RSS: no Python objects, no allocator
                  caching, no fragmentation.
     forward      one no-grad forward of the training batch to logits (use_cache=False on the reference side).
-    generate     greedy decoding with a KV cache: minilora.generate.generate vs model.generate(do_sample=False),
+    generate     greedy decoding with a KV cache: minilora.generation.generate vs model.generate(do_sample=False),
                  a --prompt-len prompt then --new-tokens tokens (no eos stop); decode ms/token is
                  (time(new_tokens) - time(1 token)) / (new_tokens - 1), i.e. with the prefill taken out.
 
@@ -36,7 +36,7 @@ Ratios are reported, never asserted. `--profile` adds the top operators of one t
     python benchmarks/bench_train_vs_peft.py --tiny --out /tmp/x                # seconds: the smoke test's settings
 
 --method qlora: both sides quantize the block linears to NF4 with double quantization (blocksize 64, compute dtype
-= --dtype) while loading: minilora.checkpoint.load_model(quantize="nf4") against from_pretrained with a
+= --dtype) while loading: minilora.formats.safetensors_folder.load_model(quantize="nf4") against from_pretrained with a
 BitsAndBytesConfig (bitsandbytes' Linear4bit). The 4-bit bits are identical on both sides (tests/test_nf4.py), so
 the agreement check compares the same function. Resident memory counts the 4-bit weights and their scales (state
 dict tensors), which are not nn.Parameters on either side. On CPU both sides dequantize and call F.linear; on a GPU
@@ -171,7 +171,7 @@ def load_both(path: Path, args, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from minilora.adapter import adapter_state_dict, lora_modules
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
     from minilora.lora import apply_lora
 
     dtype = getattr(torch, args.dtype)
@@ -217,7 +217,7 @@ def lora_grads(model, peft_side: bool) -> dict:
 
 def check_agreement(mini, ref, batch, cfg, device, amp) -> dict:
     """Loss and LoRA gradients of both sides on identical weights, before any step."""
-    from minilora.train import batch_loss_sum
+    from minilora.trainer import batch_loss_sum
 
     mini.train(), ref.train()
     loss_sum, n = batch_loss_sum(mini, batch, cfg, device)
@@ -343,8 +343,8 @@ def profile_table(fn, rows: int = 15) -> str:
 
 
 def make_train_steps(mini, ref, batch, cfg, device, amp):
-    """Two zero-argument callables, one optimiser step each; the reference mirrors minilora.train.train_step."""
-    from minilora.train import lr_factor, make_optimizer, train_step
+    """Two zero-argument callables, one optimiser step each; the reference mirrors minilora.trainer.train_step."""
+    from minilora.trainer import lr_factor, make_optimizer, train_step
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, 10**9))
@@ -406,7 +406,7 @@ def bench_training(mini, ref, batch, cfg, args, device, amp) -> list[dict]:
 def bench_inference(mini, ref, args, device, amp) -> list[dict]:
     from transformers import GenerationConfig
 
-    from minilora.generate import generate
+    from minilora.generation import generate
 
     mini.eval(), ref.eval()
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -568,7 +568,7 @@ def main(argv=None) -> int:
 
     info = machine_info(args)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bfloat16" else nullcontext
-    # The trainer's own configuration: constant lr, clip at 1.0, autocast in args.dtype (see minilora/train.py).
+    # The trainer's own configuration: constant lr, clip at 1.0, autocast in args.dtype (see minilora/trainer.py).
     cfg = TrainConfig(r=args.r, alpha=args.alpha, dropout=0.0, lr=1e-4, warmup_steps=0, schedule="constant",
                       max_grad_norm=1.0, dtype=args.dtype, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:

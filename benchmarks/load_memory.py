@@ -59,8 +59,8 @@ def write_checkpoint(folder: Path, layers: int, dtype: str) -> None:
 
 def child(mode: str, folder: str, dtype: str) -> None:
     """Load in `mode`, print {peak, final, model} bytes as JSON."""
-    from minilora.checkpoint import load_model, quantize_model
-    from minilora.quantized_checkpoint import model_memory
+    from minilora.formats.safetensors_folder import load_model, quantize_model
+    from minilora.quant.bnb_checkpoint import model_memory
 
     base, peak, running = rss_anon(), [0], [True]
 

@@ -12,7 +12,7 @@ Algorithm (one program per BLOCK consecutive weights of the flattened, row-major
             absmax = absmax_fp32[b]
         out[i] = cast(quant_map[nibble] * absmax)     # product in fp32, one rounding to the output dtype
 
-All arithmetic is the same fp32 sequence as minilora.nf4.dequantize_nf4 (and bitsandbytes), so the result is
+All arithmetic is the same fp32 sequence as minilora.quant.nf4.dequantize_nf4 (and bitsandbytes), so the result is
 bit-identical to the reference, not just close. Memory traffic per weight: 0.5 byte read (+ 1/64 byte of absmax)
 and 2 bytes written for bf16 — a write-bound kernel. Used by the matmul launcher's fallback for shapes the fused
 kernel does not tile (in_features not a multiple of 64) and by benchmarks; training never needs the dense weight.
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minilora.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from minilora.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight
 
 # --- reference (PyTorch) -----------------------------------------------------------------------------------------
 

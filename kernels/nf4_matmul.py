@@ -43,7 +43,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from minilora.kernels.nf4_dequant import _check_weight, _or_dummy, triton_dequantize
-from minilora.nf4 import NF4Weight, dequantize_nf4
+from minilora.quant.nf4 import NF4Weight, dequantize_nf4
 
 # --- reference (PyTorch) -----------------------------------------------------------------------------------------
 

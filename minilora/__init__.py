@@ -7,8 +7,9 @@
     logits = model(input_ids)                                              # (B, T, vocab)
     minilora.save_adapter(model, "adapter/")                               # PEFT format
 
-Where each piece lives (one concept per file): model.py (the transformer), checkpoint.py (safetensors in/out),
-tokenizer.py, chat_template.py, lora.py, adapter.py, loss.py, data.py, sft.py, nf4.py, nf4_linear.py, train.py.
+Where each piece lives (one concept per file): model.py (the transformer), formats/ (model files in and out),
+tokenizer.py, chat_template/ (the template engine), lora.py, adapter.py, loss.py, data.py, sft.py, quant/ (NF4,
+NF4Linear, 4-bit checkpoints), trainer.py (the loop) and train.py (its command).
 The names below are imported lazily so `import minilora` stays fast and never imports triton unless needed.
 """
 
@@ -18,9 +19,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # models and checkpoints
-    "load_model": "checkpoint", "save_model": "checkpoint",
+    "load_model": "formats", "save_model": "formats",
     "Transformer": "model", "KVCache": "model", "ModelConfig": "config", "load_config": "config",
-    "generate": "generate",
+    "generate": "generation",
     # tokens and chat templates
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "render_chat_template": "chat_template",
     "select_chat_template": "chat_template", "ChatTemplateError": "chat_template",
@@ -32,8 +33,8 @@ _EXPORTS = {
     "load_texts": "data", "pack_into_blocks": "data", "pad_collate": "data",
     "load_sft_data": "sft", "tokenize_conversation": "sft", "pack_samples": "sft",
     # QLoRA
-    "quantize_nf4": "nf4", "dequantize_nf4": "nf4", "NF4Weight": "nf4", "NF4Linear": "nf4_linear",
-    "quantize_model": "checkpoint", "dequantize_model": "quantized_checkpoint", "model_memory": "quantized_checkpoint",
+    "quantize_nf4": "quant", "dequantize_nf4": "quant", "NF4Weight": "quant", "NF4Linear": "quant",
+    "quantize_model": "formats", "dequantize_model": "quant", "model_memory": "quant",
     # training
     "TrainConfig": "train_config", "train": "train",
     "MiniloraError": "errors",

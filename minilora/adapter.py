@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import save_safetensors, write_json
+from .files import save_safetensors, write_json
 from .errors import MiniloraError
 from .lora import LoRALinear, apply_lora, linear_names, select_targets
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MiniloraError
-from .generate import TextStreamer, generate
+from .generation import TextStreamer, generate
 
 MARKER = "MINILORA_REPLY_MARKER"  # a reply no template trims or changes
 COMMANDS = "/reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops a reply"
@@ -186,3 +186,15 @@ def _answer(model, tokenizer, messages, stop, max_positions, sampling, out, err)
         return fitted[:-1]
     streamer.end()
     return fitted + [{"role": "assistant", "content": reply.text}]
+
+
+def run_chat(model, tokenizer, args, generator) -> int:
+    """The `--chat` command of `python -m minilora.generate`: check the template, then the interactive loop
+    (line editing when a terminal is attached). `args` holds the parsed generate flags."""
+    check_template(tokenizer, args.system, args.model)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (arrow keys and history for input())
+    model.eval()
+    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    return 0

@@ -1,4 +1,4 @@
-"""Text generation: KV-cache decoding with greedy, temperature, top-k and top-p sampling, and a streaming CLI.
+"""Text generation: KV-cache decoding with greedy, temperature, top-k and top-p sampling, and streaming.
 
 Decoding runs the prompt once (prefill), keeping each layer's keys and values in a KVCache (a sliding-window
 layer only its last window), then feeds one new token per step, so each step costs O(current length) instead of
@@ -20,18 +20,16 @@ Sampling (applied in this order, as transformers does):
 - top-k (Fan et al. 2018): keep the k most likely tokens;
 - top-p / nucleus (Holtzman et al. 2019): keep the smallest set of most likely tokens whose probability reaches p.
 
-    python -m minilora.generate --model DIR --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8
-    python -m minilora.generate --model DIR --adapter ADAPTER --chat     # a conversation: see chat.py
+The command `python -m minilora.generate` (generate.py) sits on top of this module; the chat loop (chat.py) too.
 
 Not handled: beam search, repetition penalties, batched prompts on the command line.
 """
 
-import argparse
 import sys
 
 import torch
 
-from .errors import MiniloraError, run_cli
+from .errors import MiniloraError
 from .model import KVCache
 
 
@@ -176,74 +174,3 @@ class TextStreamer:
         self.out.write(text[self.printed:])
         self.out.flush()
         self.printed = len(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minilora.generate",
-                                     description="Generate text from a Hugging Face model folder with minilora.")
-    parser.add_argument("--model", required=True, help="model folder (config.json, *.safetensors, tokenizer.json)")
-    parser.add_argument("--prompt", help="text to continue (or use --chat)")
-    parser.add_argument("--chat", action="store_true",
-                        help="hold a conversation through the model's chat template (see minilora/chat.py)")
-    parser.add_argument("--system", help="with --chat: a system prompt for the conversation")
-    parser.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply on top of the model")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    args = parser.parse_args(argv)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if args.chat == (args.prompt is not None):
-        raise MiniloraError("give either --prompt TEXT (continue a text) or --chat (a conversation), not "
-                            f"{'both' if args.chat else 'neither'}")
-    if args.system is not None and not args.chat:
-        raise MiniloraError("--system is for --chat conversations; with --prompt, write it into the prompt")
-
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, dtype=args.dtype, device=device)  # first: its errors name the model folder
-    tokenizer = load_tokenizer(args.model)
-    if args.adapter:
-        from .adapter import load_adapter
-
-        load_adapter(model, args.adapter, dtype=next(model.parameters()).dtype)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    if args.chat:
-        return run_chat(model, tokenizer, args, generator)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise MiniloraError("the prompt encodes to no tokens; give a non-empty --prompt")
-    streamer = TextStreamer(tokenizer)
-    sys.stdout.write(args.prompt)
-    generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-             eos_token_ids=tokenizer.eos_token_ids, generator=generator, stream=streamer,
-             pad_token_id=tokenizer.pad_token_id)
-    streamer.end()
-    return 0
-
-
-def run_chat(model, tokenizer, args, generator) -> int:
-    """--chat: the interactive loop of chat.py (line editing when a terminal is attached)."""
-    from .chat import chat_loop, check_template
-
-    check_template(tokenizer, args.system, args.model)
-    if sys.stdin.isatty():
-        import readline  # noqa: F401  (arrow keys and history for input())
-    model.eval()
-    chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point: user mistakes print one line and exit 1 (no traceback)."""
-    sys.exit(run_cli(main))
-
-
-if __name__ == "__main__":
-    cli()

@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .atomic import atomic_path
+from .files import atomic_path
 from .errors import MiniloraError, run_cli
 
 # Files that belong to the weights (rewritten by save_model) and are therefore not copied from the base folder.
@@ -28,7 +28,7 @@ NOT_COPIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.
 def merge(model_dir, adapter_dir, output_dir, dtype=None) -> Path:
     """Write the merged model to `output_dir`; return the folder."""
     from .adapter import load_adapter, read_adapter_config
-    from .checkpoint import load_model, save_model
+    from .formats.safetensors_folder import load_model, save_model
     from .lora import merge_lora
 
     model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)

@@ -12,7 +12,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from .atomic import write_text
+from .files import write_text
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 WIDTH, HEIGHT = 640, 400

@@ -1,4 +1,4 @@
-"""`python -m minilora.train`: the fine-tuning loop, readable top to bottom.
+"""The fine-tuning loop, readable top to bottom (the command `python -m minilora.train` sits on top of it).
 
     model, tokenizer = load(...)                       # a Hugging Face folder, or the built-in default
     train_set, val_set = datasets(...)                 # base: blocks of raw text; sft: chat samples
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .errors import MiniloraError, run_cli
-from .train_config import TrainConfig, parse_args
+from . import files
+from .errors import MiniloraError
+from .train_config import TrainConfig
 from .train_data import Batches, build_datasets
 
 CHECKPOINTS = "checkpoints"
@@ -53,8 +53,8 @@ def pick_device(name: str) -> torch.device:
 def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     """Load the base model for training. LoRA/QLoRA keep the frozen base in `dtype` when it is 16-bit;
     full fine-tuning keeps float32 master weights (AdamW on bf16 weights loses small updates)."""
-    from .checkpoint import load_model
-    from .quantized_checkpoint import memory_summary
+    from .formats.safetensors_folder import load_model
+    from .quant.bnb_checkpoint import memory_summary
     from .tokenizer import load_tokenizer
 
     weight_dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)
@@ -170,7 +170,7 @@ def evaluate(model, val_batches: Batches, cfg, device) -> dict:
 def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
     """The trained result: a PEFT adapter (LoRA/QLoRA) or a full Hugging Face checkpoint (full FT)."""
     if cfg.method == "full":
-        from .checkpoint import save_model
+        from .formats.safetensors_folder import save_model
 
         save_model(model, out_dir)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -201,7 +201,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    atomic.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
+    files.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
     return final
 
 
@@ -265,7 +265,7 @@ class Metrics:
         if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
             lines = self.path.read_text(encoding="utf-8").splitlines()
             self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -298,7 +298,7 @@ def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch
     template's end-of-turn token (a reply that never reaches it is marked: learning to stop is part of SFT);
     in base mode the prompt is raw text to continue."""
     from .chat import chat_once
-    from .generate import generate
+    from .generation import generate
 
     model.eval()
     texts = []
@@ -327,7 +327,6 @@ def print_samples(title: str, texts: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     """Run one fine-tuning job end to end; return the final metrics (also in metrics.jsonl)."""
-    cfg = resolve_default(cfg)
     if cfg.model is None:
         raise MiniloraError("--model is required when --data is given (a Hugging Face model folder)")
     run_dir = Path(cfg.output)
@@ -352,7 +351,7 @@ def train(cfg: TrainConfig) -> dict:
         start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
         print(f"resumed from {checkpoint} at step {start_step}")
     metrics = Metrics(run_dir, start_step if cfg.resume else None)
-    atomic.write_text(run_dir / "config.toml", cfg.to_toml())
+    files.write_text(run_dir / "config.toml", cfg.to_toml())
     prompts = [p for p in cfg.sample_prompts.split("|") if p.strip()]
     before = sample(model, tokenizer, prompts, cfg, device) if prompts and not cfg.resume else []
     if before:
@@ -408,26 +407,3 @@ def train(cfg: TrainConfig) -> dict:
     if prompts:
         print_samples("after fine-tuning", sample(model, tokenizer, prompts, cfg, device))
     return final
-
-
-def resolve_default(cfg: TrainConfig) -> TrainConfig:
-    """No --model and no --data: the built-in demonstration (a tiny model built here, the shipped corpus)."""
-    if cfg.model is not None or cfg.data is not None:
-        return cfg
-    from .default.build import default_run_config
-
-    return default_run_config(cfg)
-
-
-def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
-    return 0
-
-
-def cli() -> None:
-    """Console-script entry point: user mistakes print one line and exit 1 (no traceback)."""
-    sys.exit(run_cli(main))
-
-
-if __name__ == "__main__":
-    cli()

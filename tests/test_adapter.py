@@ -292,7 +292,7 @@ def test_adapter_trained_on_our_model_loads_in_peft(tmp_path, checkpoints, famil
     from peft import PeftModel
     from tiny_models import load_hf_model
 
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
 
     ours = load_model(checkpoints[family])
     if isinstance(targets, list):  # phi3 has one fused qkv_proj, the others separate q/k/v
@@ -316,7 +316,7 @@ def test_peft_adapter_loads_in_our_model(tmp_path, checkpoints, family):
     from peft import LoraConfig, get_peft_model
     from tiny_models import load_hf_model
 
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
 
     theirs = get_peft_model(load_hf_model(checkpoints[family]),
                             LoraConfig(r=6, lora_alpha=12, target_modules="all-linear", use_rslora=True))

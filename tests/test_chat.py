@@ -20,7 +20,7 @@ from tiny_models import make_tiny_checkpoint
 from tiny_tokenizers import set_chat_template
 
 from minilora.chat import Reply, chat_loop, chat_once, closing_token_id, end_of_turn_ids, fit_context
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.errors import MiniloraError
 from minilora.tokenizer import load_tokenizer
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.config import ModelConfig, RopeConfig, load_config
 from minilora.errors import MiniloraError
 from tiny_models import FAMILIES, load_hf_model, make_tiny_checkpoint

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from minilora.checkpoint import load_model
-from minilora.default.build import SFT_DEMO, SHIPPED, build_default_model, ensure_default_model
+from minilora.formats.safetensors_folder import load_model
+from minilora.default.build import SHIPPED, build_default_model, ensure_default_model
+from minilora.default.demos import SFT_DEMO
 from minilora.tokenizer import load_tokenizer
 
 

@@ -12,9 +12,10 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.errors import MiniloraError, run_cli
-from minilora.generate import TextStreamer, generate, main, sample_next_token, top_k_filter, top_p_filter
+from minilora.generate import main
+from minilora.generation import TextStreamer, generate, sample_next_token, top_k_filter, top_p_filter
 from minilora.tokenizer import load_tokenizer
 from tiny_models import PAD, load_hf_model, make_tiny_checkpoint
 

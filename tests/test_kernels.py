@@ -21,7 +21,7 @@ import torch
 
 from minilora.kernels import nf4_matmul as mm
 from minilora.kernels.nf4_dequant import nf4_dequantize, reference_dequantize
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = [

@@ -316,7 +316,7 @@ def test_all_linear_on_our_model_matches_peft_on_transformers(tmp_path, family):
     from peft import LoraConfig, get_peft_model
     from tiny_models import load_hf_model, make_tiny_checkpoint
 
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
 
     path = make_tiny_checkpoint(family, tmp_path)
     ours = load_model(path)
@@ -334,7 +334,7 @@ def test_all_linear_on_our_model_matches_peft_on_transformers(tmp_path, family):
 
 @pytest.mark.parametrize("compute_dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_lora_around_nf4_linear(compute_dtype, tol):
-    from minilora.nf4_linear import NF4Linear
+    from minilora.quant.nf4_linear import NF4Linear
 
     torch.manual_seed(0)
     linear = nn.Linear(128, 96)

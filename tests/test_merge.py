@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.checkpoint import load_model, save_model
+from minilora.formats.safetensors_folder import load_model, save_model
 from minilora.errors import run_cli
 from minilora.lora import LoRALinear, apply_lora, merge_lora
 from minilora.merge import main

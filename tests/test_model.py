@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from minilora.checkpoint import load_model
-from minilora.generate import generate
+from minilora.formats.safetensors_folder import load_model
+from minilora.generation import generate
 from minilora.model import KVCache
 from tiny_models import EOS, FAMILIES, PAD, load_hf_model, make_tiny_checkpoint
 

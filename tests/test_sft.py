@@ -312,7 +312,7 @@ def _loss_sum(logits, labels):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])  # gemma2/qwen2: sliding window 8 inside rows
 def test_packed_loss_equals_samples_one_by_one(tmp_path, family):
-    checkpoint = pytest.importorskip("minilora.checkpoint")
+    checkpoint = pytest.importorskip("minilora.formats.safetensors_folder")
     from tiny_models import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(family, tmp_path / "model", tokenizer="llama3")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minilora.errors import MiniloraError
-from minilora.train import lr_factor, train
+from minilora.train import train
+from minilora.trainer import lr_factor
 from minilora.train_config import TrainConfig, parse_args
 from tiny_models import load_hf_model, make_tiny_checkpoint
 
@@ -83,7 +84,7 @@ def test_resume_latest_in_the_same_folder(tiny, tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint(tiny, tmp_path, monkeypatch):
-    import minilora.train as train_module
+    import minilora.trainer as train_module
 
     real_step, calls = train_module.train_step, []
 
@@ -104,7 +105,7 @@ def test_ctrl_c_saves_a_checkpoint(tiny, tmp_path, monkeypatch):
 def test_full_finetuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
     train(config(tiny, tmp_path, method="full", max_steps=2, lr=1e-4))
     hf = load_hf_model(tmp_path / "model")
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
 
     ours = load_model(tmp_path / "model")
     ids = torch.tensor([[1, 5, 9, 30, 44, 2]])
@@ -113,7 +114,7 @@ def test_full_finetuning_saves_a_checkpoint_transformers_loads(tiny, tmp_path):
 
 def test_loss_equals_transformers_loss(tiny):
     """Our chunked loss on a padded batch = transformers' model(..., labels=...).loss (mean over tokens)."""
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
     from minilora.loss import chunked_next_token_loss
 
     model_dir, _ = tiny
@@ -132,9 +133,9 @@ def test_one_step_matches_peft_transformers_adamw(tiny):
     """Same LoRA weights in, same batch: one optimiser step of ours = peft + transformers + torch AdamW (1e-5)."""
     import peft
 
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
     from minilora.lora import apply_lora
-    from minilora.train import make_optimizer, train_step
+    from minilora.trainer import make_optimizer, train_step
 
     model_dir, _ = tiny
     cfg = TrainConfig(model=str(model_dir), r=4, alpha=8, dropout=0.0, lr=1e-2, warmup_steps=0,
@@ -170,9 +171,9 @@ def test_one_step_matches_peft_transformers_adamw(tiny):
 
 def test_gradient_accumulation_equals_one_big_batch(tiny):
     """Two micro-batches of unequal token counts, normalised by the step's total = one batch of both."""
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
     from minilora.lora import apply_lora
-    from minilora.train import make_optimizer, train_step
+    from minilora.trainer import make_optimizer, train_step
 
     model_dir, _ = tiny
     cfg = TrainConfig(model=str(model_dir), lr=1e-2, warmup_steps=0, max_grad_norm=1.0)

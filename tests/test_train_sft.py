@@ -138,7 +138,7 @@ def sft_summary(stdout: str) -> str:
 def test_cli_sft_run_learns_the_format_and_the_adapter_chats(tiny, tmp_path):
     from minilora.adapter import load_adapter
     from minilora.chat import chat_once
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
 
     model, tok, data = tiny
     run = tmp_path / "run"
@@ -256,7 +256,7 @@ def test_counted_tokens_response_only_or_whole_sequence(tiny, tmp_path, train_on
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
 def test_overlong_samples_are_truncated_or_dropped_with_counts(tiny, tmp_path, capsys, overlong):
-    from minilora.checkpoint import load_model
+    from minilora.formats.safetensors_folder import load_model
     from minilora.train_data import build_datasets
 
     model, tok, data = tiny

@@ -35,9 +35,9 @@ import statistics
 import torch
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import IGNORE_INDEX, load_base_data, load_texts, read_records
-from minilora.generate import generate
+from minilora.generation import generate
 from minilora.lora import count_parameters
 from minilora.loss import next_token_loss
 from minilora.sft import record_to_messages, tokenize_conversation

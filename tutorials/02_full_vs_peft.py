@@ -25,7 +25,7 @@
 import torch
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.lora import apply_lora, count_parameters, parameter_summary
 from minilora.loss import next_token_loss
 from minilora.plot import line_chart

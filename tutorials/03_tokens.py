@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import IGNORE_INDEX, pad_collate, pad_id
 from minilora.loss import next_token_loss
 from minilora.tokenizer import load_tokenizer

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import load_base_data, pad_collate, pad_id
 from minilora.lora import LoRALinear, apply_lora, count_parameters, merge_lora, parameter_summary
 from minilora.loss import next_token_loss

@@ -17,9 +17,9 @@
 import torch
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.lora import apply_lora, count_parameters
-from minilora.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4
+from minilora.quant.nf4 import NF4_CODE, dequantize_absmax, dequantize_nf4, quantize_nf4
 from minilora.plot import histogram
 
 torch.manual_seed(0)

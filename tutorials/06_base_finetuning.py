@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 import _course
 from minilora.adapter import load_adapter
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import load_base_data, load_texts, pack_into_blocks, pad_collate, pad_id, tokenize_documents
-from minilora.generate import generate
+from minilora.generation import generate
 from minilora.lora import apply_lora, count_parameters
 from minilora.loss import chunked_next_token_loss, next_token_loss
 from minilora.plot import line_chart

@@ -36,9 +36,9 @@ import torch
 import _course
 from minilora.adapter import load_adapter
 from minilora.chat_template import render_chat_template
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import IGNORE_INDEX, pad_collate, pad_id, read_records, split_train_val
-from minilora.generate import generate
+from minilora.generation import generate
 from minilora.loss import next_token_loss
 from minilora.plot import line_chart
 from minilora.sft import (build_sft_samples, detect_format, load_conversations, pack_samples, record_to_messages,

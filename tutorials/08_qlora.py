@@ -58,12 +58,12 @@ import time
 from pathlib import Path
 
 import _course
-from minilora.checkpoint import load_model
+from minilora.formats.safetensors_folder import load_model
 from minilora.data import load_base_data, pad_collate, pad_id
 from minilora.lora import LoRALinear, apply_lora, count_parameters, linear_names
 from minilora.loss import next_token_loss
-from minilora.nf4 import dequantize_nf4, quantize_nf4
-from minilora.nf4_linear import NF4Linear
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.nf4_linear import NF4Linear
 from minilora.plot import line_chart
 from minilora.tokenizer import load_tokenizer
 from minilora.train import train

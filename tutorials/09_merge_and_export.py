@@ -38,8 +38,8 @@ from safetensors import safe_open
 
 import _course
 from minilora.adapter import load_adapter, lora_modules
-from minilora.checkpoint import load_model, save_model
-from minilora.generate import generate
+from minilora.formats.safetensors_folder import load_model, save_model
+from minilora.generation import generate
 from minilora.lora import LoRALinear, count_parameters, merge_lora
 from minilora.merge import merge
 from minilora.plot import line_chart

@@ -20,8 +20,8 @@ import re
 from collections.abc import Mapping
 from functools import partial
 
-from minilora.template_lexer import ChatTemplateError
-from minilora.template_values import Function, Markup, Namespace, Undefined, get_item, to_str
+from .lexer import ChatTemplateError
+from .values import Function, Markup, Namespace, Undefined, get_item, to_str
 
 
 def soft_str(value) -> str:

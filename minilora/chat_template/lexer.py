@@ -22,7 +22,7 @@ raises ChatTemplateError rather than being lexed wrongly.
 import re
 from dataclasses import dataclass
 
-from minilora.errors import MiniloraError
+from ..errors import MiniloraError
 
 
 class ChatTemplateError(MiniloraError):

@@ -13,11 +13,11 @@ macro/call, filter blocks, with, include/import/extends/block, do, autoescape, r
 in calls.
 """
 
-from minilora.template_ast import (
+from .nodes import (
     Binary, Break, Call, CondExpr, Compare, Concat, Const, Continue, DictLit, Filter, For, GetAttr, GetItem, If,
     ListLit, Name, NSRef, Output, Scope, Set, SetBlock, Slice, Template, Test, Text, TupleLit, Unary,
 )  # fmt: skip
-from minilora.template_lexer import ChatTemplateError, Token, tokenize
+from .lexer import ChatTemplateError, Token, tokenize
 
 
 _UNSUPPORTED_TAGS = {

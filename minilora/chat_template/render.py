@@ -1,4 +1,4 @@
-"""Chat templates rendered by minilora itself: a small, sandboxed subset of Jinja, written from scratch.
+"""The renderer: the public functions and the evaluator that walks the template's AST.
 
 Hugging Face models carry their chat format as a Jinja string (tokenizer_config.json's `chat_template`). This
 module renders such strings with exactly the output of jinja2 as transformers configures it (`utils/
@@ -6,8 +6,8 @@ chat_template_utils.py`: an ImmutableSandboxedEnvironment with trim_blocks, lstr
 `tojson` filter without HTML escaping, the globals `raise_exception` and `strftime_now`, and the
 `{% generation %}` tag), so that fine-tuning sees the very text the model was trained to read.
 
-    template text --template_lexer--> tokens --template_parser--> template_ast --template_scopes--> annotated AST
-    annotated AST + messages --this file's evaluator (template_values, template_filters)--> string
+    template text --lexer--> tokens --parser--> nodes (the AST) --scopes--> annotated AST
+    annotated AST + messages --this file's evaluator (values, filters)--> string
 
 This file holds the public functions and the evaluator, which walks the AST: statements append text to an output
 list, expressions become Python values. Jinja semantics kept on purpose: `{% set %}` inside a for loop is local
@@ -16,11 +16,11 @@ and only fails when used in arithmetic, comparison or attribute access, `{% for 
 unless an iteration reached the end of its body.
 
 Sandbox: a template reads no file, imports nothing and sees only the values passed to it; it can call only the
-globals and filters of template_filters and the str/dict methods whitelisted in template_values.
+globals and filters of filters.py and the str/dict methods whitelisted in values.py.
 
 Deliberately not supported (ChatTemplateError naming the construct and its line, never a silently different
 output): macros and call blocks, include/import/extends, `{% do %}`, `{% filter %}`, `{% with %}`, recursive
-loops and the jinja2 filters/tests/methods not listed in template_filters/template_values. Known difference:
+loops and the jinja2 filters/tests/methods not listed in filters.py/values.py. Known difference:
 jinja2 evaluates all-literal expressions when it compiles, so `{{ none[:1] }}` prints "" there while minilora
 raises (as jinja2 itself does for `{{ x[:1] }}` with x = none); and printing a function (`{{ d.get }}`) raises
 here instead of printing a memory address.
@@ -31,12 +31,12 @@ from collections import ChainMap
 from collections.abc import Mapping
 from functools import lru_cache
 
-from minilora import template_ast as nodes
-from minilora.template_filters import FILTERS, GLOBALS, TESTS, call_filter, call_test, escape
-from minilora.template_lexer import ChatTemplateError
-from minilora.template_parser import parse
-from minilora.template_scopes import annotate
-from minilora.template_values import (
+import minilora.chat_template.nodes as nodes
+from .filters import FILTERS, GLOBALS, TESTS, call_filter, call_test, escape
+from .lexer import ChatTemplateError
+from .parser import parse
+from .scopes import annotate
+from .values import (
     Function, LoopContext, Markup, Namespace, Undefined, check_public, get_attr, get_item, to_str,
 )  # fmt: skip
 

@@ -20,7 +20,7 @@ VAR_LOAD_UNDEFINED; names first loaded, or first stored inside an if, get VAR_LO
 
 from dataclasses import fields, is_dataclass
 
-from minilora import template_ast as nodes
+import minilora.chat_template.nodes as nodes
 
 
 def annotate(template: nodes.Template) -> None:

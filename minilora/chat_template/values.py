@@ -14,7 +14,7 @@ error) with one difference on purpose: only the methods in METHODS can be reache
 from collections.abc import Iterator, Mapping
 from functools import partial
 
-from minilora.template_lexer import ChatTemplateError
+from .lexer import ChatTemplateError
 
 
 class Undefined:

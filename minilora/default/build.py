@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic
-from ..train_config import TrainConfig, replace
+from .. import files
+from ..train_config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "model"  # the pre-built default model
@@ -78,12 +78,12 @@ def train_tokenizer(out_dir: Path) -> dict:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", ids["<bos>"])])
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    atomic.write_json(out_dir / "tokenizer_config.json", {
+    files.write_json(out_dir / "tokenizer_config.json", {
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "model_max_length": MODEL_SHAPE["max_position_embeddings"], "chat_template": CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
     })
-    atomic.write_json(out_dir / "generation_config.json", {
+    files.write_json(out_dir / "generation_config.json", {
         "bos_token_id": ids["<bos>"], "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
         "pad_token_id": ids["<pad>"],
     })
@@ -100,7 +100,7 @@ def write_random_checkpoint(out_dir: Path, ids: dict, seed: int = 0) -> None:
         "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
         "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"], "pad_token_id": ids["<pad>"],
     }
-    atomic.write_json(out_dir / "config.json", config)
+    files.write_json(out_dir / "config.json", config)
     gen = torch.Generator().manual_seed(seed)
     C, I, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     D = C // s["num_attention_heads"]
@@ -120,12 +120,12 @@ def write_random_checkpoint(out_dir: Path, ids: dict, seed: int = 0) -> None:
             p + "mlp.down_proj.weight": normal(C, I, std=0.02 / (2 * L) ** 0.5),
             p + "input_layernorm.weight": torch.ones(C), p + "post_attention_layernorm.weight": torch.ones(C),
         }
-    atomic.save_safetensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
+    files.save_safetensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
 
 
 def build_default_model(target: Path, steps: int = PRETRAIN_STEPS) -> Path:
     """Build the pre-trained default model into `target` (atomically: in a temporary folder, then renamed)."""
-    from ..train import train
+    from ..trainer import train
 
     # One work folder per process: two runs starting at once (two terminals, parallel tests) must not build
     # into each other's files. Whichever finishes first publishes; the other keeps that model.
@@ -167,46 +167,6 @@ def ensure_default_model() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         build_default_model(target, steps)
     return target
-
-
-# The demonstrations' settings; a value the user set on the command line (anything differing from the
-# TrainConfig default) wins over these. `--mode sft` picks the instruction-tuning demonstration.
-# Base fine-tuning: 54 blocks of 128 tokens, so 40 steps of 8 are ~6 epochs — past that the tiny model only
-# memorises the training blocks and the validation loss turns back up.
-DEMO = dict(
-    mode="base", method="lora", r=16, alpha=32.0, dropout=0.1, targets="all-linear", block_size=128,
-    batch_size=8, lr=2e-3, warmup_steps=10, max_steps=40, eval_every=5, save_every=20, log_every=5,
-    output="runs/default", sample_prompts="Haneul Tea Garden is|하늘 차밭은", sample_tokens=32,
-    data=str(HERE / "domain.txt"),
-)
-# Instruction tuning: questions about the tea garden whose answers always come as JSON
-# {"answer": ..., "language": "en" | "ko"} (instruct_json.jsonl). The model is far too small to learn the facts
-# from 108 examples, but it does learn the *format* — the point of the course's JSON example. The sample
-# prompts are four training questions and four it never saw, half of each language.
-SFT_DEMO = dict(
-    mode="sft", method="lora", r=32, alpha=64.0, dropout=0.0, targets="all-linear", block_size=256,
-    batch_size=8, lr=5e-3, warmup_steps=10, max_steps=200, eval_every=25, save_every=100, log_every=5,
-    output="runs/default-sft", sample_tokens=80, data=str(HERE / "instruct_json.jsonl"),
-    sample_prompts="|".join([
-        "Where is Haneul Tea Garden?", "하늘 차밭은 어디에 있나요?", "Who founded Haneul Tea Garden?",
-        "하늘 차밭은 몇 년에 세워졌나요?", "What is the capital of France?", "고양이는 무엇을 먹나요?",
-        "How do I make green tea?", "오늘 날씨는 어때요?",
-    ]),
-)
-DEMOS = {  # --mode → (settings, what the demonstration shows)
-    "base": (DEMO, "LoRA base fine-tuning of a tiny bilingual model on an invented tea-garden corpus"),
-    "sft": (SFT_DEMO, "LoRA instruction tuning of a tiny bilingual model to answer in JSON"),
-}
-
-
-def default_run_config(cfg: TrainConfig) -> TrainConfig:
-    """The user's config with the demonstration's model, data and settings filled in (by `cfg.mode`)."""
-    demo, what = DEMOS[cfg.mode]
-    defaults = TrainConfig()
-    changes = {name: value for name, value in demo.items() if getattr(cfg, name) == getattr(defaults, name)}
-    print(f"no --model/--data given: running the built-in demonstration ({what})")
-    return replace(cfg, model=str(ensure_default_model()), **changes)
-
 
 
 def main(argv: list[str] | None = None) -> int:

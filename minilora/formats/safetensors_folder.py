@@ -23,7 +23,7 @@ shape, a bf16 file loaded as fp32, CPU): peak 983 MiB for a 673 MiB model, again
 and 2,074 MiB for dense-then-quantize; the excess over the model is mostly quantize_nf4's temporaries, ~30 bytes
 per weight of the tensor being quantized (the largest has 11.5 M weights).
 A checkpoint that transformers + bitsandbytes saved in 4-bit (config.json `quantization_config`) is read as stored,
-without re-quantizing, and `save_model` writes a 4-bit model in that same format (see quantized_checkpoint.py).
+without re-quantizing, and `save_model` writes a 4-bit model in that same format (see quant/bnb_checkpoint.py).
 
 Not handled: PyTorch `.bin` pickles (unsafe to load; convert to safetensors), FP4/8-bit/GPTQ/AWQ checkpoints.
 """
@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import save_safetensors, write_json
-from .config import SUPPORTED_DTYPES, load_config
-from .errors import MiniloraError
-from .model import Transformer
-from .nf4 import quantize_nf4
-from .nf4_linear import NF4Linear
-from .quantized_checkpoint import (BLOCKSIZE, block_linear_names, checkpoint_quantization, four_bit_module,
+from ..files import save_safetensors, write_json
+from ..config import SUPPORTED_DTYPES, load_config
+from ..errors import MiniloraError
+from ..model import Transformer
+from ..quant.nf4 import quantize_nf4
+from ..quant.nf4_linear import NF4Linear
+from ..quant.bnb_checkpoint import (BLOCKSIZE, block_linear_names, checkpoint_quantization, four_bit_module,
                                    gather_nf4, install_nf4_linears, quantization_config, share_code_tables, unshare)
 
 INDEX_NAME = "model.safetensors.index.json"

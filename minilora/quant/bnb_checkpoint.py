@@ -31,7 +31,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .errors import MiniloraError
+from ..errors import MiniloraError
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from minilora.errors import MiniloraError
+from ..errors import MiniloraError
 
 # The 16 NF4 values, index 0..15: quantiles of N(0, 1) normalised to [-1, 1], with an exact 0 (QLoRA appendix).
 # bitsandbytes hard-codes these fp32 numbers (functional.get_4bit_type("nf4")); they are sorted.

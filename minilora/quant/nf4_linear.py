@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilora.errors import MiniloraError
-from minilora.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from ..errors import MiniloraError
+from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minilora.checkpoint import load_model, save_model
+from minilora.formats.safetensors_folder import load_model, save_model
 from minilora.errors import MiniloraError
 from tiny_models import load_hf_model, make_tiny_checkpoint
 

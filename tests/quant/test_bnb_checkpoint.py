@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import minilora.checkpoint as checkpoint
-from minilora.checkpoint import load_model, save_model
+import minilora.formats.safetensors_folder as checkpoint
+from minilora.formats.safetensors_folder import load_model, save_model
 from minilora.errors import MiniloraError
-from minilora.nf4_linear import NF4Linear
-from minilora.quantized_checkpoint import dequantize_model
+from minilora.quant.nf4_linear import NF4Linear
+from minilora.quant.bnb_checkpoint import dequantize_model
 from tiny_models import _quiet, load_hf_model, make_tiny_checkpoint
 
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))

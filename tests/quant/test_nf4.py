@@ -1,4 +1,4 @@
-"""minilora.nf4 against bitsandbytes 0.50 (the oracle), bit for bit, and against transformers' 4-bit checkpoints."""
+"""minilora.quant.nf4 against bitsandbytes 0.50 (the oracle), bit for bit, and against transformers' 4-bit checkpoints."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minilora.errors import MiniloraError
-from minilora.nf4 import NF4_CODE, NF4Weight, create_dynamic_map, dequantize_absmax, dequantize_nf4, quantize_nf4
-from minilora.nf4 import _quantize_8bit_dynamic
+from minilora.quant.nf4 import NF4_CODE, NF4Weight, create_dynamic_map, dequantize_absmax, dequantize_nf4, quantize_nf4
+from minilora.quant.nf4 import _quantize_8bit_dynamic
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
@@ -243,7 +243,7 @@ def test_large_weight_is_quantized_and_dequantized_in_chunks_with_the_same_bytes
     # quantize_nf4 and dequantize_nf4 work through a chunk of values at a time to bound their temporaries; with
     # small chunks a (257, 300) weight spans many chunks and ends in a partial block (and with blocksize 4096 a
     # chunk is a single block), and must still equal bnb byte for byte, and value for value once dequantized.
-    import minilora.nf4 as nf4
+    import minilora.quant.nf4 as nf4
 
     monkeypatch.setattr(nf4, "QUANTIZE_CHUNK", 4096)
     monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", 4096)

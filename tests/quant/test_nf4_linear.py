@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minilora.errors import MiniloraError
-from minilora.nf4 import dequantize_nf4, quantize_nf4
-from minilora.nf4_linear import NF4Linear
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.nf4_linear import NF4Linear
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import minilora.checkpoint as checkpoint
-from minilora.checkpoint import load_model, quantize_model, save_model
+import minilora.formats.safetensors_folder as checkpoint
+from minilora.formats.safetensors_folder import load_model, quantize_model, save_model
 from minilora.lora import LoRALinear, apply_lora, merge_lora
-from minilora.nf4 import dequantize_nf4, quantize_nf4
-from minilora.nf4_linear import NF4Linear
-from minilora.quantized_checkpoint import block_linear_names, dequantize_model, memory_summary, model_memory
-from minilora.train import batch_loss_sum, main
+from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
+from minilora.quant.nf4_linear import NF4Linear
+from minilora.quant.bnb_checkpoint import block_linear_names, dequantize_model, memory_summary, model_memory
+from minilora.train import main
+from minilora.trainer import batch_loss_sum
 from minilora.train_config import TrainConfig
 from tiny_models import _quiet, load_hf_model, make_tiny_checkpoint
 from tiny_tokenizers import set_chat_template
