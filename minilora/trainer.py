@@ -17,11 +17,12 @@ the step's total makes N micro-batches give exactly the gradient of one big batc
 The data order is a seeded permutation per epoch, so the data position is a pure function of the step:
 resuming restores model, optimizer, scheduler and RNG, then continues with the very same batches and losses.
 
+Checkpoints live in checkpointing.py, metrics, progress and samples in progress.py.
+
 Deliberately not handled: multi-GPU / distributed training, mixed adapters, streaming datasets larger than
 memory.
 """
 
-import json
 import math
 import shutil
 import sys
@@ -32,11 +33,11 @@ from pathlib import Path
 import torch
 
 from . import files
+from .checkpointing import find_checkpoint, restore_checkpoint, save_checkpoint, save_weights
 from .errors import MiniloraError
+from .progress import Metrics, print_samples, progress_line, sample
 from .train_config import TrainConfig
 from .train_data import Batches, build_datasets
-
-CHECKPOINTS = "checkpoints"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,164 +163,6 @@ def evaluate(model, val_batches: Batches, cfg, device) -> dict:
         loss_sum, tokens = loss_sum + s.item(), tokens + int(n)
     loss = loss_sum / max(tokens, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: everything needed to continue exactly where we stopped
-# ----------------------------------------------------------------------------------------------------------
-def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
-    """The trained result: a PEFT adapter (LoRA/QLoRA) or a full Hugging Face checkpoint (full FT)."""
-    if cfg.method == "full":
-        from .formats.safetensors_folder import save_model
-
-        save_model(model, out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json", "chat_template.jinja"):
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
-    else:
-        from .adapter import save_adapter
-
-        save_adapter(model, out_dir, base_model_name_or_path=str(cfg.model))
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-NNNNNN atomically: build it in a temporary folder, then rename it."""
-    final = run_dir / CHECKPOINTS / f"step-{step:06d}"
-    tmp = run_dir / CHECKPOINTS / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp, cfg, cfg.model)
-    state = {
-        "step": step,  # the data position is a function of the step (see Batches)
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    files.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
-    return final
-
-
-def find_checkpoint(cfg: TrainConfig) -> Path:
-    if cfg.resume != "latest":
-        path = Path(cfg.resume)
-    else:
-        pointer = Path(cfg.output) / CHECKPOINTS / "latest"
-        if not pointer.is_file():
-            raise MiniloraError(f"--resume: no checkpoint in {pointer.parent} (nothing to resume from)")
-        path = pointer.parent / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():
-        raise MiniloraError(f"--resume: {path} is not a minilora checkpoint (no trainer_state.pt)")
-    return path
-
-
-def load_lora_weights(model, checkpoint: Path) -> None:
-    """Copy a checkpoint's A and B into the model's existing LoRA layers (same names, same shapes)."""
-    from safetensors.torch import load_file
-
-    from .adapter import adapter_state_dict
-
-    ours = adapter_state_dict(model)  # PEFT key -> tensor of the live model
-    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
-    if set(saved) != set(ours):
-        raise MiniloraError(f"{checkpoint}: its LoRA tensors do not match this run's (different --targets or --r?)")
-    with torch.no_grad():
-        for key, tensor in saved.items():
-            ours[key].copy_(tensor)
-
-
-def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
-    from safetensors.torch import load_file
-
-    if cfg.method == "full":
-        weights = load_file(str(path / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
-    else:
-        load_lora_weights(model, path)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics, progress, samples
-# ----------------------------------------------------------------------------------------------------------
-class Metrics:
-    """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        self.records = []
-        if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def plot(self) -> Path:
-        from .plot import line_chart
-
-        train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        return line_chart({"train loss": train, "validation loss": val}, self.path.parent / "loss.svg",
-                          title="minilora: loss per step", xlabel="optimizer step", ylabel="loss (nats/token)")
-
-
-def progress_line(step: int, total: int, stats: dict, lr: float, tokens_per_s: float, eta_s: float) -> str:
-    width = 24
-    done = int(width * step / total)
-    bar = "█" * done + "·" * (width - done)
-    eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s"
-    return (f"[{bar}] step {step}/{total}  loss {stats['loss']:.4f}  lr {lr:.2e}  "
-            f"{tokens_per_s:,.0f} tok/s  ETA {eta}")
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch.device) -> list[str]:
-    """Greedy continuations of each prompt (deterministic, so before/after are comparable).
-
-    In sft mode each prompt is a user turn rendered through the chat template, and the reply ends at the
-    template's end-of-turn token (a reply that never reaches it is marked: learning to stop is part of SFT);
-    in base mode the prompt is raw text to continue."""
-    from .chat import chat_once
-    from .generation import generate
-
-    model.eval()
-    texts = []
-    for prompt in prompts:
-        if cfg.mode == "sft":
-            reply = chat_once(model, tokenizer, [{"role": "user", "content": prompt}], cfg.sample_tokens)
-            cut = "" if reply.stopped else f" [… no end of turn within {cfg.sample_tokens} tokens]"
-            texts.append(f"user: {prompt}\nassistant: {reply.text}{cut}")
-            continue
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        out = generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.0,
-                       eos_token_ids=tokenizer.eos_token_ids)
-        texts.append(prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
-    return texts
-
-
-def print_samples(title: str, texts: list[str]) -> None:
-    print(f"\n--- {title} ---")
-    for t in texts:
-        print("  " + t.replace("\n", "\n  "))
-    print()
 
 
 # ----------------------------------------------------------------------------------------------------------

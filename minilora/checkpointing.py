@@ -1,0 +1,108 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+    run/checkpoints/step-NNNNNN/   adapter_model.safetensors + adapter_config.json (LoRA/QLoRA)
+                                   or model.safetensors + config.json + tokenizer files (full FT)
+                                   trainer_state.pt: step, optimizer, scheduler, RNG states
+    run/checkpoints/latest         the name of the newest complete checkpoint
+
+A checkpoint is built in a temporary folder and renamed into place, then `latest` is rewritten atomically, so a
+run killed at any moment leaves `latest` naming a complete checkpoint. The data position is not stored: it is a
+function of the step (train_data.Batches), so restoring the step restores the batches.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import files
+from .errors import MiniloraError
+from .train_config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
+    """The trained result: a PEFT adapter (LoRA/QLoRA) or a full Hugging Face checkpoint (full FT)."""
+    if cfg.method == "full":
+        from .formats.safetensors_folder import save_model
+
+        save_model(model, out_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json", "chat_template.jinja"):
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    else:
+        from .adapter import save_adapter
+
+        save_adapter(model, out_dir, base_model_name_or_path=str(cfg.model))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
+    """Write checkpoints/step-NNNNNN atomically: build it in a temporary folder, then rename it."""
+    final = run_dir / CHECKPOINTS / f"step-{step:06d}"
+    tmp = run_dir / CHECKPOINTS / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp, cfg, cfg.model)
+    state = {
+        "step": step,  # the data position is a function of the step (see Batches)
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    files.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
+    return final
+
+
+def find_checkpoint(cfg: TrainConfig) -> Path:
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+    else:
+        pointer = Path(cfg.output) / CHECKPOINTS / "latest"
+        if not pointer.is_file():
+            raise MiniloraError(f"--resume: no checkpoint in {pointer.parent} (nothing to resume from)")
+        path = pointer.parent / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").is_file():
+        raise MiniloraError(f"--resume: {path} is not a minilora checkpoint (no trainer_state.pt)")
+    return path
+
+
+def load_lora_weights(model, checkpoint: Path) -> None:
+    """Copy a checkpoint's A and B into the model's existing LoRA layers (same names, same shapes)."""
+    from safetensors.torch import load_file
+
+    from .adapter import adapter_state_dict
+
+    ours = adapter_state_dict(model)  # PEFT key -> tensor of the live model
+    saved = load_file(str(checkpoint / "adapter_model.safetensors"))
+    if set(saved) != set(ours):
+        raise MiniloraError(f"{checkpoint}: its LoRA tensors do not match this run's (different --targets or --r?)")
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            ours[key].copy_(tensor)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    if cfg.method == "full":
+        weights = load_file(str(path / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
+    else:
+        load_lora_weights(model, path)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
