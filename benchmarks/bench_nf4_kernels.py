@@ -22,10 +22,8 @@ No correctness is asserted here beyond a sanity check of every output against th
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import sys
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import harness
 from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -216,40 +215,6 @@ def bench_cpu(shapes, train_ms, decode_ms, min_run_time):
 # --- report -------------------------------------------------------------------------------------------------------
 
 
-def machine_info(device: str) -> dict:
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "device": device,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": _cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-    }
-    for pkg in ("triton", "bitsandbytes"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except ImportError:
-            info[pkg] = None
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        gib = round(props.total_memory / 2**30, 1)
-        info.update(gpu=props.name, sms=props.multi_processor_count, gpu_memory_gib=gib, cuda=torch.version.cuda)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def add_ratios(rows, bandwidth_gbps):
     """GB/s, TFLOP/s, % of bandwidth, and time ratios to bnb and to the dense baseline of the same op and shape."""
     for r in rows:
@@ -323,7 +288,7 @@ def main(argv=None):
         bandwidth = 2 * src.numel() / (time_cpu_ms(lambda: dst.copy_(src), 1.0) * 1e-3) / 1e9
         note = f"measured 256 MiB memcpy, {torch.get_num_threads()} threads"
         tag = "cpu"
-    info = machine_info(device)
+    info = harness.machine_info(device)
     add_ratios(rows, bandwidth)
     report = to_markdown(rows, info, bandwidth, note, args.note)
     print(report)

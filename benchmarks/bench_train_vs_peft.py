@@ -48,19 +48,18 @@ Not measured: padded or packed batches (the mask path), multi-GPU.
 """
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+import harness
+from harness import synchronize, time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The smoke test's settings: a 2-layer model and a handful of tokens, so the run is dominated by imports.
@@ -119,33 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine_info(args) -> dict:
-    import peft
-    import transformers
-
-    info = {"date": datetime.date.today().isoformat(), "device": args.device, "dtype": args.dtype,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
-    if args.method == "qlora":
-        import bitsandbytes
-
-        info["bitsandbytes"] = bitsandbytes.__version__
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    packages = ("transformers", "peft") + (("bitsandbytes",) if args.method == "qlora" else ())
+    return {**harness.machine_info(args.device, packages), "dtype": args.dtype}
 
 
 # --- the two models ---------------------------------------------------------------------------------------------
@@ -236,33 +210,6 @@ def check_agreement(mini, ref, batch, cfg, device, amp) -> dict:
 
 
 # --- timing and memory ------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: dict, warmup: int, steps: int, device) -> dict:
-    """Per call of each function, called in turn (order reversed every round), warm-up calls dropped:
-    {name: {"wall": [s, ...], "cpu": [s, ...]}}.
-
-    "cpu" is this process's CPU time (all its threads). Single-threaded (--threads 1) it is the compute the call
-    needed, whatever other processes took from the machine meanwhile: on a loaded shared CPU a steadier measure
-    than wall time, though still not immune to what they do to the caches. On GPU, wall time is the measure.
-    """
-    times = {name: {"wall": [], "cpu": []} for name in fns}
-    order = list(fns)
-    for i in range(warmup + steps):
-        for name in order if i % 2 == 0 else order[::-1]:
-            synchronize(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[name]()
-            synchronize(device)
-            if i >= warmup:
-                times[name]["wall"].append(time.perf_counter() - t0)
-                times[name]["cpu"].append(time.process_time() - c0)
-    return times
 
 
 def summarize(times: dict, tokens: int) -> dict:
@@ -520,12 +467,8 @@ def fmt_ms(side: dict) -> str:
 
 
 def save(report: str, data: dict, out: Path, info: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     method = "qlora_" if "bitsandbytes" in info else ""
-    stem = out / f"{method}train_vs_peft_{info['device']}_{info['date']}"
-    stem.with_suffix(".md").write_text(report, encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    return stem.with_suffix(".md")
+    return harness.save_results(out / f"{method}train_vs_peft_{info['device']}_{info['date']}", report, data)
 
 
 def describe_setup(args, mini, ref, names) -> dict:

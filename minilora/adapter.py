@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import save_safetensors, write_json
+from .files import read_json_object, save_safetensors, write_json
 from .errors import MiniloraError
 from .lora import LoRALinear, apply_lora, linear_names, select_targets
 
@@ -106,10 +106,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise MiniloraError(f"{path} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MiniloraError(f"{path} is not valid JSON: {e}") from None
+    config = read_json_object(path, hint="re-save the adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise MiniloraError(f"{path}: peft_type is {config['peft_type']!r}; only LORA adapters are supported")
     for field in ("r", "lora_alpha", "target_modules"):

@@ -28,10 +28,7 @@ def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> 
         from .formats.safetensors_folder import save_model
 
         save_model(model, out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json", "chat_template.jinja"):
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+        files.copy_companion_files(tokenizer_dir, out_dir)
     else:
         from .adapter import save_adapter
 

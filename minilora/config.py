@@ -23,11 +23,11 @@ dynamic NTK RoPE scaling, bidirectional attention.
 """
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MiniloraError
+from .files import read_json_object
 from .rope import longrope_attention_factor, yarn_attention_factor
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
@@ -238,12 +238,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise MiniloraError(f"no config.json in {model_dir}: is it a Hugging Face model folder?")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MiniloraError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise MiniloraError(f"{path} must hold a JSON object")
+    d = read_json_object(path, hint="re-download or re-save the model")
     try:
         return ModelConfig.from_hf_dict(d)
     except MiniloraError as e:  # messages start with "config.json: "; say which folder

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .errors import MiniloraError
+from .loss import IGNORE_INDEX  # label of a position the loss skips (padding, prompts)
 
-IGNORE_INDEX = -100  # label of a position the loss skips (padding, prompts)
 SUPPORTED = (".txt", ".jsonl", ".json")
 
 

@@ -22,7 +22,7 @@ Not handled: label smoothing, z-loss, a bias on the vocabulary head, tensor-para
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position the loss skips (padding, prompts), as in PyTorch and transformers
 
 
 def _shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

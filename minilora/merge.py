@@ -13,16 +13,12 @@ adapters at once.
 """
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from .files import atomic_path
+from .config import SUPPORTED_DTYPES
 from .errors import MiniloraError, run_cli
-
-# Files that belong to the weights (rewritten by save_model) and are therefore not copied from the base folder.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-NOT_COPIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+from .files import copy_companion_files
 
 
 def merge(model_dir, adapter_dir, output_dir, dtype=None) -> Path:
@@ -42,10 +38,7 @@ def merge(model_dir, adapter_dir, output_dir, dtype=None) -> Path:
     names = load_adapter(model, adapter_dir)
     merge_lora(model)
     save_model(model, output_dir)
-    for f in sorted(model_dir.iterdir()):  # tokenizer.json, tokenizer_config.json, generation_config.json, ...
-        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
-            with atomic_path(output_dir / f.name) as tmp:
-                shutil.copyfile(f, tmp)
+    copy_companion_files(model_dir, output_dir)  # tokenizer.json, tokenizer_config.json, generation_config.json, ...
     print(f"merged {len(names)} LoRA layers of {adapter_dir} into {model_dir}: wrote {output_dir}")
     return output_dir
 
@@ -55,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="base model folder (Hugging Face format)")
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder (PEFT format)")
     parser.add_argument("--output", required=True, help="folder for the merged model")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    parser.add_argument("--dtype", choices=SUPPORTED_DTYPES, default=None,
                         help="dtype of the merged weights (default: the base checkpoint's)")
     args = parser.parse_args(argv)
     merge(args.model, args.adapter, args.output, dtype=args.dtype)

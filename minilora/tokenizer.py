@@ -36,13 +36,13 @@ Deliberately not handled: folders with only a SentencePiece `tokenizer.model` or
 sequences, and padding/truncation inside the tokenizer (data.py and sft.py do those).
 """
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
 from .errors import MiniloraError
+from .files import read_json_object
 
 # The named special tokens a template may use (transformers passes each one that is set to the template).
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -58,13 +58,7 @@ def _read_json(path: Path, required: bool = False) -> dict | None:
             raise MiniloraError(f"{path} not found: a tokenizer folder needs tokenizer.json "
                                 "(save one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MiniloraError(f"{path} is not valid JSON ({e}); re-download or re-save the tokenizer") from None
-    if not isinstance(value, dict):
-        raise MiniloraError(f"{path} should hold a JSON object, found {type(value).__name__}")
-    return value
+    return read_json_object(path, hint="re-download or re-save the tokenizer")
 
 
 def _token_content(value, where: str) -> str | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
+from .config import SUPPORTED_DTYPES
 from .errors import MiniloraError
 
 
@@ -68,7 +69,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {
             "mode": ("base", "sft"), "method": ("lora", "qlora", "full"), "schedule": ("cosine", "constant"),
-            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"),
+            "dtype": SUPPORTED_DTYPES, "device": ("auto", "cpu", "cuda"),
             "overlong": ("truncate", "drop"), "on_error": ("stop", "skip"),
             "quant_backend": ("auto", "triton", "torch"),
         }
