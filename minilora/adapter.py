@@ -5,11 +5,12 @@ Format (what `peft.PeftModel.save_pretrained` writes, PEFT 0.21):
   `lora_alpha`, `lora_dropout`, `target_modules` (a list of name suffixes / full names, or one regular
   expression), `use_rslora`, `bias: "none"`, `base_model_name_or_path`, ...
 - `adapter_model.safetensors`: `base_model.model.<module path>.lora_A.weight` (r, d_in) and `.lora_B.weight`
-  (d_out, r). `<module path>` is the name in the transformers model (`model.layers.0.self_attn.q_proj`), which is
-  also minilora's, and PEFT leaves the adapter name ("default") out of saved keys.
+  (d_out, r); for DoRA (`use_dora: true`) also `.lora_magnitude_vector` (d_out,), the learned magnitude m.
+  `<module path>` is the name in the transformers model (`model.layers.0.self_attn.q_proj`), which is also
+  minilora's, and PEFT leaves the adapter name ("default") out of saved keys.
 Older adapters saved as `adapter_model.bin` (a pickled state dict) load too, with torch's safe weights_only reader.
 
-Not handled (a clear error instead): per-module ranks or alphas (`rank_pattern`, `alpha_pattern`), DoRA, LoRA
+Not handled (a clear error instead): per-module ranks or alphas (`rank_pattern`, `alpha_pattern`), LoRA
 biases, `modules_to_save`, `layers_to_transform`, `exclude_modules`, other PEFT methods than LoRA.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from .files import read_json_object, save_safetensors, write_json
 from .errors import MiniloraError
+from .dora import DoRALinear
 from .lora import LoRALinear, apply_lora, linear_names, select_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,6 +61,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model).items():
         state[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach()
         state[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        if isinstance(m, DoRALinear):
+            state[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return state
 
 
@@ -94,7 +98,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": _shared(modules, lambda m: isinstance(m, DoRALinear)),
     }
     save_safetensors(out_dir / WEIGHTS_NAME, adapter_state_dict(model), metadata={"format": "pt"})
     write_json(out_dir / CONFIG_NAME, config)
@@ -113,7 +117,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         if config.get(field) is None:
             raise MiniloraError(f"{path}: field {field!r} is missing")
     unsupported = {  # field: the value that means "not used"
-        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "layers_to_transform": None, "exclude_modules": None, "lora_bias": False,
         "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
         "use_qalora": False, "alora_invocation_tokens": None,
@@ -156,7 +160,7 @@ def _read_weights(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype = torch.float32) -> list[str]:
     """Add the LoRA layers described by a PEFT adapter folder to `model` and load their weights.
 
-    Everything but A and B is frozen (A and B stay trainable, so training can continue). Returns the names of the
+    Everything but A and B (and DoRA's magnitude) is frozen (they stay trainable, so training can continue). Returns the names of the
     wrapped modules. Raises MiniloraError on a missing file, a target that matches nothing, a missing, unknown or
     wrongly shaped tensor.
     """
@@ -167,17 +171,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype =
         raise MiniloraError("the model already has LoRA layers; load the adapter into a fresh model")
     # Check every tensor against the layers it will go into before changing the model.
     names = select_targets(model, config["target_modules"])
-    r = config["r"]
+    r, dora = config["r"], bool(config.get("use_dora"))
     expected = {}
     for name in names:
         base = model.get_submodule(name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, base.in_features)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (base.out_features, r)
+        if dora:
+            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = (base.out_features,)
     unknown = sorted(set(weights) - set(expected))
     if unknown:
         raise MiniloraError(f"{where}: {len(unknown)} tensor(s) match no LoRA layer of this model, e.g. "
                             f"{unknown[0]!r} (is the adapter for another architecture?)")
     missing = sorted(set(expected) - set(weights))
+    if dora and any(k.endswith(".lora_magnitude_vector") for k in missing):
+        raise MiniloraError(f"{where}: adapter_config.json says use_dora=true but the weights have no "
+                            f"lora_magnitude_vector for {len(missing)} layer(s); is it a plain LoRA adapter?")
     if missing:
         raise MiniloraError(f"{where}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     for key, shape in expected.items():
@@ -186,10 +195,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dtype: torch.dtype =
                                 f"(r={r}; is the adapter for another model size?)")
 
     apply_lora(model, r=r, alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-               targets=names, use_rslora=bool(config.get("use_rslora")), dtype=dtype)
+               targets=names, use_rslora=bool(config.get("use_rslora")), dtype=dtype,
+               layer=DoRALinear if dora else LoRALinear)
     with torch.no_grad():
         for name in names:
             m = model.get_submodule(name)
             m.lora_A.weight.copy_(weights[f"{PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(weights[f"{PREFIX}{name}.lora_B.weight"])
+            if dora:
+                m.lora_magnitude_vector.copy_(weights[f"{PREFIX}{name}.lora_magnitude_vector"])
     return names

@@ -17,7 +17,10 @@ saved by minilora loads in PEFT and back (see adapter.py).
 `LoRALinear` wraps its base by composition: the base may be an `nn.Linear` or the 4-bit `NF4Linear` (QLoRA); it
 only needs `base(x)`, `in_features`, `out_features`, and for merging a float `weight` or a `dequantize()` method.
 
-Deliberately not handled: several adapters per layer, per-module ranks (PEFT's rank_pattern), DoRA, LoRA on
+DoRA (a learned magnitude per output row on top of LoRA's direction) is dora.py's DoRALinear, a LoRALinear with
+one more parameter.
+
+Deliberately not handled: several adapters per layer, per-module ranks (PEFT's rank_pattern), LoRA on
 embeddings or convolutions, a trainable bias.
 """
 
@@ -68,25 +71,33 @@ class LoRALinear(nn.Module):
         """ΔW = scale · B A, shape (d_out, d_in), in float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale  # (d_out, r) @ (r, d_in)
 
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """The weight this layer computes with, W0 + ΔW, in float32 (d_out, d_in)."""
+        return w0.float() + self.delta_weight().to(w0.device)
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """W0 back from `merged_weight(W0)`."""
+        return merged.float() - self.delta_weight().to(merged.device)
+
     def merge(self) -> None:
         """Fold ΔW into the base weight in place (W0 ← W0 + ΔW); forward then skips the LoRA path."""
         if not self.merged:
-            self._add_to_base(self.delta_weight())
+            self._set_base(self.merged_weight)
             self.merged = True
 
     def unmerge(self) -> None:
         """Undo `merge()` (W0 ← W0 − ΔW). In bf16 the round trip is exact only up to bf16 rounding."""
         if self.merged:
-            self._add_to_base(-self.delta_weight())
+            self._set_base(self.unmerged_weight)
             self.merged = False
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def _set_base(self, new_weight) -> None:
         weight = getattr(self.base, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise MiniloraError(f"cannot merge in place into a {type(self.base).__name__} (its weight is not a float "
                                 "tensor, e.g. 4-bit); use merge_lora(model), which dequantizes first")
-        with torch.no_grad():  # add in float32, round once to the base's dtype
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        with torch.no_grad():  # computed in float32, rounded once to the base's dtype
+            weight.copy_(new_weight(weight).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
@@ -152,14 +163,17 @@ def select_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                targets: str | Sequence[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
-               dtype: torch.dtype = torch.float32) -> list[str]:
-    """Freeze `model` and replace each targeted linear by a LoRALinear around it; return the wrapped names."""
+               dtype: torch.dtype = torch.float32, layer: type = None) -> list[str]:
+    """Freeze `model` and replace each targeted linear by a LoRALinear around it; return the wrapped names.
+
+    layer: the adapter class, LoRALinear by default; dora.DoRALinear for DoRA (it takes the same arguments)."""
+    layer = layer or LoRALinear
     names = select_targets(model, targets)
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        lora = LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype)
+        lora = layer(getattr(parent, child), r, alpha, dropout, use_rslora, dtype)
         # A new module starts in training mode; follow the model's, or dropout would act in an eval()'d model.
         setattr(parent, child, lora.train(model.training))
     return names
@@ -196,8 +210,8 @@ def _merged_dense_linear(module: "LoRALinear") -> nn.Linear:
     dtype = getattr(base, "compute_dtype", None) or torch.float32
     with torch.no_grad():
         w0 = base.dequantize(torch.float32)  # (d_out, d_in): the 4-bit values are exact in float32
-        delta = module.delta_weight().float().to(w0.device) if not module.merged else 0.0
-        weight = (w0 + delta).to(dtype)  # one rounding, not one for the dequantize and one for the sum
+        merged = module.merged_weight(w0) if not module.merged else w0
+        weight = merged.to(dtype)  # one rounding, not one for the dequantize and one for the sum
     bias = getattr(base, "bias", None)
     linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():

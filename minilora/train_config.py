@@ -26,7 +26,7 @@ class TrainConfig:
     data: str | None = None  # .txt/.jsonl/.json file; None with the default model = the shipped sample corpus
     val_data: str | None = None  # separate validation file; None = split `val_fraction` off the training data
     mode: str = "base"  # "base": continued pre-training on raw text; "sft": instruction fine-tuning
-    method: str = "lora"  # "lora", "qlora" (4-bit NF4 base + LoRA) or "full" (every weight trains)
+    method: str = "lora"  # "lora", "qlora" (4-bit NF4 base + LoRA), "dora", "qdora" (DoRA on a 4-bit base) or "full"
     # --- LoRA (Hu et al. 2021, section 4.1: the update is scaled by alpha / r) ------------------------------
     r: int = 8  # rank of the update A·B
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
@@ -68,7 +68,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {
-            "mode": ("base", "sft"), "method": ("lora", "qlora", "full"), "schedule": ("cosine", "constant"),
+            "mode": ("base", "sft"), "method": ("lora", "qlora", "dora", "qdora", "full"), "schedule": ("cosine", "constant"),
             "dtype": SUPPORTED_DTYPES, "device": ("auto", "cpu", "cuda"),
             "overlong": ("truncate", "drop"), "on_error": ("stop", "skip"),
             "quant_backend": ("auto", "triton", "torch"),

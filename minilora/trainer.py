@@ -59,7 +59,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     from .tokenizer import load_tokenizer
 
     weight_dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)
-    quantize = "nf4" if cfg.method == "qlora" else None
+    quantize = "nf4" if cfg.method in ("qlora", "qdora") else None
     model = load_model(cfg.model, dtype=weight_dtype, device=device, quantize=quantize,
                        quant_backend=cfg.quant_backend) if quantize else \
         load_model(cfg.model, dtype=weight_dtype, device=device)
@@ -70,15 +70,17 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
 
 def prepare_parameters(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     """Make exactly the parameters that should learn require grad; return the LoRA-wrapped module names."""
-    from .lora import apply_lora, parameter_summary
+    from .dora import DoRALinear
+    from .lora import LoRALinear, apply_lora, parameter_summary
 
     wrapped = []
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
+        layer = DoRALinear if cfg.method in ("dora", "qdora") else LoRALinear
         wrapped = apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                             targets=cfg.target_list, use_rslora=cfg.use_rslora)
+                             targets=cfg.target_list, use_rslora=cfg.use_rslora, layer=layer)
     model.gradient_checkpointing = cfg.grad_checkpointing
     print(parameter_summary(model))
     return wrapped
