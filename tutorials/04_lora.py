@@ -306,6 +306,122 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # model differs only at float32 rounding level and has exactly the base model's parameter count, so a LoRA-trained
 # model runs at the original size and speed. Kept unmerged instead, the adapter (A and B) is a small file that can
 # be swapped per task (chapter 9).
+
+# %% [markdown]
+# ## 4.6 크기와 방향: DoRA · Magnitude and direction: DoRA
+#
+# **한국어** — 가중치 행렬의 각 행(출력 특징 하나)은 **크기**(행의 L2 노름)와 **방향**(길이 1인 행 벡터)의 곱입니다:
+# `W0 = m0 · V`, `m0 = ‖W0‖`(행마다), `V = W0 / ‖W0‖`. DoRA(Liu et al. 2024)는 방향을 LoRA로, 크기를 직접 학습합니다.
+#
+#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) 학습, 처음엔 ‖W0‖;  s = alpha / r
+#
+# B = 0에서 시작하면 `W' = W0`이므로 첫 스텝은 LoRA처럼 원래 모델 그대로입니다. 논문(4.3절)은 역전파에서
+# 노름 `‖W0 + s·B·A‖`을 상수로 취급(detach)하라고 권합니다. 그러면 (d_out × d_in) 행렬의 노름을 거쳐 기울기를 보낼
+# 필요가 없어 메모리를 아끼고, 정확도 손실은 측정되지 않았습니다. minilora의 `DoRALinear`(`minilora/dora.py`)는
+# `LoRALinear`에 `lora_magnitude_vector`(PEFT와 같은 이름) 하나를 더한 층입니다. 아래 셀은 기본 모델의 실제 가중치
+# 하나를 크기와 방향으로 나누어 다시 곱하면 원래대로 돌아옴을 확인하고, 행 노름의 분포를 그립니다.
+#
+# **English** — Each row of a weight matrix (one output feature) is a **magnitude** (the row's L2 norm) times a
+# **direction** (a row vector of length 1): `W0 = m0 · V` with `m0 = ‖W0‖` per row and `V = W0 / ‖W0‖`. DoRA
+# (Liu et al. 2024) learns the direction with LoRA and the magnitude directly:
+#
+#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) trained, starting at ‖W0‖;  s = alpha / r
+#
+# Starting from B = 0 gives `W' = W0`, so step 0 is the original model, as with LoRA. The paper (§4.3) treats the
+# norm `‖W0 + s·B·A‖` as a constant in backward (detached): no gradient then has to flow through the norm of a
+# (d_out × d_in) matrix, which saves memory, and it measured no loss of accuracy. minilora's `DoRALinear`
+# (`minilora/dora.py`) is a `LoRALinear` with one more parameter, `lora_magnitude_vector` (PEFT's name). The cell
+# below splits a real weight of the default model into magnitude and direction, checks that their product gives
+# it back, and plots the distribution of the row norms.
+
+# %%
+from minilora.dora import DoRALinear  # noqa: E402  (introduced here, with its section)
+from minilora.plot import histogram  # noqa: E402
+
+W0 = base_model.get_submodule("model.layers.0.self_attn.q_proj").weight.detach()  # (d_out, d_in) of a real, pre-trained layer
+m0 = W0.norm(dim=1)  # (d_out,): the magnitude of each row
+V = W0 / m0[:, None]  # (d_out, d_in): the direction, every row of length 1
+assert torch.allclose(V.norm(dim=1), torch.ones_like(m0), atol=1e-5) and torch.allclose(m0[:, None] * V, W0, atol=1e-6)
+print(f"layers.0.self_attn.q_proj: W0 {tuple(W0.shape)}; row norms m0 from {m0.min():.3f} to {m0.max():.3f} "
+      f"(mean {m0.mean():.3f}); m0 · V == W0")
+_course.show_figure(histogram(m0.tolist(), _course.figure_path("04_dora_magnitudes.svg"), bins=24,
+                              title="Row norms (magnitudes) of layers.0.self_attn.q_proj", xlabel="‖row‖"))
+dora_layer = DoRALinear(base_model.get_submodule("model.layers.0.self_attn.q_proj"), r=4, alpha=8)
+assert torch.allclose(dora_layer.lora_magnitude_vector, m0)  # m starts at ‖W0‖
+print(f"DoRALinear adds {dora_layer.lora_magnitude_vector.numel()} trainable magnitudes to LoRA's "
+      f"{dora_layer.lora_A.weight.numel() + dora_layer.lora_B.weight.numel()} A and B entries")
+
+# %% [markdown]
+# **한국어** — 이제 4.1절의 작은 문제(W0에 랭크 2 변화를 더한 층 흉내 내기)를 같은 시드에서 LoRA와 DoRA로 풀어 봅니다.
+# 셀은 두 손실 곡선을 그리고, 학습 뒤 크기가 얼마나 변했는지(ΔM: 행 노름 변화의 평균)와 방향이 얼마나 변했는지
+# (ΔD: 행마다 1 − cos(W', W0)의 평균)를 출력합니다. DoRA 논문은 LoRA에서 ΔM과 ΔD가 함께 움직이는 반면, 전체
+# 파인튜닝과 DoRA는 둘을 따로 움직일 수 있다는 점을 관찰했습니다. 이 작은 예에서 두 방법이 얼마나 다른지는 셀이
+# 계산한 값을 보세요(순서가 바뀌어도 이상하지 않습니다: 목표가 저랭크 변화라서 LoRA에도 쉬운 문제입니다). 이
+# 예에서 DoRA가 더 느리게 수렴한다면, 노름을 상수로 취급한 기울기는 손실의 정확한 기울기가 아니기 때문입니다. 목표
+# 자체는 DoRA로도 정확히 표현할 수 있으므로(V = 목표, m = ‖목표‖) 손실 0이 고정점이라는 점은 같습니다.
+#
+# **English** — Now solve section 4.1's small problem (imitating W0 plus a rank-2 change) with LoRA and with DoRA
+# from the same seed. The cell plots both loss curves and prints, after training, how much the magnitude changed
+# (ΔM: the mean change of the row norms) and how much the direction changed (ΔD: the mean over rows of
+# 1 − cos(W', W0)). The DoRA paper observed that under LoRA ΔM and ΔD move together, while full fine-tuning and DoRA
+# can move them separately. How different the two methods are on this small example is whatever the cell computes
+# (either order is plausible: the target is a low-rank change, an easy problem for LoRA too). Where DoRA converges
+# more slowly here, the reason is that the gradient with the norm held constant is not the loss's exact gradient;
+# the target itself is exactly reachable by DoRA too (V = target, m = ‖target‖), so zero loss is a fixed point of
+# both.
+
+# %%
+def fit(layer, steps):
+    """Train `layer`'s adapter parameters to imitate `target` (section 4.1); return the loss curve."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)  # both methods see the same inputs
+    losses = []
+    for step in range(steps):
+        x = torch.randn(64, d_in, generator=gen)  # (N, d_in)
+        loss = (layer(x) - x @ target.T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append((step, loss.item()))
+    return losses
+
+
+def magnitude_and_direction_change(layer):
+    with torch.no_grad():
+        w = layer.merged_weight(base.weight)  # W' in float32, (d_out, d_in)
+    dm = (w.norm(dim=1) - base.weight.norm(dim=1)).abs().mean().item()
+    dd = (1 - torch.nn.functional.cosine_similarity(w, base.weight, dim=1)).mean().item()
+    return dm, dd
+
+
+curves = {}
+for name, cls in (("LoRA", LoRALinear), ("DoRA", DoRALinear)):
+    torch.manual_seed(1)  # the same A for both
+    toy = cls(base, r=r, alpha=alpha)
+    curves[name] = fit(toy, _course.steps(300, 100))
+    dm, dd = magnitude_and_direction_change(toy)
+    print(f"{name}: loss {curves[name][0][1]:.4f} → {curves[name][-1][1]:.5f};  ΔM {dm:.4f}  ΔD {dd:.5f}")
+    assert curves[name][-1][1] < curves[name][0][1] / 4  # both learn (how fast: printed above)
+    x = torch.randn(8, d_in)
+    with torch.no_grad():
+        unmerged = toy(x)
+        toy.merge()  # W0 ← W' (for DoRA: m · (W0 + s·BA) / ‖W0 + s·BA‖)
+        assert torch.allclose(toy(x), unmerged, atol=1e-5)
+        toy.unmerge()
+_course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss.svg"),
+                               title="The toy layer trained with LoRA and with DoRA", log_y=True))
+
+# %% [markdown]
+# **한국어** — DoRA는 층마다 노름 `‖W0 + s·B·A‖`을 매 forward마다 계산하므로 LoRA보다 한 스텝이 느립니다. 같은 모델과
+# 데이터에서 잰 검증 손실·스텝당 시간·메모리는 `benchmarks/bench_dora_vs_lora.py`의 결과 파일에 있습니다. 학습은
+# `python -m minilora.train --method dora`(4비트 기반 모델이면 `--method qdora`)로 하고, 저장된 어댑터는
+# PEFT에서 `use_dora=True` 어댑터로 그대로 읽힙니다.
+#
+# **English** — DoRA computes the norm `‖W0 + s·B·A‖` of every adapted layer on every forward, so a step is slower
+# than LoRA's. Validation loss, time per step and memory measured on the same model and data are in the results of
+# `benchmarks/bench_dora_vs_lora.py`. Train with `python -m minilora.train --method dora` (`--method qdora` on a
+# 4-bit base); the saved adapter loads in PEFT as a `use_dora=True` adapter.
 #
 # ## 정리 · Summary
 #
@@ -314,9 +430,11 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # - `B = 0`에서 시작하므로 학습 전의 모델은 원래 모델과 같고, 학습된 ΔW의 랭크는 r을 넘지 않습니다.
 # - `scale = alpha/r`(rsLoRA는 alpha/√r)이 업데이트의 크기를 정합니다.
 # - `merge()`/`merge_lora`로 합친 모델은 합치기 전과 같은 출력을 냅니다.
+# - DoRA는 W'을 크기 m(직접 학습)과 방향(LoRA로 학습)으로 나눕니다: `DoRALinear`.
 #
 # **English**
 # - LoRA freezes `W0` and trains only `ΔW = (alpha/r)·B·A`: r·(d_in + d_out) parameters per layer.
 # - Starting from `B = 0`, the untrained model is the original; the trained ΔW has rank at most r.
 # - `scale = alpha/r` (alpha/√r with rsLoRA) sets the size of the update.
 # - A model merged with `merge()`/`merge_lora` gives the same outputs as before merging.
+# - DoRA splits W' into a magnitude m (trained directly) and a direction (trained with LoRA): `DoRALinear`.
