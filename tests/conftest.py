@@ -15,7 +15,11 @@ import pathlib
 
 import pytest
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+# ../shared next to the checkout; from a git worktree (e.g. /work/wt/NAME) the nearest parent that has one
+SHARED = next(
+    (p / "shared" for p in pathlib.Path(__file__).resolve().parents[1:] if (p / "shared" / "fixtures").is_dir()),
+    pathlib.Path(__file__).resolve().parents[2] / "shared",
+)
 FIXTURES = SHARED / "fixtures"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

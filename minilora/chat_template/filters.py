@@ -6,9 +6,12 @@ configures it: `tojson` is transformers' plain json.dumps (no HTML escaping), `r
 `map`, `select`, `selectattr`, `unique` and `items` return one-shot generators, as in jinja2 (so
 `|selectattr(...)|length` fails there too: templates write `|list|length`).
 
-Not provided (ChatTemplateError when used): jinja2's other filters (wordwrap, indent, format, groupby, batch,
-truncate, urlize, xmlattr, random, ...), the globals lipsum/cycler/joiner, and most Markup behaviour (a |safe or
-|escape result supports `+`, printing and the filters in MARKUP_SAFE_FILTERS).
+Not provided (ChatTemplateError when used): jinja2's other filters (wordwrap, groupby, batch, truncate, urlize,
+xmlattr, random, ...), the globals lipsum/cycler/joiner, and most Markup behaviour (a |safe or |escape result
+supports `+`, printing and the filters in MARKUP_SAFE_FILTERS).
+
+Filters that could build a huge string in one step (`|indent(10**9)`, `|replace('', big)`, `|join` of many big
+strings, `'%1000000000d'|format(1)`) check the output budget (values.MAX_OUTPUT) before they allocate.
 """
 
 import datetime
@@ -21,7 +24,22 @@ from collections.abc import Mapping
 from functools import partial
 
 from .lexer import ChatTemplateError
-from .values import Function, Markup, Namespace, Undefined, get_item, to_str
+from .values import (
+    Function, Markup, Namespace, Undefined, checked_join, checked_replace, get_item, refuse_large, to_str,
+)  # fmt: skip
+
+
+_FORMAT_WIDTH = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
+
+
+def check_format_widths(fmt: str) -> None:
+    """`'%1000000000d' % 1` allocates a gigabyte: refuse widths/precisions beyond the output budget."""
+    for m in _FORMAT_WIDTH.finditer(fmt):
+        for number in m.groups():
+            if number == "*":
+                raise ChatTemplateError("'*' widths in % formatting are not supported")
+            if number is not None and len(number) > 8:
+                refuse_large(int(number), "a % format width")
 
 
 def soft_str(value) -> str:
@@ -76,11 +94,38 @@ def _default(value, default_value="", boolean=False):
 def _join(value, d="", attribute=None):
     if attribute is not None:
         value = map(attribute_getter(attribute), value)
-    return str(d).join(soft_str(v) for v in value)
+    return checked_join(str(d), [soft_str(v) for v in value])
 
 
 def _replace(s, old, new, count=None):
-    return str(s).replace(str(old), str(new), -1 if count is None else count)
+    return checked_replace(str(s), str(old), str(new), -1 if count is None else count)
+
+
+def _indent(s, width=4, first=False, blank=False):
+    """jinja2's do_indent: lines after the first (and blank lines only with blank=True) get `width` spaces or the
+    string `width`; first=True indents the first line too."""
+    if isinstance(width, int):
+        refuse_large(width, "the indentation")
+    indention = width if isinstance(width, str) else " " * width
+    s = soft_str(s) + "\n"  # jinja2's quirk for splitlines: a trailing newline is dropped, "" stays one line
+    refuse_large(len(s) + len(indention) * (s.count("\n") + 1), "the indented string")
+    if blank:
+        rv = ("\n" + indention).join(s.splitlines())
+    else:
+        lines = s.splitlines()
+        rv = lines.pop(0)
+        if lines:
+            rv += "\n" + "\n".join(indention + line if line else line for line in lines)
+    return indention + rv if first else rv
+
+
+def _format(value, *args, **kwargs):
+    """jinja2's do_format: `"%s, %s"|format(a, b)` is `"%s, %s" % (a, b)`, or `% kwargs` with keywords."""
+    if args and kwargs:
+        raise ChatTemplateError("format: can't handle positional and keyword arguments at the same time")
+    fmt = soft_str(value)
+    check_format_widths(fmt)
+    return fmt % (kwargs or args)
 
 
 def _items(value):
@@ -129,6 +174,8 @@ def _sort(value, reverse=False, case_sensitive=False, attribute=None):
 def _dictsort(value, case_sensitive=False, by="key", reverse=False):
     if by not in ("key", "value"):
         raise ChatTemplateError("dictsort: by must be 'key' or 'value'")
+    if not isinstance(value, Mapping):  # jinja2 fails too (AttributeError: no .items())
+        raise ChatTemplateError(f"|dictsort needs a mapping, got {type(value).__name__}")
     post = (lambda v: v) if case_sensitive else _lower_if_str
     return sorted(value.items(), key=lambda kv: post(kv[0 if by == "key" else 1]), reverse=reverse)
 
@@ -206,7 +253,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 FILTERS = {
     "abs": abs, "capitalize": lambda s: soft_str(s).capitalize(), "count": len, "d": _default,
     "default": _default, "dictsort": _dictsort, "e": escape, "escape": escape, "first": _first,
-    "float": _float, "int": _int, "items": _items, "join": _join, "last": _last, "length": len,
+    "float": _float, "format": _format, "indent": _indent, "int": _int, "items": _items, "join": _join, "last": _last, "length": len,
     "list": list, "lower": lambda s: soft_str(s).lower(), "map": _map, "max": partial(_min_or_max, max),
     "min": partial(_min_or_max, min), "reject": partial(_select_or_reject, False, False),
     "rejectattr": partial(_select_or_reject, False, True), "replace": _replace, "reverse": _reverse,
@@ -217,7 +264,7 @@ FILTERS = {
 }  # fmt: skip
 # Filters whose result on a |safe/|escape string is the same with or without jinja2's Markup type
 MARKUP_SAFE_FILTERS = {"safe", "e", "escape", "string", "length", "count", "default", "d", "tojson", "first",
-                        "last", "list", "replace", "join", "int", "float"}  # fmt: skip
+                        "last", "list", "replace", "join", "int", "float", "sort"}  # fmt: skip
 
 
 def call_filter(name: str, value, args, kwargs):
@@ -253,7 +300,8 @@ TESTS = {
     "boolean": lambda v: v is True or v is False, "true": lambda v: v is True, "false": lambda v: v is False,
     "even": lambda v: v % 2 == 0, "odd": lambda v: v % 2 == 1, "divisibleby": lambda v, n: v % n == 0,
     "lower": lambda v: str(v).islower(), "upper": lambda v: str(v).isupper(),
-    "callable": lambda v: isinstance(v, Function), "sameas": lambda v, other: v is other,
+    "callable": lambda v: isinstance(v, (Function, Undefined)),  # jinja2's Undefined has a (failing) __call__
+    "sameas": lambda v, other: v is other,
     "escaped": lambda v: isinstance(v, Markup), "in": lambda v, seq: v in seq,
     "filter": lambda v: v in FILTERS, "test": lambda v: v in TESTS,
     "==": operator.eq, "eq": operator.eq, "equalto": operator.eq, "!=": operator.ne, "ne": operator.ne,

@@ -69,20 +69,24 @@ class Slice:  # a:b:c inside [...]; missing parts are None
 
 
 @dataclass(frozen=True)
-class Call:  # func(args, name=value)
+class Call:  # func(args, name=value, *dyn_args, **dyn_kwargs)
     func: object
     args: list
     kwargs: dict
     line: int
+    dyn_args: object = None  # the expression after `*`, or None
+    dyn_kwargs: object = None  # the expression after `**`, or None
 
 
 @dataclass(frozen=True)
-class Filter:  # value | name(args)
+class Filter:  # value | name(args); value is None in a filter block's chain (the block's text goes there)
     value: object
     name: str
     args: list
     kwargs: dict
     line: int
+    dyn_args: object = None
+    dyn_kwargs: object = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class Test:  # value is name(args)
     args: list
     kwargs: dict
     line: int
+    dyn_args: object = None
+    dyn_kwargs: object = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,36 @@ class Set:
 
 
 @dataclass
-class SetBlock:  # {% set x %}body{% endset %}
+class SetBlock:  # {% set x %}body{% endset %} or {% set x | filter %}body{% endset %}
     target: object
+    body: list
+    line: int
+    filter: object = None  # a Filter chain whose innermost value is None, or None
+    fresh: frozenset = frozenset()
+
+
+@dataclass
+class Macro:  # {% macro name(a, b=default) %}body{% endmacro %}; also the body of a {% call %} block (name "caller")
+    name: str
+    params: list  # [(name, default expression or None)]
+    body: list
+    line: int
+    catch_varargs: bool = False  # the body mentions `varargs` / `kwargs` / `caller` (jinja2 decides so, statically)
+    catch_kwargs: bool = False
+    takes_caller: bool = False
+    fresh: frozenset = frozenset()
+
+
+@dataclass
+class CallBlock:  # {% call(params) func(args) %}body{% endcall %}: func is called with caller=<the body as a macro>
+    call: object  # a Call node
+    caller: Macro
+    line: int
+
+
+@dataclass
+class FilterBlock:  # {% filter f(args)|g %}body{% endfilter %}
+    filter: object  # a Filter chain whose innermost value is None
     body: list
     line: int
     fresh: frozenset = frozenset()

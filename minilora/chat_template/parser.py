@@ -6,24 +6,28 @@ Recursive descent with jinja2's grammar and operator precedence, loosest first:
 so `'a' + m['content'] | trim` is `'a' + (m['content'] | trim)`, and `not x is defined` is `not (x is defined)`.
 
 Statements: if/elif/else, for (tuple targets, `for ... if ...` filter, `{% else %}`), set (`ns.attr` targets,
-`{% set x %}...{% endset %}` blocks), break/continue (jinja2's loopcontrols) and transformers' `{% generation %}`.
+`{% set x %}...{% endset %}` blocks, also filtered: `{% set x | trim %}`), macro (positional and keyword
+parameters with expression defaults), call blocks (`{% call(args) m() %}` with caller()), filter blocks,
+break/continue (jinja2's loopcontrols) and transformers' `{% generation %}`. Calls, filters and tests take
+`*args` and `**kwargs`, in jinja2's order (positional, keyword, *args, **kwargs).
 
 Deliberately not handled (ChatTemplateError naming the construct and its line, at parse time):
-macro/call, filter blocks, with, include/import/extends/block, do, autoescape, recursive loops, `*args`/`**kwargs`
-in calls.
+with, include/import/extends/block, do (transformers does not enable the extension: jinja2 fails there too),
+autoescape, recursive loops.
 """
 
 from .nodes import (
-    Binary, Break, Call, CondExpr, Compare, Concat, Const, Continue, DictLit, Filter, For, GetAttr, GetItem, If,
-    ListLit, Name, NSRef, Output, Scope, Set, SetBlock, Slice, Template, Test, Text, TupleLit, Unary,
+    Binary, Break, Call, CallBlock, CondExpr, Compare, Concat, Const, Continue, DictLit, Filter, FilterBlock, For,
+    GetAttr, GetItem, If, ListLit, Macro, Name, NSRef, Output, Scope, Set, SetBlock, Slice, Template, Test, Text,
+    TupleLit, Unary,
 )  # fmt: skip
 from .lexer import ChatTemplateError, Token, tokenize
 
 
 _UNSUPPORTED_TAGS = {
-    "macro", "call", "filter", "with", "include", "import", "from", "extends", "block",
-    "do", "autoescape", "trans", "pluralize",
+    "with", "include", "import", "from", "extends", "block", "do", "autoescape", "trans", "pluralize",
 }  # fmt: skip
+_MACRO_SPECIAL = ("varargs", "kwargs", "caller")
 _COMPARE_OPS = ("==", "!=", "<", "<=", ">", ">=")
 
 
@@ -92,7 +96,8 @@ class _Parser:
             tok = self.advance()
             if tok.kind == "eof":
                 if end_tags:
-                    raise ChatTemplateError(f"missing {{% {end_tags[-1]} %}} (end of template reached)", tok.line)
+                    end = next(t for t in end_tags if t.startswith("end"))  # for's ("endfor", "else") names endfor
+                    raise ChatTemplateError(f"missing {{% {end} %}} (end of template reached)", tok.line)
                 return nodes, None
             if tok.kind == "text":
                 nodes.append(Text(tok.value, tok.line))
@@ -118,6 +123,16 @@ class _Parser:
                 raise ChatTemplateError(f"{{% {tag} %}} outside a for loop", line)
             self.expect("block_end")
             return [Break(line) if tag == "break" else Continue(line)]
+        if tag == "macro":
+            return [self.macro_stmt(line)]
+        if tag == "call":
+            return [self.call_block(line)]
+        if tag == "filter":
+            chain = self.filter_chain(line)
+            self.expect("block_end")
+            body, _ = self.frame_body(("endfilter",))
+            self.expect("block_end")
+            return [FilterBlock(chain, body, line)]
         if tag == "generation":  # transformers' marker of assistant text: rendered as is
             self.expect("block_end")
             body, _ = self.frame_body(("endgeneration",))
@@ -170,12 +185,62 @@ class _Parser:
             expr = self.tuple_expr()
             self.expect("block_end")
             return Set(target, expr, line)
-        if self.at("op", "|"):
-            raise ChatTemplateError("filters on {% set %} blocks are not supported", line)
+        chain = self.filter_chain(line) if self.at("op", "|") else None
         self.expect("block_end")
         body, _ = self.frame_body(("endset",))
         self.expect("block_end")
-        return SetBlock(target, body, line)
+        return SetBlock(target, body, line, chain)
+
+    def filter_chain(self, line: int):
+        """`f(args)|g` of a filter block or a filtered set block: a Filter chain applied to None (the body)."""
+        self.skip("op", "|")
+        node = None
+        while True:
+            tok = self.expect("name")
+            name = self.dotted_name(tok.value)
+            args, kwargs, dyn_args, dyn_kwargs = self.call_args() if self.at("op", "(") else ([], {}, None, None)
+            self.uses.append(["filters", name, tok.line, self.soft])
+            node = Filter(node, name, args, kwargs, tok.line, dyn_args, dyn_kwargs)
+            if not self.skip("op", "|"):
+                return node
+
+    def macro_params(self) -> list:
+        """`(a, b=default, ...)` of a macro or call block; a parameter without default may not follow one with."""
+        params = []
+        self.expect("op", "(")
+        while not self.at("op", ")"):
+            if params:
+                self.expect("op", ",")
+            tok = self.expect("name")
+            default = self.expression() if self.skip("op", "=") else None
+            if default is None and params and params[-1][1] is not None:
+                raise ChatTemplateError("non-default argument follows default argument", tok.line)
+            params.append((tok.value, default))
+        self.expect("op", ")")
+        return params
+
+    def macro_stmt(self, line: int) -> Macro:
+        name = self.expect("name").value
+        params = self.macro_params()
+        self.expect("block_end")
+        outer_depth, self.loop_depth = self.loop_depth, 0  # a macro body is not inside the caller's loop
+        body, _ = self.frame_body(("endmacro",))
+        self.loop_depth = outer_depth
+        self.skip("name", name)  # `{% endmacro name %}` is allowed
+        self.expect("block_end")
+        return _macro(name, params, body, line)
+
+    def call_block(self, line: int) -> CallBlock:
+        params = self.macro_params() if self.at("op", "(") else []
+        call = self.expression()
+        if not isinstance(call, Call):
+            raise ChatTemplateError("expected a call after {% call %}", line)
+        self.expect("block_end")
+        outer_depth, self.loop_depth = self.loop_depth, 0
+        body, _ = self.frame_body(("endcall",))
+        self.loop_depth = outer_depth
+        self.expect("block_end")
+        return CallBlock(call, _macro("caller", params, body, line), line)
 
     def assign_target(self, end_names: tuple, with_namespace: bool):
         """`x`, `ns.x` (only with_namespace) or a tuple of them: `a, b`."""
@@ -390,40 +455,51 @@ class _Parser:
             parts[2] = self.expression()
         return Slice(*parts, line)
 
-    def call_args(self) -> tuple[list, dict]:
-        self.expect("op", "(")
-        args, kwargs = [], {}
+    def call_args(self) -> tuple[list, dict, object, object]:
+        """`(a, k=v, *rest, **more)`: positional, keyword, then at most one `*` and one `**` (jinja2's order)."""
+        line = self.expect("op", "(").line
+        args, kwargs, dyn_args, dyn_kwargs = [], {}, None, None
+        first = True
         while not self.at("op", ")"):
-            if args or kwargs:
+            if not first:
                 self.expect("op", ",")
                 if self.at("op", ")"):
                     break
-            if self.cur.kind == "op" and self.cur.value in ("*", "**"):
-                raise ChatTemplateError("*args / **kwargs in calls are not supported", self.cur.line)
-            if self.cur.kind == "name" and self.peek().kind == "op" and self.peek().value == "=":
+            first = False
+            if self.skip("op", "*"):
+                if dyn_args is not None or dyn_kwargs is not None:
+                    raise ChatTemplateError("invalid syntax for function call expression", line)
+                dyn_args = self.expression()
+            elif self.skip("op", "**"):
+                if dyn_kwargs is not None:
+                    raise ChatTemplateError("invalid syntax for function call expression", line)
+                dyn_kwargs = self.expression()
+            elif self.cur.kind == "name" and self.peek().kind == "op" and self.peek().value == "=":
+                if dyn_kwargs is not None:
+                    raise ChatTemplateError("invalid syntax for function call expression", line)
                 key = self.advance().value
                 self.advance()
                 kwargs[key] = self.expression()
-            elif kwargs:
-                raise ChatTemplateError("positional argument after keyword argument", self.cur.line)
+            elif kwargs or dyn_args is not None or dyn_kwargs is not None:
+                raise ChatTemplateError("invalid syntax for function call expression", line)
             else:
                 args.append(self.expression())
         self.expect("op", ")")
-        return args, kwargs
+        return args, kwargs, dyn_args, dyn_kwargs
 
     def call(self, node) -> Call:
         line = self.cur.line
-        args, kwargs = self.call_args()
-        return Call(node, args, kwargs, line)
+        args, kwargs, dyn_args, dyn_kwargs = self.call_args()
+        return Call(node, args, kwargs, line, dyn_args, dyn_kwargs)
 
     def filters_and_tests(self, node):
         while True:
             if self.skip("op", "|"):
                 tok = self.expect("name")
                 name = self.dotted_name(tok.value)
-                args, kwargs = self.call_args() if self.at("op", "(") else ([], {})
+                args, kwargs, dyn_args, dyn_kwargs = self.call_args() if self.at("op", "(") else ([], {}, None, None)
                 self.uses.append(["filters", name, tok.line, self.soft])
-                node = Filter(node, name, args, kwargs, tok.line)
+                node = Filter(node, name, args, kwargs, tok.line, dyn_args, dyn_kwargs)
             elif self.at("name", "is"):
                 node = self.test(node)
             elif self.at("op", "("):
@@ -442,9 +518,9 @@ class _Parser:
         line = self.advance().line
         negated = self.skip("name", "not")
         name = self.dotted_name(self.expect("name").value)
-        args, kwargs = [], {}
+        args, kwargs, dyn_args, dyn_kwargs = [], {}, None, None
         if self.at("op", "("):
-            args, kwargs = self.call_args()
+            args, kwargs, dyn_args, dyn_kwargs = self.call_args()
         elif self.cur.kind in ("name", "string", "integer", "float") or (
             self.cur.kind == "op" and self.cur.value in ("[", "{")
         ):
@@ -453,8 +529,45 @@ class _Parser:
                     raise ChatTemplateError("tests cannot be chained with 'is'", line)
                 args = [self.postfix(self.primary())]
         self.uses.append(["tests", name, line, self.soft])
-        node = Test(node, name, args, kwargs, line)
+        node = Test(node, name, args, kwargs, line, dyn_args, dyn_kwargs)
         return Unary("not", node, line) if negated else node
+
+
+def _macro(name: str, params: list, body: list, line: int) -> Macro:
+    """A Macro node; like jinja2, it takes varargs/kwargs/caller only if its body reads those names."""
+    names = {p for p, _ in params}
+    mentioned = _mentions(body, set(_MACRO_SPECIAL) - names)
+    if "caller" in mentioned and "caller" in names and dict(params)["caller"] is None:
+        raise ChatTemplateError('the special "caller" argument must be omitted or be given a default', line)
+    return Macro(name, params, body, line, "varargs" in mentioned, "kwargs" in mentioned, "caller" in mentioned)
+
+
+def _mentions(node, names: set) -> set:
+    """Which of `names` the statements read before assigning them (jinja2's find_undeclared)."""
+    found: set = set()
+
+    def visit(n):
+        if isinstance(n, Name):
+            if n.name in names:
+                found.add(n.name)
+        elif isinstance(n, (Set, SetBlock)):
+            visit(n.expr if isinstance(n, Set) else n.body)
+            for t in n.target.items if isinstance(n.target, TupleLit) else [n.target]:
+                if isinstance(t, Name) and t.name not in found:
+                    names.discard(t.name)
+        elif isinstance(n, (list, tuple)):
+            for item in n:
+                visit(item)
+        elif isinstance(n, dict):
+            for item in n.values():
+                visit(item)
+        elif hasattr(n, "__dataclass_fields__"):
+            for f in n.__dataclass_fields__:
+                visit(getattr(n, f))
+
+    names = set(names)
+    visit(node)
+    return found
 
 
 def _describe(tok: Token) -> str:

@@ -1,8 +1,9 @@
 """Jinja's static scoping rule, computed once per template so the evaluator can match jinja2 exactly.
 
 Jinja resolves variable names when it compiles a template, frame by frame. A frame is the template itself, one
-iteration of a for loop body, a for loop's `{% else %}`, a `{% set x %}...{% endset %}` body or a
-`{% generation %}` body; `{% if %}` branches belong to the frame around them. Usually this behaves like plain
+iteration of a for loop body, a for loop's `{% else %}`, a `{% set x %}...{% endset %}` body, a macro's or call
+block's body (its parameters bound), a `{% filter %}` body or a `{% generation %}` body; `{% if %}` branches
+belong to the frame around them. Usually this behaves like plain
 dynamic scoping: a name is looked up in the current frame, then the enclosing ones, then the render variables.
 The evaluator does that with a ChainMap.
 
@@ -28,10 +29,12 @@ def annotate(template: nodes.Template) -> None:
     template.fresh = _frame(template.body, params=set(), outer=frozenset())
 
 
-def _frame(body: list, params: set, outer: frozenset) -> frozenset:
-    """The names bound to undefined on entering this frame; annotates the frames nested in it."""
+def _frame(body: list, params: set, outer: frozenset, first_loads=()) -> frozenset:
+    """The names bound to undefined on entering this frame; annotates the frames nested in it.
+    `first_loads`: expressions evaluated in the frame before its body (macro defaults, a block's filter)."""
     events: list[tuple[str, bool, bool]] = []  # (name, is_store, inside_an_if) in jinja's visiting order
-    nested: list = []  # For/SetBlock/Scope nodes whose bodies are frames of their own
+    nested: list = []  # For/SetBlock/Scope/Macro/FilterBlock nodes whose bodies are frames of their own
+    _loads(list(first_loads), events)
     _collect(body, events, nested, in_if=False)
     first: dict[str, tuple[bool, bool]] = {}
     for name, is_store, in_if in events:
@@ -45,8 +48,13 @@ def _frame(body: list, params: set, outer: frozenset) -> frozenset:
         if isinstance(node, nodes.For):
             node.body_fresh = _frame(node.body, _target_names(node.target) | {"loop"}, inner_outer)
             node.else_fresh = _frame(node.else_body, set(), inner_outer)
-        else:
-            node.fresh = _frame(node.body, set(), inner_outer)
+        elif isinstance(node, nodes.Macro):
+            params = {name for name, _ in node.params}
+            params |= {n for n, on in zip(("varargs", "kwargs", "caller"),
+                                          (node.catch_varargs, node.catch_kwargs, node.takes_caller)) if on}
+            node.fresh = _frame(node.body, params, inner_outer, [d for _, d in node.params if d is not None])
+        else:  # SetBlock, FilterBlock, Scope
+            node.fresh = _frame(node.body, set(), inner_outer, [getattr(node, "filter", None)])
     return fresh
 
 
@@ -69,8 +77,14 @@ def _collect(body: list, events: list, nested: list, in_if: bool) -> None:
         elif isinstance(stmt, nodes.SetBlock):
             _stores(stmt.target, events, in_if)
             nested.append(stmt)
-        elif isinstance(stmt, nodes.Scope):
+        elif isinstance(stmt, (nodes.Scope, nodes.FilterBlock)):
             nested.append(stmt)
+        elif isinstance(stmt, nodes.Macro):  # defining a macro stores its name
+            _stores(nodes.Name(stmt.name, stmt.line), events, in_if)
+            nested.append(stmt)
+        elif isinstance(stmt, nodes.CallBlock):  # the call is evaluated here, the caller body is a macro frame
+            _loads(stmt.call, events)
+            nested.append(stmt.caller)
 
 
 def _loads(node, events: list) -> None:

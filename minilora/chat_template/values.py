@@ -16,6 +16,32 @@ from functools import partial
 
 from .lexer import ChatTemplateError
 
+MAX_OUTPUT = 100_000_000  # the output budget: characters written per render, and the size of any one value
+
+
+def refuse_large(size: int, what: str) -> None:
+    """Stop before building a string or list larger than the output budget."""
+    if size > MAX_OUTPUT:
+        raise ChatTemplateError(f"output budget exceeded: {what} would be {size} characters or items, more than "
+                                f"the {MAX_OUTPUT} allowed")
+
+
+def checked_join(sep: str, items) -> str:
+    """str.join, refused before it allocates more than the output budget (`|join` and `sep.join(...)`)."""
+    items = [item if isinstance(item, str) else to_str(item) for item in items] if not isinstance(items, str) else items
+    refuse_large(len(sep) * max(len(items) - 1, 0) + sum(len(s) for s in items), "the joined string")
+    return sep.join(items)
+
+
+def checked_replace(s: str, old: str, new: str, count=-1) -> str:
+    """str.replace, refused before it allocates more than the output budget (`|replace` and `s.replace(...)`)."""
+    if isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        n = len(s) + 1 if old == "" else s.count(old)
+        if isinstance(count, int) and count >= 0:
+            n = min(n, count)
+        refuse_large(len(s) + n * (len(new) - len(old)), "the replaced string")
+    return s.replace(old, new, count)
+
 
 class Undefined:
     """A missing variable, key or attribute (jinja2's default Undefined): "" when printed, falsy, empty when
@@ -69,11 +95,23 @@ class Namespace:
 
 
 class LoopContext:
-    """The `loop` variable of a for loop."""
+    """The `loop` variable of a for loop. Iterating it (`loop|list`) takes the loop's remaining items as
+    (item, loop) pairs, which ends the loop early: jinja2's LoopContext does that too."""
 
     def __init__(self, items: list):
         self.items = items
-        self.index0 = 0
+        self.index0 = -1
+
+    def advance(self) -> bool:
+        """Move to the next item; False when there is none."""
+        if self.index0 + 1 >= len(self.items):
+            return False
+        self.index0 += 1
+        return True
+
+    def __iter__(self):
+        while self.advance():
+            yield self.items[self.index0], self
 
     def get(self, name: str):
         i, n = self.index0, len(self.items)
@@ -107,6 +145,15 @@ class Function:
         return self._fn(*args, **kwargs)
 
 
+class MacroFunction(Function):
+    """A `{% macro %}` (or a call block's `caller`) as a value: calling it renders its body (see render.py)."""
+
+    __slots__ = ()
+
+    def __str__(self):  # what jinja2 prints for `{{ m }}`
+        return f"<Macro {self._name!r}>"
+
+
 class Markup(str):
     """A string from `|safe` or `|escape` (jinja2's Markup): adding a plain string to it HTML-escapes that string."""
 
@@ -121,7 +168,12 @@ METHODS = {
     str: {"strip", "lstrip", "rstrip", "split", "rsplit", "splitlines", "startswith", "endswith", "upper",
           "lower", "title", "capitalize", "replace", "find", "rfind", "count", "join", "isdigit", "isspace"},
     dict: {"items", "keys", "values", "get"},
+    list: {"count"},
+    tuple: {"count"},
 }  # fmt: skip
+
+
+_CHECKED_METHODS = {(str, "join"): checked_join, (str, "replace"): checked_replace}
 
 
 def get_attr(obj, name: str):
@@ -139,7 +191,8 @@ def get_attr(obj, name: str):
         check_public(name)
     for typ, names in METHODS.items():
         if isinstance(obj, typ) and name in names:
-            return Function(partial(getattr(typ, name), obj), f"{typ.__name__}.{name}")
+            method = _CHECKED_METHODS.get((typ, name), getattr(typ, name))
+            return Function(partial(method, obj), f"{typ.__name__}.{name}")
     if hasattr(type(obj), name):  # some other Python attribute
         raise ChatTemplateError(f"{type(obj).__name__}.{name} is not supported by minilora's template engine")
     if isinstance(obj, Mapping) and name in obj:
@@ -178,6 +231,8 @@ def to_str(value) -> str:
         return ""
     if isinstance(value, Iterator):  # jinja2 would print "<generator object ...>"
         raise ChatTemplateError("cannot print a generator (a |map, |select... result): add |list or |join")
+    if isinstance(value, MacroFunction):
+        return str(value)
     if isinstance(value, Function):
         raise ChatTemplateError(f"cannot print the function {value._name}: call it")
     return str(value)
