@@ -247,7 +247,19 @@ def _select_or_reject(keep: bool, by_attribute: bool, value, *args, **kwargs):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers replaces jinja2's tojson (which HTML-escapes) by plain json.dumps with these options
+    if isinstance(indent, (int, str)) and not isinstance(indent, bool):  # |tojson(indent=10**9): 4 GB of spaces
+        width = len(indent) if isinstance(indent, str) else indent
+        refuse_large(width * _json_indented_lines(x), "the indented JSON")
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _json_indented_lines(x, depth: int = 1) -> int:
+    """Sum of the nesting depths of the lines json.dumps(indent=...) writes: its indentation is width x that."""
+    if isinstance(x, Mapping):
+        return sum(depth + _json_indented_lines(v, depth + 1) for v in x.values()) + depth
+    if isinstance(x, (list, tuple)):
+        return sum(depth + _json_indented_lines(v, depth + 1) for v in x) + depth
+    return 0
 
 
 FILTERS = {

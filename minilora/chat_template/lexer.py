@@ -122,7 +122,10 @@ def _lex_tag(source: str, pos: int, kind: str, line: int, tokens: list[Token]) -
         elif m := _FLOAT.match(source, pos):
             tokens.append(Token("float", float(m.group().replace("_", "")), line))
         elif m := _INTEGER.match(source, pos):
-            tokens.append(Token("integer", int(m.group().replace("_", ""), 0), line))
+            try:
+                tokens.append(Token("integer", int(m.group().replace("_", ""), 0), line))
+            except ValueError:  # Python refuses decimal literals past 4300 digits (jinja2 fails there too)
+                raise ChatTemplateError(f"integer literal of {len(m.group())} digits is too long", line) from None
         elif m := _NAME.match(source, pos):
             tokens.append(Token("name", m.group(), line))
         elif m := _STRING.match(source, pos):
