@@ -44,6 +44,15 @@ SEARCH_TOOL = {
     },
 }
 TOOLS = [WEATHER_TOOL, SEARCH_TOOL]
+COHERE_TOOLS = [  # Command-R's own tool format (its tool_use template reads these keys)
+    {
+        "name": "internet_search",
+        "description": "Returns a list of relevant document snippets for a textual query retrieved from the internet",
+        "parameter_definitions": {"query": {"description": "Query to search the internet with", "type": "str",
+                                            "required": True}},
+    },
+    {"name": "directly_answer", "description": "Calls a standard (un-augmented) AI chatbot", "parameter_definitions": {}},
+]
 
 
 def _turns(*pairs):
@@ -143,6 +152,17 @@ CONTEXTS = {  # name -> (messages, extra template variables)
     "korean": (_KOREAN, {}),
     "content_parts": (_PARTS, {}),
     "documents": (_turns(("user", "Which penguins are tallest?")), {"documents": DOCUMENTS}),
+    "cohere_style_tools": (_turns(("user", "Whats the biggest penguin in the world?")), {"tools": COHERE_TOOLS}),
+    "functions_role": (  # firefunction-v1's format: the tool definitions as a "functions" message
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "functions", "content": '[{"name": "get_weather", "parameters": {"city": "string"}}]'},
+            {"role": "user", "content": "Weather in Seoul?"},
+            {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", '{"city": "Seoul"}', "c6")]},
+            {"role": "tool", "tool_call_id": "c6", "name": "get_weather", "content": "21°C"},
+        ],
+        {},
+    ),
     "template_options": (
         _turns(("user", "Search the web for minilora")),
         {
