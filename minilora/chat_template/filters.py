@@ -104,6 +104,8 @@ def _replace(s, old, new, count=None):
 def _indent(s, width=4, first=False, blank=False):
     """jinja2's do_indent: lines after the first (and blank lines only with blank=True) get `width` spaces or the
     string `width`; first=True indents the first line too."""
+    if not isinstance(s, str):  # jinja2 appends "\n" to the value: a number or undefined fails there
+        raise ChatTemplateError(f"|indent needs a string, got {type(s).__name__}")
     if isinstance(width, int):
         refuse_large(width, "the indentation")
     indention = width if isinstance(width, str) else " " * width

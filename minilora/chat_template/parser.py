@@ -69,7 +69,7 @@ class _Parser:
 
     def expect(self, kind: str, value: object = None) -> Token:
         if not self.at(kind, value):
-            want = repr(value) if value is not None else kind
+            want = repr(value) if value is not None else {"block_end": "'%}'", "var_end": "'}}'"}.get(kind, kind)
             raise ChatTemplateError(f"expected {want}, got {_describe(self.cur)}", self.cur.line)
         return self.advance()
 
@@ -226,7 +226,6 @@ class _Parser:
         outer_depth, self.loop_depth = self.loop_depth, 0  # a macro body is not inside the caller's loop
         body, _ = self.frame_body(("endmacro",))
         self.loop_depth = outer_depth
-        self.skip("name", name)  # `{% endmacro name %}` is allowed
         self.expect("block_end")
         return _macro(name, params, body, line)
 
@@ -536,10 +535,11 @@ class _Parser:
 def _macro(name: str, params: list, body: list, line: int) -> Macro:
     """A Macro node; like jinja2, it takes varargs/kwargs/caller only if its body reads those names."""
     names = {p for p, _ in params}
-    mentioned = _mentions(body, set(_MACRO_SPECIAL) - names)
+    mentioned = _mentions(body, set(_MACRO_SPECIAL))
     if "caller" in mentioned and "caller" in names and dict(params)["caller"] is None:
         raise ChatTemplateError('the special "caller" argument must be omitted or be given a default', line)
-    return Macro(name, params, body, line, "varargs" in mentioned, "kwargs" in mentioned, "caller" in mentioned)
+    special = {n for n in mentioned if n not in names}  # a parameter of that name is an ordinary one
+    return Macro(name, params, body, line, "varargs" in special, "kwargs" in special, "caller" in special)
 
 
 def _mentions(node, names: set) -> set:

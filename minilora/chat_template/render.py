@@ -152,7 +152,10 @@ _PYTHON_ERRORS = (TypeError, ValueError, LookupError, ArithmeticError, Attribute
 # wrote 8,660 characters; a 1,000-turn conversation through Qwen3.5's template takes 13,518 steps.
 MAX_STEPS = 500_000  # statements run + loop iterations + macro calls per render (1-2 s of work on a loaded CPU)
 # MAX_OUTPUT (values.py): characters written (output, {% set %} and macro buffers), and the size of any one value
-MAX_MACRO_DEPTH = 100  # nested macro calls (recursion), far below where Python's stack would overflow
+# nested macro calls (recursion). Each level costs ~10 Python frames here (~5 in jinja2), so Python's default limit
+# of 1000 is reached near 95 levels (jinja2: ~195); 50 stays clear of it under a deep caller's stack, and is far
+# above real use (Hermes' json_to_python_type recurses once per level of a tool's JSON schema).
+MAX_MACRO_DEPTH = 50
 
 _BINARY = {
     "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "//": operator.floordiv,
@@ -254,7 +257,10 @@ class _Renderer:
         buffer: list[str] = []
         inner = scope.new_child(dict.fromkeys(node.fresh, _MISSING))
         self.run(node.body, inner, buffer)
-        self.write(out, to_str(self.eval_Filter(node.filter, inner, "".join(buffer))))
+        result = self.eval_Filter(node.filter, inner, "".join(buffer))
+        if not isinstance(result, str):  # jinja2 writes the result unconverted, and joining the output then fails
+            raise ChatTemplateError(f"a {{% filter %}} block must produce a string, got {type(result).__name__}")
+        self.write(out, result)
 
     def exec_Macro(self, node, scope, out):
         scope[node.name] = MacroFunction(lambda *args, **kwargs: self.call_macro(node, scope, args, kwargs), node.name)

@@ -28,8 +28,9 @@ def refuse_large(size: int, what: str) -> None:
 
 def checked_join(sep: str, items) -> str:
     """str.join, refused before it allocates more than the output budget (`|join` and `sep.join(...)`)."""
-    items = [item if isinstance(item, str) else to_str(item) for item in items] if not isinstance(items, str) else items
-    refuse_large(len(sep) * max(len(items) - 1, 0) + sum(len(s) for s in items), "the joined string")
+    items = list(items)
+    if all(isinstance(item, str) for item in items):  # otherwise str.join raises its own TypeError
+        refuse_large(len(sep) * max(len(items) - 1, 0) + sum(len(s) for s in items), "the joined string")
     return sep.join(items)
 
 
