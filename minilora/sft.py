@@ -33,9 +33,15 @@ Packing without leakage. `pack_samples` puts samples (best fit) into rows of at 
 each sample; the model attends only within a segment. The first label of each sample is -100, so no sample is
 trained to predict the next one's first token: the loss of a packed row equals the sum of the samples' own losses.
 
-Deliberately not handled: tool calls and multimodal content (content must be a string), per-turn weights,
-templates that rewrite an earlier reply once later turns exist (e.g. dropping reasoning): such a conversation is
-reported as malformed rather than trained on a guess.
+A template that rewrites an earlier reply once later turns exist (Qwen3 drops the reasoning of turns before the
+last user query) renders that turn shorter in the whole conversation: there it is trained as the whole
+conversation shows it, from the prompt to the end of the longest ending it shares with its own last form
+(content, tool calls, end-of-turn marker). Tool calls are part of the assistant turn and trained with it; a span
+must contain the reply's text and the names of its tool calls, or the conversation is reported with the turn.
+
+Deliberately not handled: per-turn weights, and templates whose rendering of a reply cannot be found from the
+renders above: such a conversation is reported as malformed (naming the template and the turn) rather than
+trained on a guess.
 """
 
 import bisect
@@ -217,6 +223,47 @@ def _search_reply(full: str, reply: str, cursor: int) -> int:
     return pos
 
 
+def _reply_text(message: dict) -> str:
+    """The reply's text: the content string, or the text parts of a content list; "" for a tool-call-only turn."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content.strip() if isinstance(content, str) else ""
+
+
+def _tool_call_names(message: dict) -> list[str]:
+    calls = message.get("tool_calls") or []
+    names = [c.get("function", c).get("name") for c in calls if isinstance(c, dict)]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def _holds(span: str, core: str, names: list[str], reply: str) -> bool:
+    """Does a candidate span hold the reply's text and tool call names, those its last form `reply` writes?"""
+    return bool(span.strip()) and all(part in span for part in [core, *names] if part in reply)
+
+
+def _suffix_end(full: str, reply: str, pos: int, parts: list[str]) -> int:
+    """End of the first occurrence, from pos, of the longest suffix of `reply` (binary search on its length):
+    an earlier turn rendered shorter (without its reasoning) still ends with the same text and end-of-turn.
+    The suffix must hold the last of `parts` (content, tool call names) that the reply writes; else pos."""
+    starts = [reply.rfind(part) for part in parts if part and part in reply]
+    lo, hi, end = 0, len(reply), pos
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        found = full.find(reply[len(reply) - mid:], pos)
+        if found >= 0:
+            lo, end = mid, found + mid
+        else:
+            hi = mid - 1
+    return end if not starts or lo >= len(reply) - max(starts) else pos
+
+
+def _header_overlap(span: str, header: str) -> int:
+    """Length of the longest end of `span` (2+ characters) that begins `header`, the generation prompt: there the
+    next turn's header starts, not the reply ("<|im_start|>" of "<|im_start|>user" vs "<|im_start|>assistant")."""
+    return next((k for k in range(min(len(span), len(header)), 1, -1) if header.startswith(span[-k:])), 0)
+
+
 def assistant_spans(render, messages: list[dict], boundaries: list[int] | None = None,
                     full: str | None = None) -> tuple[str, list]:
     """The rendered conversation and the (start, end) character span of each assistant reply in it.
@@ -231,7 +278,7 @@ def assistant_spans(render, messages: list[dict], boundaries: list[int] | None =
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        core = message["content"].strip()
+        core, names = _reply_text(message), _tool_call_names(message)
         try:
             before = render(messages[:i], True)
         except MiniloraError:
@@ -239,21 +286,50 @@ def assistant_spans(render, messages: list[dict], boundaries: list[int] | None =
                 raise
             before = ""  # a template that cannot render an empty conversation: the reply starts the text
         after = render(messages[:i + 1], False)
+        history = render(messages[:i], False) if i else ""  # before = history + the generation prompt
+        header = before[_common_prefix_len(before, history):].strip()  # Phi-3 ends a history without it in eos
         if after.startswith(before):
             start = len(before)
+        elif (c := _common_prefix_len(before, after)) >= len(history):
+            start = c  # the generation prompt opens something this turn does not use (Gemma 4, Qwen3.5 <think>)
         else:  # the prompt renders differently once the reply exists (Mistral v0.3 drops the system prompt)
             start = after.rfind(core) if core else -1
             if start < 0:
                 raise ValueError(f"cannot find assistant turn {i} in the chat template's rendering")
         reply = after[start:]
-        if start >= cursor and full.startswith(after[:start]):
+        c = _common_prefix_len(full, after[:start])
+        if start >= cursor and c == start:
             pos = start
+        elif c >= cursor and c >= len(history):
+            pos = c  # only the generation prompt differs in the whole conversation: Qwen3.5 writes no <think> there
         else:  # earlier turns render differently in the whole conversation: find the reply after the last one
             pos = _search_reply(full, reply, cursor)
             if pos < 0 or core not in full[pos:pos + len(reply)]:
                 raise ValueError(f"cannot locate assistant turn {i} in the rendered conversation "
                                  "(the chat template renders it differently when later turns follow)")
         end = pos + _common_prefix_len(reply, full[pos:pos + len(reply)])
+        try:  # the turn as written when another turn follows: gpt-oss ends a last reply with <|return|>, others <|end|>
+            followed = render(messages[:i + 1], True)
+        except MiniloraError:
+            followed = ""
+        if followed.startswith(after[:start]):
+            end = max(end, pos + _common_prefix_len(followed[start:], full[pos:]))
+        written = any(part and part in reply for part in [core, *names])  # templates drop some of them
+        rewritten = written and not _holds(full[pos:end], core, names, reply)
+        if rewritten:  # rewritten once later turns exist (Qwen3 drops the reasoning): it ends as its last form does
+            end = _suffix_end(full, reply.rstrip(), pos, [core, *names])
+            if not _holds(full[pos:end], core, names, reply):
+                raise ValueError(f"cannot locate assistant turn {i} in the rendered conversation "
+                                 "(the chat template renders it differently when later turns follow)")
+        if end < len(full):  # the next turn's header may start like the generation prompt ("<|im_start|>"): not
+            overlap = _header_overlap(full[pos:end].rstrip(), header)  # the reply (gpt-oss: "<|end|><|start|>")
+            end = pos + len(full[pos:end].rstrip()) - overlap if overlap else end
+            if not overlap and not rewritten and not full.startswith(reply.rstrip(), pos):  # diverged inside the
+                parts_end = max([full.rfind(p, pos, end) + len(p) for p in [core, *names] if p and p in reply]
+                                or [pos])  # reply: a template without a distinct prompt (Hammer 2.1) ends a turn
+                # at a line end
+                if (newline := full.rfind("\n", parts_end, end)) >= 0:
+                    end = newline + 1
         if boundaries:  # e.g. "<|end|>\n<|endoftext|>" vs "<|end|>\n<|user|>" agree on "<|": not a reply
             k = bisect.bisect_right(boundaries, end)
             end = max(pos, boundaries[k - 1]) if k else pos
@@ -274,7 +350,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
     ids, offsets = tokenizer.encode_with_offsets(full, add_special_tokens=False)
     if train_on_prompt:
         return {"input_ids": ids, "labels": list(ids)}
-    _, spans = assistant_spans(render, messages, boundaries=sorted({e for _, e in offsets}), full=full)
+    try:
+        _, spans = assistant_spans(render, messages, boundaries=sorted({e for _, e in offsets}), full=full)
+    except ValueError as e:  # name the template: the turn alone does not say which model's format fails
+        raise ValueError(f"chat template of {tokenizer.name_or_path}: {e}") from None
     # marked[c] = number of reply characters before character c, so a token (s, e) overlaps a reply iff
     # marked[e] > marked[s]; a zero-width token counts if the character at s is in a reply.
     in_reply = bytearray(len(full) + 1)
