@@ -19,16 +19,23 @@ itself: render [user, assistant=MARKER] and take the first added token (a marker
 written after MARKER. Generation stops at that token or at any eos id.
 
     python -m minilora.generate --model DIR [--adapter DIR] --chat [--system "Answer in JSON."]
+        [--tools tools.json] [--enable-thinking | --no-enable-thinking]
+
+`--tools` (a JSON list of tool definitions) and `--enable-thinking` are handed to the template as the variables
+`tools` and `enable_thinking`, as transformers' apply_chat_template(tools=..., enable_thinking=...) does: the
+model sees the tools it may call and, for Qwen3-style templates, whether to think first.
 
 Commands at the prompt: /reset (start over, keeping the system prompt), /quit (or Ctrl-D). Ctrl-C while the model
 answers stops the reply (the unfinished exchange is forgotten); at the prompt it leaves. When the conversation
 outgrows the model's context, the oldest exchanges are dropped (with a note).
 
-Not handled: tool calls, images, editing or regenerating earlier turns, saving a conversation.
+Not handled: running the tools a reply calls (its tool-call text is printed as is), images, editing or
+regenerating earlier turns, saving a conversation.
 """
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -80,15 +87,15 @@ class Reply:
 
 def chat_once(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
               top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-              stream=None, stop_ids: list[int] | None = None) -> Reply:
+              stream=None, stop_ids: list[int] | None = None, template_vars: dict | None = None) -> Reply:
     """Generate the assistant's next turn for `messages` (the conversation so far, ending with a user turn).
 
     The model is fed exactly tokenizer.apply_chat_template(messages, add_generation_prompt=True).
     stop_ids: ids that end the reply (default end_of_turn_ids(tokenizer)). stream: called with each new token
-    (B=1,) except the stop token.
+    (B=1,) except the stop token. template_vars: extra template variables (tools=[...], enable_thinking=False).
     """
     stop = end_of_turn_ids(tokenizer) if stop_ids is None else list(stop_ids)
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {}))
     shown = None if stream is None else (lambda token: None if int(token[0]) in stop else stream(token))
     out = generate(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token_ids=stop,
                    generator=generator, stream=shown)
@@ -98,7 +105,8 @@ def chat_once(model, tokenizer, messages: list[dict], max_new_tokens: int = 256,
     return Reply(text=text, token_ids=new, stopped=stopped)
 
 
-def fit_context(tokenizer, messages: list[dict], max_positions: int, max_new_tokens: int) -> tuple[list, int]:
+def fit_context(tokenizer, messages: list[dict], max_positions: int, max_new_tokens: int,
+                template_vars: dict | None = None) -> tuple[list, int]:
     """Drop the oldest exchanges (the system prompt stays) until the prompt leaves room to answer.
 
     Returns (messages, tokens the reply may take). Room kept for the reply: max_new_tokens, at most half the
@@ -107,7 +115,7 @@ def fit_context(tokenizer, messages: list[dict], max_positions: int, max_new_tok
     reserve = min(max_new_tokens, max_positions // 2)
     first = 1 if messages and messages[0]["role"] == "system" else 0
     while True:
-        length = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        length = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {})))
         if length + reserve <= max_positions:
             return messages, min(max_new_tokens, max_positions - length)
         user_turns = [i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"]
@@ -120,14 +128,29 @@ def fit_context(tokenizer, messages: list[dict], max_positions: int, max_new_tok
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
-def check_template(tokenizer, system: str | None, where: str) -> None:
+def load_tools(path) -> list[dict]:
+    """`--tools FILE`: a JSON list of tool definitions (OpenAI style {"type": "function", "function": {...}}),
+    passed to the chat template as `tools`, as transformers' apply_chat_template(tools=...) does."""
+    import json
+
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiniloraError(f"{path}: cannot read the tool definitions: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise MiniloraError(f"{path}: --tools needs a JSON list of tool definitions (objects), got "
+                            f"{type(tools).__name__}")
+    return tools
+
+
+def check_template(tokenizer, system: str | None, where: str, template_vars: dict | None = None) -> None:
     """Fail early (one line) when the model cannot chat: no template, or a template that refuses the system."""
     if tokenizer.chat_template is None:
         raise MiniloraError(f"{where} has no chat template (tokenizer_config.json \"chat_template\" or "
                             "chat_template.jinja): --chat needs an instruct/chat model; use --prompt to continue text")
     start = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
     try:
-        tokenizer.render_chat(start, add_generation_prompt=True)
+        tokenizer.render_chat(start, add_generation_prompt=True, **(template_vars or {}))
     except MiniloraError as e:
         hint = " (this template may not accept a system prompt: drop --system)" if system else ""
         raise MiniloraError(f"{where}: the chat template cannot render a conversation: {e}{hint}") from None
@@ -135,10 +158,11 @@ def check_template(tokenizer, system: str | None, where: str) -> None:
 
 def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
               top_k: int | None = None, top_p: float | None = None, generator=None, input_fn=input,
-              out=None, err=None) -> list[dict]:
+              out=None, err=None, template_vars: dict | None = None) -> list[dict]:
     """Read user lines with `input_fn` until /quit, EOF or Ctrl-C at the prompt; print each reply as it comes.
 
     Returns the final conversation (messages). out: where replies go (default stdout); err: notes (stderr).
+    template_vars: extra chat-template variables for every turn (tools, enable_thinking).
     """
     out, err = out or sys.stdout, err or sys.stderr
     start = [{"role": "system", "content": system}] if system else []
@@ -163,13 +187,13 @@ def chat_loop(model, tokenizer, system: str | None = None, max_new_tokens: int =
             continue
         messages = _answer(model, tokenizer, messages + [{"role": "user", "content": line}], stop, max_positions,
                            dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator), out, err)
+                                generator=generator), out, err, template_vars or {})
 
 
-def _answer(model, tokenizer, messages, stop, max_positions, sampling, out, err) -> list[dict]:
+def _answer(model, tokenizer, messages, stop, max_positions, sampling, out, err, template_vars) -> list[dict]:
     """One turn: fit the context, stream the reply, return the conversation with it (or without the turn)."""
     try:
-        fitted, room = fit_context(tokenizer, messages, max_positions, sampling["max_new_tokens"])
+        fitted, room = fit_context(tokenizer, messages, max_positions, sampling["max_new_tokens"], template_vars)
     except MiniloraError as e:
         print(f"error: {e}", file=err)
         return messages[:-1]
@@ -178,7 +202,7 @@ def _answer(model, tokenizer, messages, stop, max_positions, sampling, out, err)
               f"model's {max_positions}-token context)", file=err)
     streamer = TextStreamer(tokenizer, out)
     try:
-        reply = chat_once(model, tokenizer, fitted, stream=streamer, stop_ids=stop,
+        reply = chat_once(model, tokenizer, fitted, stream=streamer, stop_ids=stop, template_vars=template_vars,
                           **{**sampling, "max_new_tokens": room})
     except KeyboardInterrupt:
         out.write("\n")
@@ -191,10 +215,16 @@ def _answer(model, tokenizer, messages, stop, max_positions, sampling, out, err)
 def run_chat(model, tokenizer, args, generator) -> int:
     """The `--chat` command of `python -m minilora.generate`: check the template, then the interactive loop
     (line editing when a terminal is attached). `args` holds the parsed generate flags."""
-    check_template(tokenizer, args.system, args.model)
+    template_vars = {}  # --tools FILE and --enable-thinking / --no-enable-thinking reach the template
+    if args.tools is not None:
+        template_vars["tools"] = load_tools(args.tools)
+    if args.enable_thinking is not None:
+        template_vars["enable_thinking"] = args.enable_thinking
+    check_template(tokenizer, args.system, args.model, template_vars)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (arrow keys and history for input())
     model.eval()
     chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+              template_vars=template_vars)
     return 0

@@ -2,6 +2,7 @@
 
     python -m minilora.generate --model DIR --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8
     python -m minilora.generate --model DIR --adapter ADAPTER --chat     # a conversation: see chat.py
+    python -m minilora.generate --model DIR --chat --tools tools.json --no-enable-thinking
 
 The command only parses flags, loads the model (and adapter) and hands over: decoding lives in generation.py,
 the conversation loop in chat.py.
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true",
                         help="hold a conversation through the model's chat template (see minilora/chat.py)")
     parser.add_argument("--system", help="with --chat: a system prompt for the conversation")
+    parser.add_argument("--tools", help="with --chat: a JSON file with a list of tool definitions for the template")
+    parser.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --chat: set the template's enable_thinking (Qwen3-style reasoning on/off)")
     parser.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to apply on top of the model")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{'both' if args.chat else 'neither'}")
     if args.system is not None and not args.chat:
         raise MiniloraError("--system is for --chat conversations; with --prompt, write it into the prompt")
+    if (args.tools is not None or args.enable_thinking is not None) and not args.chat:
+        raise MiniloraError("--tools and --enable-thinking are for --chat conversations (they go to the chat template)")
 
     from .formats.safetensors_folder import load_model
     from .tokenizer import load_tokenizer

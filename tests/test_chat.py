@@ -321,3 +321,45 @@ def test_cli_chat_mistakes_are_one_line_errors(tiny, tmp_path, args, message):
     result = cli("--model", path, "--device", "cpu", *args, stdin="Hello\n")
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+# Reads the variables transformers passes: tools (a list of definitions) and enable_thinking.
+TOOLS_TEMPLATE = ("{% if tools %}{{ '<|im_start|>system\nTools: ' + tools|map(attribute='function')|map(attribute="
+                  "'name')|join(',') + '<|im_end|>\n' }}{% endif %}" + CHATML.replace(
+                      "'<|im_start|>assistant\n' }}", "'<|im_start|>assistant\n' }}{% if enable_thinking is defined "
+                      "and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"))
+
+
+def test_cli_chat_passes_tools_and_enable_thinking_to_the_template(tiny, tmp_path):
+    """`--tools FILE --no-enable-thinking`: the first prompt is apply_chat_template(tools=..., enable_thinking=False),
+    checked by rendering it here and comparing the reply the CLI prints with chat_once on that prompt."""
+    path = shutil.copytree(tiny[0], tmp_path / "m")
+    set_chat_template(path, TOOLS_TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    tok, model = load_tokenizer(path), load_model(path)
+    user = [{"role": "user", "content": U1}]
+    variables = {"tools": tools, "enable_thinking": False}
+    text = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **variables)
+    assert "Tools: get_weather" in text and text.endswith("<think>\n\n</think>\n\n")
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(path)
+    assert text == hf.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **variables)
+    want = chat_once(model, tok, user, max_new_tokens=5, template_vars=variables)
+    plain = chat_once(model, tok, user, max_new_tokens=5)
+    result = cli("--model", path, "--chat", "--tools", tmp_path / "tools.json", "--no-enable-thinking",
+                 "--max-new-tokens", 5, "--device", "cpu", stdin=f"{U1}\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"> {want.text}\n> \n"
+    assert want.token_ids != plain.token_ids  # so the CLI's output shows which prompt it was fed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "Hi", "--enable-thinking"], "for --chat"), (["--chat", "--tools", "missing.json"], "missing.json"),
+    (["--chat", "--tools", "BAD"], "JSON list of tool definitions"),
+])
+def test_cli_tools_mistakes_are_one_line_errors(tiny, tmp_path, args, message):
+    (tmp_path / "BAD").write_text('{"name": "not a list"}')
+    args = [str(tmp_path / a) if a in ("missing.json", "BAD") else a for a in args]
+    result = cli("--model", tiny[0], "--device", "cpu", *args, stdin="Hello\n")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
