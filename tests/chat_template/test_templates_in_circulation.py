@@ -103,3 +103,33 @@ def test_the_newest_families_render_their_tools_and_reasoning():
     assert "Three plus three is six." in lfm  # reasoning_content copied to thinking, as transformers does
     minicpm = render("hfjs-openbmb--MiniCPM3-4B", "tool_definitions")  # {% call %} with caller()
     assert "city" in minicpm and "get_weather" in minicpm
+
+
+@needs_fixtures
+@pytest.mark.parametrize("stem", ["trl-qwen3", "trl-gptoss", "trl-lfm2_2_5", "hfjs-CohereLabs--c4ai-command-a-03-2025",
+                                  "hfjs-HuggingFaceTB--SmolLM3-3B"])
+def test_tokenizer_render_chat_equals_transformers_apply_chat_template(stem, tmp_path):
+    """Tokenizer.render_chat / apply_chat_template take tools, documents and any extra variable, and alias
+    reasoning_content to thinking, exactly like transformers' tokenizer.apply_chat_template."""
+    from tiny_tokenizers import build_byte_level_bpe, set_chat_template
+
+    from minilora.tokenizer import load_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    path = build_byte_level_bpe(tmp_path / "tok")
+    set_chat_template(path, (FIXTURES / "chat_templates_wild" / f"{stem}.jinja").read_text(), "<s>", "</s>")
+    ours, hf = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    compared = 0
+    for name in ("reasoning_history", "thinking_field", "enable_thinking", "disable_thinking", "tool_calls_dict",
+                 "documents", "template_options", "parallel_calls"):
+        messages, extra = CONTEXTS[name]
+        try:
+            want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        except Exception:  # noqa: BLE001 - the template refuses: minilora must too
+            with pytest.raises(ChatTemplateError):
+                ours.render_chat(messages, add_generation_prompt=True, **extra)
+            continue
+        assert ours.render_chat(messages, add_generation_prompt=True, **extra) == want, name
+        assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra) == want
+        compared += 1
+    assert compared >= 5
