@@ -18,9 +18,14 @@ unless an iteration reached the end of its body.
 Sandbox: a template reads no file, imports nothing and sees only the values passed to it; it can call only the
 globals and filters of filters.py and the str/dict methods whitelisted in values.py.
 
+Macros are values (values.MacroFunction) whose call binds the arguments as jinja2's runtime.Macro does and renders
+the body in a frame of the scope where the macro was defined (a closure), so a macro sees the template's variables
+at call time, not its caller's loop variables. Budgets (MAX_STEPS, values.MAX_OUTPUT, MAX_MACRO_DEPTH) stop
+runaway templates with a ChatTemplateError naming the budget.
+
 Deliberately not supported (ChatTemplateError naming the construct and its line, never a silently different
-output): macros and call blocks, include/import/extends, `{% do %}`, `{% filter %}`, `{% with %}`, recursive
-loops and the jinja2 filters/tests/methods not listed in filters.py/values.py. Known difference:
+output): include/import/extends, `{% do %}`, `{% with %}`, recursive loops and the jinja2 filters/tests/methods
+not listed in filters.py/values.py. Known difference:
 jinja2 evaluates all-literal expressions when it compiles, so `{{ none[:1] }}` prints "" there while minilora
 raises (as jinja2 itself does for `{{ x[:1] }}` with x = none); and printing a function (`{{ d.get }}`) raises
 here instead of printing a memory address.

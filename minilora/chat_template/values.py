@@ -1,9 +1,11 @@
 """What template values are, and what a template may do with them: the sandbox of the chat-template engine.
 
-Values are plain Python values (str, int, float, bool, None, list, tuple, dict) plus five small types:
+Values are plain Python values (str, int, float, bool, None, list, tuple, dict) plus six small types:
 `Undefined` (a missing variable, key or attribute, with jinja2's semantics), `Namespace` (`namespace()`, the one
-mutable object), `LoopContext` (`loop.index`...), `Function` (the only things a template may call) and `Markup`
-(a `|safe` or `|escape` result).
+mutable object), `LoopContext` (`loop.index`...), `Function` (the only things a template may call),
+`MacroFunction` (a `{% macro %}` or `caller`) and `Markup` (a `|safe` or `|escape` result).
+
+The output budget MAX_OUTPUT lives here too, with the checked `str.join`/`str.replace` that respect it.
 
 `get_attr` and `get_item` are the only ways a template reaches into a value. They follow jinja2's sandboxed
 rules (`x.key` reads a dict key unless a method of that name exists; a missing key or index is Undefined, not an
