@@ -267,7 +267,8 @@ def _json_indented_lines(x, depth: int = 1) -> int:
 FILTERS = {
     "abs": abs, "capitalize": lambda s: soft_str(s).capitalize(), "count": len, "d": _default,
     "default": _default, "dictsort": _dictsort, "e": escape, "escape": escape, "first": _first,
-    "float": _float, "format": _format, "indent": _indent, "int": _int, "items": _items, "join": _join, "last": _last, "length": len,
+    "float": _float, "format": _format, "indent": _indent, "int": _int, "items": _items, "join": _join,
+    "last": _last, "length": len,
     "list": list, "lower": lambda s: soft_str(s).lower(), "map": _map, "max": partial(_min_or_max, max),
     "min": partial(_min_or_max, min), "reject": partial(_select_or_reject, False, False),
     "rejectattr": partial(_select_or_reject, False, True), "replace": _replace, "reverse": _reverse,

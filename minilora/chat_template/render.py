@@ -225,7 +225,12 @@ class _Renderer:
     def exec_For(self, node, scope, out):
         items = list(self.eval(node.iter, scope))
         if node.filter is not None:  # `for x in xs if cond`: filtered before the loop, so loop.length counts kept
-            items = [item for item in items if self.step() or self.eval(node.filter, self.bind(node.target, item, scope))]
+            kept = []
+            for item in items:
+                self.step()
+                if self.eval(node.filter, self.bind(node.target, item, scope)):
+                    kept.append(item)
+            items = kept
         loop = LoopContext(items)
         completed = False  # jinja2 runs {% else %} unless some iteration reached the end of the body
         while loop.advance():  # not a plain for: iterating `loop` inside the body consumes items, as in jinja2

@@ -51,7 +51,8 @@ COHERE_TOOLS = [  # Command-R's own tool format (its tool_use template reads the
         "parameter_definitions": {"query": {"description": "Query to search the internet with", "type": "str",
                                             "required": True}},
     },
-    {"name": "directly_answer", "description": "Calls a standard (un-augmented) AI chatbot", "parameter_definitions": {}},
+    {"name": "directly_answer", "description": "Calls a standard (un-augmented) AI chatbot",
+     "parameter_definitions": {}},
 ]
 
 
@@ -65,7 +66,8 @@ def _call(name, arguments, call_id):
 
 _TOOL_DICT = [
     {"role": "user", "content": "What's the weather in Seoul?"},
-    {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", {"city": "Seoul", "days": 2}, "call0001")]},
+    {"role": "assistant", "content": "",
+     "tool_calls": [_call("get_weather", {"city": "Seoul", "days": 2}, "call0001")]},
     {"role": "tool", "tool_call_id": "call0001", "name": "get_weather", "content": "22°C, clear"},
     {"role": "assistant", "content": "It is 22°C and clear in Seoul."},
 ]

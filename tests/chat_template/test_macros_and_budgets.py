@@ -231,7 +231,8 @@ def _random_block(rng: random.Random, depth: int = 0) -> str:
             f = rng.choice(["upper", "trim", "indent(2)", "replace('a', 'A')", "length", "list|length"])
             parts.append(f"{{% filter {f} %}}{inner()}{{% endfilter %}}")
         elif kind == "set_block":
-            parts.append(f"{{% set b | {rng.choice(['trim', 'upper', 'title'])} %}}{inner()}{{% endset %}}[{{{{ b }}}}]")
+            f = rng.choice(["trim", "upper", "title"])
+            parts.append(f"{{% set b | {f} %}}{inner()}{{% endset %}}[{{{{ b }}}}]")
         else:
             parts.append(f"{{% set ns.v = ns.v ~ ({e()}|string)[:3] %}}")
     return "".join(parts)
