@@ -36,8 +36,12 @@ trained to predict the next one's first token: the loss of a packed row equals t
 A template that rewrites an earlier reply once later turns exist (Qwen3 drops the reasoning of turns before the
 last user query) renders that turn shorter in the whole conversation: there it is trained as the whole
 conversation shows it, from the prompt to the end of the longest ending it shares with its own last form
-(content, tool calls, end-of-turn marker). Tool calls are part of the assistant turn and trained with it; a span
-must contain the reply's text and the names of its tool calls, or the conversation is reported with the turn.
+(content, tool calls, end-of-turn marker). A reply is also compared with its rendering followed by a generation
+prompt (gpt-oss closes a final reply with <|return|>, an earlier one with <|end|>), and a span never ends in the
+start of the next turn's header (what begins like the generation prompt: "<|im_start|>", "<|start|>").
+Tool calls are part of the assistant turn and trained with it; a span must contain the reply's text and the names
+of its tool calls (those the template writes), or the conversation is reported naming the template and the turn.
+Cost: four renders per assistant turn (prompt, history, reply, reply + generation prompt).
 
 Deliberately not handled: per-turn weights, and templates whose rendering of a reply cannot be found from the
 renders above: such a conversation is reported as malformed (naming the template and the turn) rather than
@@ -210,6 +214,10 @@ def _common_prefix_len(a: str, b: str) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
+def _common_suffix_len(a: str, b: str) -> int:
+    return _common_prefix_len(a[::-1], b[::-1])
+
+
 def _search_reply(full: str, reply: str, cursor: int) -> int:
     """Start of the longest prefix of `reply` that occurs in full[cursor:] (binary search on its length)."""
     lo, hi, pos = 0, len(reply), -1
@@ -304,6 +312,12 @@ def assistant_spans(render, messages: list[dict], boundaries: list[int] | None =
             pos = c  # only the generation prompt differs in the whole conversation: Qwen3.5 writes no <think> there
         else:  # earlier turns render differently in the whole conversation: find the reply after the last one
             pos = _search_reply(full, reply, cursor)
+            if pos < 0 or core not in full[pos:pos + len(reply)]:  # rewritten too (Qwen3.5: a turn after tool
+                end = _suffix_end(full, reply.rstrip(), cursor, [core, *names])  # replies, earlier <think> gone):
+                matched = _common_suffix_len(reply.rstrip(), full[cursor:end])  # the ending it shares with its
+                pos = end - matched if end > cursor else -1  # last form, found after the previous turn
+                while 0 <= pos < end and full[pos].isspace():  # a newline it shares is the header's
+                    pos += 1
             if pos < 0 or core not in full[pos:pos + len(reply)]:
                 raise ValueError(f"cannot locate assistant turn {i} in the rendered conversation "
                                  "(the chat template renders it differently when later turns follow)")

@@ -3,9 +3,10 @@
 What must hold, for each assistant turn: its span in the rendered conversation holds its reply and its tool calls
 (as the template writes them) and ends with the template's end-of-turn text; no user, system or tool message text
 is trained. History-rewriting templates (Qwen3 drops the reasoning of turns before the last user query) are
-checked on hand-derived spans. Measured 2026-12-01 over the 95 wild templates x 8 training conversations: 560
-conversations masked, 188 refused by the template itself, 12 reported with the template and the turn (gpt-oss,
-Gemma 4, Qwen3.5/3.6 think, Mistral v0.3 JSON-schema: parallel calls or reasoning rewritten beyond recognition).
+checked on hand-derived spans. Measured 2026-12-01 over the 95 wild templates x 8 training conversations: 565
+conversations masked, 188 refused by the template itself, 7 reported with the template and the turn (parallel
+calls in Gemma 4 x2, diffusion-Gemma, gpt-oss and Mistral v0.3 JSON-schema x2, whose tool replies or calls are
+rewritten into the assistant turn; Llama Guard, a moderation template).
 """
 
 import sys
@@ -90,6 +91,20 @@ QWEN3_SPANS = {  # hand-derived from trl's Qwen3 template: earlier turns lose th
                        '"filters": ["today"]}}\n</tool_call><|im_end|>', "20°C, and no news.<|im_end|>"],
     "korean": ["안녕하세요! 맑습니다.<|im_end|>"],
 }
+
+
+@pytest.mark.skipif(not WILD, reason="../shared/fixtures is absent")
+def test_turn_after_tool_replies_in_a_rewritten_history():
+    """Qwen3.5: once "Thanks!" follows, the tool-call turn and the reply after the tool results lose <think>."""
+    template = (FIXTURES / "chat_templates_wild" / "hfjs-Qwen--Qwen3.5-4B.jinja").read_text()
+    messages, extra = CONTEXTS["parallel_calls"]
+    full, spans = assistant_spans(_render(template, extra), messages)
+    assert [full[s:e] for s, e in spans] == [
+        "Let me check both.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSeoul\n</parameter>\n"
+        "</function>\n</tool_call>\n<tool_call>\n<function=search>\n<parameter=query>\nSeoul news\n</parameter>\n"
+        '<parameter=filters>\n["today"]\n</parameter>\n</function>\n</tool_call><|im_end|>',
+        "20°C, and no news.<|im_end|>",
+    ]
 
 
 @pytest.mark.skipif(not WILD, reason="../shared/fixtures is absent")
