@@ -234,6 +234,8 @@ class _Parser:
         call = self.expression()
         if not isinstance(call, Call):
             raise ChatTemplateError("expected a call after {% call %}", line)
+        if "caller" in call.kwargs:  # the block is passed as caller=: Python (and so jinja2) refuses a second one
+            raise ChatTemplateError("keyword argument repeated: caller", line)
         self.expect("block_end")
         outer_depth, self.loop_depth = self.loop_depth, 0
         body, _ = self.frame_body(("endcall",))

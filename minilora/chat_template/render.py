@@ -276,7 +276,7 @@ class _Renderer:
         scope[node.name] = MacroFunction(lambda *args, **kwargs: self.call_macro(node, scope, args, kwargs), node.name)
 
     def exec_CallBlock(self, node, scope, out):
-        caller = MacroFunction(lambda *args, **kwargs: self.call_macro(node.caller, scope, args, kwargs), "caller")
+        caller = MacroFunction(lambda *args, **kwargs: self.call_macro(node.caller, scope, args, kwargs), None)
         self.write(out, to_str(self.eval_Call(node.call, scope, caller=caller)))
 
     def call_macro(self, node: nodes.Macro, scope: ChainMap, args: tuple, kwargs: dict) -> str:
@@ -386,10 +386,13 @@ class _Renderer:
             return get_item(obj, key)  # raises
         return obj[key]  # jinja2 slices with plain Python: `none[1:]` is an error, not undefined
 
-    def arguments(self, node, scope) -> tuple[list, dict]:
-        """The positional and keyword arguments of a Call/Filter/Test node, `*args` and `**kwargs` spread."""
+    def arguments(self, node, scope, caller=None) -> tuple[list, dict]:
+        """The positional and keyword arguments of a Call/Filter/Test node, `*args` and `**kwargs` spread; a call
+        block's caller goes between the keywords and `**kwargs`, where jinja2 puts it (it shows in kwargs' order)."""
         args = [self.eval(a, scope) for a in node.args]
         kwargs = {k: self.eval(v, scope) for k, v in node.kwargs.items()}
+        if caller is not None:
+            kwargs["caller"] = caller
         if node.dyn_args is not None:
             args += list(self.eval(node.dyn_args, scope))
         if node.dyn_kwargs is not None:
@@ -408,9 +411,7 @@ class _Renderer:
             raise ChatTemplateError(f"{func.hint} (called as a function)")
         if not isinstance(func, Function):
             raise ChatTemplateError(f"a {type(func).__name__} value is not callable")
-        args, kwargs = self.arguments(node, scope)
-        if caller is not None:
-            kwargs["caller"] = caller
+        args, kwargs = self.arguments(node, scope, caller)
         return _check_size(func(*args, **kwargs))
 
     def eval_Filter(self, node, scope, block_text=None):

@@ -153,8 +153,10 @@ class MacroFunction(Function):
 
     __slots__ = ()
 
-    def __str__(self):  # what jinja2 prints for `{{ m }}`
-        return f"<Macro {self._name!r}>"
+    def __str__(self):  # what jinja2 prints for `{{ m }}` (a call block's caller has no name)
+        return f"<Macro {'anonymous' if self._name is None else repr(self._name)}>"
+
+    __repr__ = __str__  # inside a printed list or dict (`{{ kwargs }}`)
 
 
 class Markup(str):
