@@ -1,21 +1,34 @@
 """Triton kernel: dequantize an NF4 weight (bitsandbytes layout, optional double quantization) to a dense tensor.
 
-Algorithm (one program per BLOCK consecutive weights of the flattened, row-major weight):
+Also home of the three building blocks every NF4 kernel here shares (nf4_matmul.py imports them):
+`_byte_table` / `_lookup` (bytes → NF4 values without a global gather) and `_block_scale` (the two-level absmax).
 
-    for i in my BLOCK indices:                        # i = flat index, i < numel
-        byte   = packed[i // 2]
-        nibble = byte >> 4 if i is even else byte & 0xF   # first element in the high nibble (bnb order)
-        b      = i // blocksize                       # which 64-block i belongs to
-        if double_quant:
-            absmax = nested_quant_map[absmax_code[b]] * nested_absmax[b // 256] + offset
-        else:
-            absmax = absmax_fp32[b]
-        out[i] = cast(quant_map[nibble] * absmax)     # product in fp32, one rounding to the output dtype
+Algorithm. The flattened, row-major weight is cut into sub-blocks of S = min(blocksize, 64) weights, i.e. S/2
+bytes; a sub-block never crosses a quant block, so it has one scale. One program handles ROWS consecutive
+sub-blocks, a (ROWS, S/2) tile of bytes:
+
+    byte          = packed[r * S/2 + j]                       # (ROWS, S/2), 16 contiguous bytes per thread
+    hi, lo        = table[byte], table[256 + byte]            # values of the high / low nibble (fp32)
+    scale[r]      = absmax of quant block (r * S) // blocksize  (two-level decode when double-quantized)
+    out[r*S + 2j] = cast(hi * scale),  out[r*S + 2j + 1] = cast(lo * scale)  # first element in the high nibble
 
 All arithmetic is the same fp32 sequence as minilora.quant.nf4.dequantize_nf4 (and bitsandbytes), so the result is
 bit-identical to the reference, not just close. Memory traffic per weight: 0.5 byte read (+ 1/64 byte of absmax)
-and 2 bytes written for bf16 — a write-bound kernel. Used by the matmul launcher's fallback for shapes the fused
-kernel does not tile (in_features not a multiple of 64) and by benchmarks; training never needs the dense weight.
+and 2 bytes written for bf16 — a write-bound kernel. Used by the matmul launcher for large M (dequantize once, then
+cuBLAS), for in_features the fused kernels do not tile, and by benchmarks.
+
+Tricks, each needed for the GPU code to be fast (counts: benchmarks/kernel_sass_proxy.py):
+- 16-byte loads and stores. A thread holds 16 consecutive bytes (32 weights) and writes them as 64 contiguous
+  bf16 bytes. The compiler only vectorises what it can prove aligned and contiguous, so the tile is indexed by
+  sub-block (r * S/2 + j, with tl.multiple_of / tl.max_contiguous hints) and masked by whole sub-block only
+  (a mask that changes inside a 16-byte group forces byte loads). A weight whose size is not a multiple of S gets
+  its packed bytes padded by the launcher (a copy, never for real layers: their sizes are multiples of 64).
+- No global gather for the code: the 16-entry table is expanded once per program into a 512-entry byte table
+  (`_byte_table`), and tl.gather on it is lowered by Triton to a shared-memory lookup (LDS), one per nibble,
+  the nibble unpack included — instead of 2 global loads per byte from the 16-entry table.
+- One scale load per sub-block (a (ROWS,) vector broadcast over the row), not one per weight.
+
+Not handled: FP4; numel >= 2**31 (int32 indexing; the launcher refuses).
 """
 
 import torch
@@ -28,7 +41,7 @@ from minilora.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight
 
 
 def reference_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize with plain PyTorch ops, one line per step of the pseudo-code above."""
+    """Dequantize with plain PyTorch ops, one line per step of the pseudo-code above (flat index form)."""
     n = q.numel
     i = torch.arange(n, device=q.device)  # flat index of every weight
     byte = q.packed.view(-1)[i // 2].long()
@@ -41,71 +54,126 @@ def reference_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torc
     return (q.quant_map[nibble] * absmax).view(q.shape).to(dtype or q.dtype)
 
 
+# --- building blocks shared with nf4_matmul.py -------------------------------------------------------------------
+
+
+@triton.jit
+def _byte_table(quant_map_ptr):
+    """(512,) fp32: entry b is the NF4 value of byte b's high nibble, entry 256 + b that of its low nibble.
+
+    Built once per program (outside any loop) from the 16-entry code: 512 loads of a 64-byte array, ~4 per thread.
+    """
+    i = tl.arange(0, 512)
+    b = i & 255
+    return tl.load(quant_map_ptr + tl.where(i < 256, b >> 4, b & 15))
+
+
+@triton.jit
+def _lookup(table, byte):
+    """(hi, lo): the NF4 values of the high and low nibble of every byte (int32 in 0..255), both fp32, byte's shape.
+
+    tl.gather from a tensor held in registers: Triton stages `table` in shared memory and reads one entry per
+    index (LDS). Indexing by the whole byte does the nibble unpack for free, and the two lookups of one byte share
+    their address (the second is 1 KB further). A 1-D gather is what Triton lowers this way; a 2-D one becomes
+    warp shuffles (measured: ~13x more instructions), hence the reshapes.
+    """
+    flat = tl.reshape(byte, (byte.numel,))
+    hi = tl.reshape(tl.gather(table, flat, 0), byte.shape)
+    lo = tl.reshape(tl.gather(table, flat + 256, 0), byte.shape)
+    return hi, lo
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, b, DOUBLE_QUANT: tl.constexpr):
+    """fp32 absmax of quant blocks `b` (any shape, all in range): nested_map[code8[b]] * nested_absmax[b // 256]
+    + offset — the same fp32 operations as the reference (the dequantize launch turns off FMA fusion for this)."""
+    if DOUBLE_QUANT:
+        code8 = tl.load(absmax_ptr + b).to(tl.int32)
+        return tl.load(nested_map_ptr + code8) * tl.load(nested_absmax_ptr + b // 256) + offset
+    else:
+        return tl.load(absmax_ptr + b)
+
+
 # --- kernel ------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _nf4_dequant_kernel(
     # pointers
-    packed_ptr,  # uint8 (numel + 1) // 2
+    packed_ptr,  # uint8 (n_sub * HALF,): the codes, padded to whole sub-blocks
     absmax_ptr,  # uint8 codes (DOUBLE_QUANT) or fp32 scales, one per quant block
     nested_absmax_ptr,  # fp32, one per 256 quant blocks (DOUBLE_QUANT only)
     nested_map_ptr,  # fp32 (256,) dynamic code (DOUBLE_QUANT only)
     quant_map_ptr,  # fp32 (16,) NF4 values
-    out_ptr,  # numel, output dtype
+    out_ptr,  # (n_sub * 2 * HALF,) output dtype
     # scalars
     offset,  # fp32 mean subtracted before double quantization
-    numel,
+    n_sub,  # sub-blocks of 2 * HALF weights
     # meta-parameters
     QBLOCK: tl.constexpr,  # quantization block size (64)
     DOUBLE_QUANT: tl.constexpr,
-    BLOCK: tl.constexpr,  # weights per program
+    HALF: tl.constexpr,  # bytes per sub-block: min(QBLOCK, 64) // 2
+    ROWS: tl.constexpr,  # sub-blocks per program
 ):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat indices
-    mask = i < numel
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) sub-block indices
+    r_mask = r < n_sub
+    j = tl.arange(0, HALF)
+    table = _byte_table(quant_map_ptr)
 
-    # --- nibble unpack: byte i // 2 holds element i in its high nibble when i is even, in its low nibble when odd.
-    # Neighbouring lanes read the same byte; the hardware merges those loads into one transaction.
-    byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - i % 2) * 4)) & 0xF
+    # --- 16-byte loads: each row of the tile is HALF contiguous, HALF-aligned bytes, masked as a whole.
+    byte_idx = tl.multiple_of(r * HALF, HALF)[:, None] + tl.max_contiguous(j, HALF)[None, :]  # (ROWS, HALF)
+    byte = tl.load(packed_ptr + byte_idx, mask=r_mask[:, None], other=0).to(tl.int32)
+    hi, lo = _lookup(table, byte)  # (ROWS, HALF) each: weights r*S + 2j and r*S + 2j + 1
 
-    # --- code lookup: a gather from the 16-entry table (64 bytes, stays in L1).
-    value = tl.load(quant_map_ptr + nibble, mask=mask, other=0.0)
+    # --- one scale per sub-block: the sub-block lies inside quant block (r * S) // QBLOCK (r clamped: in range).
+    b = (tl.minimum(r, n_sub - 1) * 2 * HALF) // QBLOCK
+    scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, b, DOUBLE_QUANT)  # (ROWS,)
+    w = tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (ROWS, 2 * HALF))  # interleave: k order
 
-    # --- two-level absmax: the 8-bit code of this block's scale, decoded with the block-of-256 scale + offset.
-    b = i // QBLOCK
-    if DOUBLE_QUANT:
-        code8 = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + b // 256, mask=mask, other=0.0)
-        absmax = tl.load(nested_map_ptr + code8, mask=mask, other=0.0) * nested + offset
-    else:
-        absmax = tl.load(absmax_ptr + b, mask=mask, other=0.0)
-
-    tl.store(out_ptr + i, (value * absmax).to(out_ptr.dtype.element_ty), mask=mask)
+    # --- 16-byte stores: 2 * HALF contiguous outputs per row.
+    out_idx = tl.multiple_of(r * 2 * HALF, 2 * HALF)[:, None] + tl.max_contiguous(tl.arange(0, 2 * HALF), 2 * HALF)
+    tl.store(out_ptr + out_idx, w.to(out_ptr.dtype.element_ty), mask=r_mask[:, None])
 
 
 # --- launcher ----------------------------------------------------------------------------------------------------
 
-BLOCK = 1024  # 1024 weights = 512 packed bytes per program; 4 warps give 8 outputs per thread
+BYTES_PER_PROGRAM = 4096  # 4 warps x 32 threads x 32 bytes: two 16-byte loads and 64 weights per thread
+NUM_WARPS = 4
+
+
+def sub_block_bytes(blocksize: int) -> int:
+    """Bytes per sub-block: a sub-block is min(blocksize, 64) weights, so it always has a single scale."""
+    return min(64, blocksize) // 2
+
+
+def dequant_meta(blocksize: int, double_quant: bool) -> dict:
+    """The constexprs and launch options of _nf4_dequant_kernel (also read by benchmarks/kernel_sass_proxy.py)."""
+    half = sub_block_bytes(blocksize)
+    return dict(QBLOCK=blocksize, DOUBLE_QUANT=double_quant, HALF=half, ROWS=BYTES_PER_PROGRAM // half,
+                num_warps=NUM_WARPS, enable_fp_fusion=False)  # fmt: skip  (no FMA: bit-identical to the reference)
 
 
 def triton_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize `q` on its device with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     _check_weight(q)
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
-    grid = (triton.cdiv(q.numel, BLOCK),)
+    meta = dequant_meta(q.blocksize, q.double_quant)
+    half = meta["HALF"]
+    n_sub = triton.cdiv(q.numel, 2 * half)
+    packed = q.packed.view(-1)
+    if packed.numel() != n_sub * half:  # a partial last sub-block: pad the codes, so no load is masked per byte
+        packed = torch.nn.functional.pad(packed, (0, n_sub * half - packed.numel()))
+    out = torch.empty(n_sub * 2 * half, dtype=dtype or q.dtype, device=q.device)  # padded too, cut below
+    grid = (triton.cdiv(n_sub, meta["ROWS"]),)
     _nf4_dequant_kernel[grid](
-        q.packed, q.absmax, _or_dummy(q.nested_absmax, q), _or_dummy(q.nested_quant_map, q), q.quant_map, out,
-        q.offset, q.numel,
-        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK=BLOCK,
-        enable_fp_fusion=False,  # no FMA for map * nested + offset: bit-identical to the reference on a GPU too
+        packed, q.absmax, _or_dummy(q.nested_absmax, q), _or_dummy(q.nested_quant_map, q), q.quant_map, out,
+        q.offset, n_sub, **meta,
     )  # fmt: skip
-    return out
+    return out[: q.numel].view(q.shape)
 
 
 def _check_weight(q: NF4Weight) -> None:
     """The kernels index with int32 and read the tensors as flat, contiguous arrays on one device."""
-    if q.numel >= 2**31 - 2 * BLOCK:
+    if q.numel >= 2**31 - 2 * BYTES_PER_PROGRAM:
         raise ValueError(f"NF4 weight with {q.numel} elements is too large for int32 indexing")
     tensors = [q.packed, q.absmax, q.quant_map] + ([q.nested_absmax, q.nested_quant_map] if q.double_quant else [])
     for t in tensors:

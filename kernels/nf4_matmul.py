@@ -1,37 +1,50 @@
 """Triton kernels: y = x · dequant(W)ᵀ and its input gradient for a frozen NF4 weight, dequantizing in registers.
 
-W is (N, K) = (out_features, in_features), stored as bitsandbytes NF4 (see minilora/nf4.py); x is (M, K).
-The dense W is never written to memory: each kernel reads 4-bit codes and rebuilds a tile of W right before it
-is multiplied, so the weight costs 0.5 byte (+ 1/64 byte of scales) per element of memory traffic instead of 2.
+W is (N, K) = (out_features, in_features), stored as bitsandbytes NF4 (see minilora/quant/nf4.py); x is (M, K).
+Below DENSE_MIN_M rows the dense W is never written to memory: each kernel reads 4-bit codes and rebuilds a tile
+of W right before it is multiplied, so the weight costs 0.516 byte of memory traffic per element instead of 2.
 
-The tile that all three kernels share — one "chunk" of 64 consecutive weights in each of BLOCK_N rows of W:
+The tile all kernels share — BLOCK_N rows of W by BLOCK_K consecutive columns, S = min(blocksize, 64):
 
-    bytes  = packed[n * K/2 + k0/2 : + 32]          # row n starts at byte n*K/2 because K is even
-    hi, lo = bytes >> 4, bytes & 0xF                # hi = W[n, k0 + 2j], lo = W[n, k0 + 2j + 1], j = 0..31
-    scale  = absmax[(n*K + k0) // blocksize]        # two-level decode of one scale per row: K % 64 == 0 and 64
-                                                    # divides the blocksize, so a chunk never crosses a quant
-                                                    # block (blocks may still straddle rows)
-    W[n, k0 + 2j] = quant_map[hi] * scale,  W[n, k0 + 2j + 1] = quant_map[lo] * scale
-
-Instead of interleaving hi and lo back into k order, x is split the same way (x_even = x[:, k0 + 2j],
-x_odd = x[:, k0 + 2j + 1]):   x · W[n]ᵀ over the chunk = x_even · hiᵀ + x_odd · loᵀ.
+    bytes   = packed[n * K/2 + k0/2 : + BLOCK_K/2]        # row n starts at byte n*K/2; K % 64 == 0 (see _fused_ok)
+    hi, lo  = table[bytes], table[256 + bytes]            # W[n, k0 + 2j] / W[n, k0 + 2j + 1] before scaling
+    scale   = absmax of each S-column sub-block            # never crosses a quant block (blocks may straddle rows)
 
 Kernels
-    GEMV  (decode, M <= 4):   for each x row m and BLOCK_N rows of W: acc[n, j] += hi*x_even + lo*x_odd over
-                              the chunks of a K-slice (split-K: several programs per row when N is small);
-                              y = Σ_j acc, Σ over slices. Memory-bound: the goal is 0.516 byte per weight.
-    GEMM  (training, M > 4):  tile (BLOCK_M, BLOCK_N) of y, loop over chunks:
-                              acc += dot(x_even, hiᵀ) + dot(x_odd, loᵀ)  (tensor cores, fp32 accumulator)
-    GRAD  (backward):         grad_x = grad_y · W, tile (BLOCK_M, 64 columns of x), loop over n:
-                              g_even += dot(grad_y, hi); g_odd += dot(grad_y, lo)
-Every dequantized tile is rounded to the activation dtype before it is multiplied, like the reference
-F.linear(x, dequantize_nf4(q, x.dtype)), so the kernels differ from it in the order of the fp32 sums only (on a GPU
-the compiler may also fuse the scale's multiply-add into an FMA: at most 1 fp32 ulp before that rounding; the
-dequantize kernel turns fusion off to stay bit-identical, these keep it for speed).
+    GEMV (decode, M <= GEMV_MAX_M):  one program per BLOCK_N rows of W and one K-slice, all M rows of x at once:
+        for each sub-block:  part[m, n] = Σ_j hi[n, j] x[m, k0+2j] + lo[n, j] x[m, k0+2j+1]   (the "code sum")
+                             acc[m, n] += part[m, n] * scale[n]           (the scale once per 64 weights)
+        split-K: the slices of one row block add their acc into an fp32 y with atomics (no second launch).
+    GEMM (training forward, GEMV_MAX_M < M < DENSE_MIN_M):  tile (BLOCK_N, BLOCK_M) of yᵀ:
+        accᵀ += dot(W_tile (BLOCK_N, BLOCK_K), x_tileᵀ (BLOCK_K, BLOCK_M))
+        W is the *left* operand: on sm_90 a wgmma reads its left operand from registers, where the dequantized
+        tile already is; only x goes through shared memory (the pipelined, asynchronous copy Triton emits).
+    GRAD (backward, M < DENSE_MIN_M):  grad_x tile (BLOCK_M, BLOCK_K) = Σ_n dot(grad_y (BLOCK_M, BLOCK_N), W_tile).
+    M >= DENSE_MIN_M:  dequantize once (nf4_dequant.py), then cuBLAS — faster once the matmul is long enough to
+        hide the 2-byte write and read of W (the crossover is measured by benchmarks/bench_nf4_kernels.py).
 
-With blocksize 32 the chunk is 32 weights (16 bytes). Not handled: in_features not a multiple of the chunk falls
-back to the Triton dequantize + a torch matmul, as bitsandbytes does (real models never hit it); no grad wrt W: the
-4-bit weight is frozen (QLoRA trains adapters only).
+Rounding. The GEMV multiplies the exact fp32 code values by x in fp32 and the scale afterwards, so it never rounds
+W to x's dtype; the GEMM and GRAD round each dequantized weight to x's dtype (the tensor cores need it), as the
+reference F.linear(x, dequantize_nf4(q, x.dtype)) does. Either way the difference to the reference is fp32
+summation order plus one rounding of W and of y (the bound is derived in tests/test_kernels.py); on a GPU the
+compiler may also fuse a multiply-add into an FMA (these kernels keep fusion on for speed; the dequantize kernel
+turns it off to stay bit-identical).
+
+Tricks (their effect on the SASS: benchmarks/kernel_sass_proxy.py, results in benchmarks/results/):
+- 16-byte code loads: a row of the tile is BLOCK_K/2 >= 32 contiguous bytes; the row start is proven 16-aligned
+  with tl.multiple_of (K % 64 == 0, so n * K/2 is a multiple of 32) and the columns with tl.max_contiguous. No
+  mask varies along k: rows past N are clamped to row N-1 (read twice, never stored) instead of masked.
+- Code lookup from shared memory, not global gathers: nf4_dequant._lookup (tl.gather from a 512-entry byte table).
+- The block scale once per sub-block in the GEMV (code sums first), once per weight in the tiled kernels (there it
+  is shared by BLOCK_M rows of x).
+- All M <= 4 rows of x in one GEMV program (the weight is decoded once, not once per row), split-K reduced in the
+  kernel by fp32 atomic adds (so the order of the K-slice sums is not fixed: results may differ in the last bits
+  from one run to the next when split_k > 1; a single slice is deterministic).
+- The GEMM's tiles and pipeline depth are autotuned per M bucket (a few configurations; one under the interpreter,
+  where autotuning cannot time anything).
+
+Not handled: in_features not a multiple of 64 falls back to the Triton dequantize
++ a torch matmul, as bitsandbytes does (real models never hit it); no grad wrt W: the 4-bit weight is frozen.
 """
 
 import os
@@ -42,7 +55,9 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from minilora.kernels.nf4_dequant import _check_weight, _or_dummy, triton_dequantize
+from minilora.kernels.nf4_dequant import (
+    _block_scale, _byte_table, _check_weight, _lookup, _or_dummy, sub_block_bytes, triton_dequantize,
+)  # fmt: skip
 from minilora.quant.nf4 import NF4Weight, dequantize_nf4
 
 # --- reference (PyTorch) -----------------------------------------------------------------------------------------
@@ -57,68 +72,137 @@ def reference_nf4_matmul(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | Non
 
 
 @triton.jit
-def _dequant_chunk(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, quant_map_ptr, offset,
-    rows, row_mask,  # (BLOCK_N,) row indices n of W and which of them exist
-    k0, K,  # the chunk covers columns k0 .. k0 + 2*HALF of W
-    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr,
-):  # fmt: skip
-    """(hi, lo): fp32 tiles (BLOCK_N, HALF) holding W[rows, k0 + 2j] and W[rows, k0 + 2j + 1]."""
-    j = tl.arange(0, HALF)
-    # --- nibble unpack: the chunk is HALF consecutive bytes of each row (K is even, so rows start on a byte).
-    byte_idx = rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :]  # (BLOCK_N, HALF)
-    byte = tl.load(packed_ptr + byte_idx, mask=row_mask[:, None], other=0).to(tl.int32)
-    # --- code lookup: gathers from the 16-entry NF4 table (64 bytes, always in L1).
-    hi = tl.load(quant_map_ptr + (byte >> 4))  # even columns: the first element sits in the high nibble
-    lo = tl.load(quant_map_ptr + (byte & 0xF))  # odd columns
-    # --- two-level absmax, one per row: the chunk never crosses a quant block (K % 2*HALF == 0, 2*HALF | QBLOCK).
-    b = (rows * K + k0) // QBLOCK  # (BLOCK_N,) quant block of W[n, k0]
-    if DOUBLE_QUANT:
-        code8 = tl.load(absmax_ptr + b, mask=row_mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + b // 256, mask=row_mask, other=0.0)
-        scale = tl.load(nested_map_ptr + code8) * nested + offset  # same fp32 ops as the reference
+def _load_codes(packed_ptr, rows, k0, K, BLOCK_K: tl.constexpr):
+    """(len(rows), BLOCK_K/2) int32 bytes of W[rows, k0 : k0 + BLOCK_K], loaded 16 bytes at a time."""
+    row_start = tl.multiple_of(rows * (K // 2), 32)  # K % 64 == 0: every row starts 32-byte aligned
+    cols = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BLOCK_K // 2), 16), BLOCK_K // 2)
+    return tl.load(packed_ptr + row_start[:, None] + cols[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, rows, k0, K,
+            QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """(len(rows), BLOCK_K / (2*HALF)) fp32: the absmax of each 2*HALF-weight sub-block of the tile."""
+    sub = tl.arange(0, BLOCK_K // (2 * HALF)) * (2 * HALF)
+    b = (rows[:, None] * K + k0 + sub[None, :]) // QBLOCK  # quant block of each sub-block's first weight
+    return _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, b, DOUBLE_QUANT)
+
+
+@triton.jit
+def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, table, offset, rows, k0, K,
+                  QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """W[rows, k0 : k0 + BLOCK_K] in fp32, columns in natural order. (len(rows), BLOCK_K)"""
+    hi, lo = _lookup(table, _load_codes(packed_ptr, rows, k0, K, BLOCK_K))  # (R, BLOCK_K/2) each
+    scale = _scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, rows, k0, K, QBLOCK, DOUBLE_QUANT,
+                    HALF, BLOCK_K)  # fmt: skip  (R, NSUB)
+    R: tl.constexpr = rows.shape[0]
+    NSUB: tl.constexpr = BLOCK_K // (2 * HALF)
+    w = tl.reshape(tl.join(hi, lo), (R, NSUB, 2 * HALF))  # interleave high/low nibbles: k order
+    return tl.reshape(w * scale[:, :, None], (R, BLOCK_K))
+
+
+@triton.jit
+def _code_sum(hi, lo, x_ptr, m, M, stride_xm, k0, HALF: tl.constexpr):
+    """Σ_j hi[n, j] * x[m, k0 + 2j] + lo[n, j] * x[m, k0 + 2j + 1] for one row m of x, in fp32. (BLOCK_N,)
+
+    A 16-bit x is read as int32 pairs (even element in the low half: little-endian), so a thread's 16 pairs are
+    four 16-byte loads, and a bf16 becomes fp32 by a shift (it is the upper half of an fp32). fp32 x (not the
+    decode path) is read with two strided loads. Rows m >= M read zeros.
+    """
+    j = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, HALF), 16), HALF)  # pair indices within the row
+    dtype = x_ptr.dtype.element_ty
+    in_x = tl.full((HALF,), m, tl.int32) < M  # a row past M (M rounded up) reads zeros
+    if dtype == tl.float32:
+        ptrs = x_ptr + m * stride_xm + 2 * j
+        x_even = tl.load(ptrs, mask=in_x, other=0.0)
+        x_odd = tl.load(ptrs + 1, mask=in_x, other=0.0)
     else:
-        scale = tl.load(absmax_ptr + b, mask=row_mask, other=0.0)
-    scale = tl.where(row_mask, scale, 0.0)  # rows past N contribute exact zeros
-    return hi * scale[:, None], lo * scale[:, None]
+        v = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // 2) + j, mask=in_x, other=0)
+        if dtype == tl.bfloat16:
+            x_even = (v << 16).to(tl.float32, bitcast=True)
+            x_odd = (v & -65536).to(tl.float32, bitcast=True)
+        else:
+            x_even = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x_odd = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.sum(hi * x_even[None, :] + lo * x_odd[None, :], axis=1)  # a multiply, an FMA and an add per byte
 
 
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, quant_map_ptr,
-    partial_ptr,  # (SPLIT_K, M, N): one partial sum of y per K-slice (fp32), or y itself when SPLIT_K == 1
+    y_ptr,  # (M, N): y itself (SPLIT_K == 1) or an fp32 buffer of zeros the K-slices add into
     # scalars
-    offset, M, N, K, k_per_split,  # k_per_split: columns per K-slice, a multiple of 2*HALF
-    stride_xm,
+    offset, M, N, K, k_per_split,  # k_per_split: columns per K-slice, a multiple of 2 * HALF
+    stride_xm, stride_ym,  # stride_xm even for 16-bit x (the launcher makes sure)
     # meta-parameters
-    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    HALF: tl.constexpr,  # bytes per sub-block: one scale per row and iteration
+    BLOCK_N: tl.constexpr,  # rows of W per program: BLOCK_N * HALF bytes per iteration
+    M_PAD: tl.constexpr,  # rows of x handled: 1, 2 or 4 (M rounded up)
+    SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) rows of W = columns of y
-    row_mask = rows < N
-    j = tl.arange(0, HALF)
-    x_row = x_ptr + m * stride_xm
+    rows_in = tl.minimum(rows, N - 1)  # clamp instead of masking the loads (a mask would forbid 16-byte loads)
+    table = _byte_table(quant_map_ptr)
 
-    # A 2-D accumulator: the cross-lane sum over j happens once at the end, not once per chunk.
-    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    # One accumulator per row of x, written out (not a (M_PAD, BLOCK_N) tensor): a 3-D product tile gets a
+    # layout that shuffles every operand through shared memory (measured: 2.5x the instructions).
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, 2 * HALF):
-        x_even = tl.load(x_row + k0 + 2 * j)  # (HALF,) x[m, k0 + 2j]
-        x_odd = tl.load(x_row + k0 + 2 * j + 1)
-        hi, lo = _dequant_chunk(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, quant_map_ptr, offset,
-            rows, row_mask, k0, K, QBLOCK, DOUBLE_QUANT, HALF,
-        )  # fmt: skip
-        # Round W to x's dtype first (as the reference's dense weight is), then multiply-add in fp32.
-        hi = hi.to(x_ptr.dtype.element_ty).to(tl.float32)
-        lo = lo.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += hi * x_even.to(tl.float32)[None, :] + lo * x_odd.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    tl.store(partial_ptr + (pid_k * M + m) * N + rows, y.to(partial_ptr.dtype.element_ty), mask=row_mask)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), 2 * HALF):  # one sub-block per row
+        hi, lo = _lookup(table, _load_codes(packed_ptr, rows_in, k0, K, 2 * HALF))  # (BLOCK_N, HALF) exact fp32
+        scale = _block_scale(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, (rows_in * K + k0) // QBLOCK,
+                             DOUBLE_QUANT)  # fmt: skip  (BLOCK_N,)
+        # The code sum over the sub-block first, then its scale: one multiply per 2 * HALF weights, not per weight.
+        # Every row of x reuses the decoded codes.
+        acc0 += _code_sum(hi, lo, x_ptr, 0, M, stride_xm, k0, HALF) * scale
+        if M_PAD > 1:
+            acc1 += _code_sum(hi, lo, x_ptr, 1, M, stride_xm, k0, HALF) * scale
+        if M_PAD > 2:
+            acc2 += _code_sum(hi, lo, x_ptr, 2, M, stride_xm, k0, HALF) * scale
+            acc3 += _code_sum(hi, lo, x_ptr, 3, M, stride_xm, k0, HALF) * scale
+
+    _store_row(y_ptr, acc0, 0, M, N, rows, stride_ym, SPLIT_K)
+    if M_PAD > 1:
+        _store_row(y_ptr, acc1, 1, M, N, rows, stride_ym, SPLIT_K)
+    if M_PAD > 2:
+        _store_row(y_ptr, acc2, 2, M, N, rows, stride_ym, SPLIT_K)
+        _store_row(y_ptr, acc3, 3, M, N, rows, stride_ym, SPLIT_K)
 
 
+@triton.jit
+def _store_row(y_ptr, acc, m, M, N, rows, stride_ym, SPLIT_K: tl.constexpr):
+    """y[m, rows] = acc, or += with atomics when several K-slices share the row (y is then fp32 zeros)."""
+    mask = (rows < N) & (tl.full(rows.shape, m, tl.int32) < M)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # "relaxed": a plain reduction (RED), no ordering with other memory operations is needed
+        tl.atomic_add(y_ptr + m * stride_ym + rows, acc, mask=mask, sem="relaxed")
+
+
+def _gemm_configs():
+    """A small autotuning list (tiles, warps, pipeline depth); the interpreter gets one config it runs quickly."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    return [
+        # Untimed starting points (no GPU in the session that wrote them): wgmma wants BLOCK_N (its M) a multiple
+        # of 64 per warpgroup; small M gets a narrow BLOCK_M so that more programs run.
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ]
+
+
+GEMM_CONFIGS = _gemm_configs()
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _nf4_gemm_kernel(
     # pointers
@@ -126,32 +210,29 @@ def _nf4_gemm_kernel(
     # scalars
     offset, M, N, K,
     stride_xm, stride_ym,
+    M_BUCKET,  # the autotuning key for M: next power of two (the kernel does not read it)
     # meta-parameters
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,  # autotuned
 ):  # fmt: skip
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x and y
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)  # n fastest: programs running together share the x tile
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) rows of W = columns of y
-    m_mask, n_mask = rows_m < M, rows_n < N
-    j = tl.arange(0, HALF)
-    x_rows = x_ptr + rows_m[:, None] * stride_xm  # (BLOCK_M, 1)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x and y
+    n_in = tl.minimum(rows_n, N - 1)  # clamped, not masked: 16-byte code loads
+    m_mask = rows_m < M
+    table = _byte_table(quant_map_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, 2 * HALF):
-        x_even = tl.load(x_rows + (k0 + 2 * j)[None, :], mask=m_mask[:, None], other=0.0)  # (BLOCK_M, HALF)
-        x_odd = tl.load(x_rows + (k0 + 2 * j + 1)[None, :], mask=m_mask[:, None], other=0.0)
-        hi, lo = _dequant_chunk(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, quant_map_ptr, offset,
-            rows_n, n_mask, k0, K, QBLOCK, DOUBLE_QUANT, HALF,
-        )  # fmt: skip  (BLOCK_N, HALF) each
-        hi = tl.trans(hi.to(x_ptr.dtype.element_ty))  # (HALF, BLOCK_N), in x's dtype for the tensor cores
-        lo = tl.trans(lo.to(x_ptr.dtype.element_ty))
-        # "ieee": fp32 activations get a true fp32 product (like torch's default), not tf32; 16-bit ignore it.
-        acc = tl.dot(x_even, hi, acc, input_precision="ieee")
-        acc = tl.dot(x_odd, lo, acc, input_precision="ieee")
-    y_ptrs = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # yᵀ tile
+    for k0 in range(0, K, BLOCK_K):
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, table, offset, n_in, k0, K,
+                          QBLOCK, DOUBLE_QUANT, HALF, BLOCK_K)  # fmt: skip  (BLOCK_N, BLOCK_K) fp32
+        cols = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), 16), BLOCK_K)
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None], other=0.0)
+        # W rounded to x's dtype for the tensor cores; "ieee": fp32 activations get a true fp32 product (torch's
+        # default), not tf32; 16-bit dtypes ignore it.
+        acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x), acc, input_precision="ieee")  # (BLOCK_N, BLOCK_M)
+    y_ptrs = y_ptr + rows_m[None, :] * stride_ym + rows_n[:, None]  # the transposed tile lands in y (M, N)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows_n < N)[:, None] & m_mask[None, :])
 
 
 @triton.jit
@@ -163,51 +244,50 @@ def _nf4_grad_input_kernel(
     stride_gym, stride_gxm,
     # meta-parameters
     QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    k0 = pid_k * 2 * HALF  # this program owns columns k0 .. k0 + 2*HALF of grad_x (one chunk of W's rows)
+    k0 = pid_k * BLOCK_K  # this program owns columns k0 .. k0 + BLOCK_K of grad_x
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     m_mask = rows_m < M
-    j = tl.arange(0, HALF)
+    table = _byte_table(quant_map_ptr)
 
-    g_even = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)  # grad_x[:, k0 + 2j]
-    g_odd = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)  # grad_x[:, k0 + 2j + 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):  # the reduction runs over W's rows
         rows_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = rows_n < N
         gy = tl.load(
             gy_ptr + rows_m[:, None] * stride_gym + rows_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0
-        )  # (BLOCK_M, BLOCK_N)
-        hi, lo = _dequant_chunk(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, quant_map_ptr, offset,
-            rows_n, n_mask, k0, K, QBLOCK, DOUBLE_QUANT, HALF,
-        )  # fmt: skip  (BLOCK_N, HALF) each
-        g_even = tl.dot(gy, hi.to(gy_ptr.dtype.element_ty), g_even, input_precision="ieee")
-        g_odd = tl.dot(gy, lo.to(gy_ptr.dtype.element_ty), g_odd, input_precision="ieee")
-    gx_rows = gx_ptr + rows_m[:, None] * stride_gxm
-    tl.store(gx_rows + (k0 + 2 * j)[None, :], g_even.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
-    tl.store(gx_rows + (k0 + 2 * j + 1)[None, :], g_odd.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
+        )  # (BLOCK_M, BLOCK_N); zeros past N cancel the clamped rows of W below
+        w = _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, table, offset,
+                          tl.minimum(rows_n, N - 1), k0, K, QBLOCK, DOUBLE_QUANT, HALF, BLOCK_K)  # fmt: skip
+        acc = tl.dot(gy, w.to(gy_ptr.dtype.element_ty), acc, input_precision="ieee")  # (BLOCK_M, BLOCK_K)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(gx_ptr + rows_m[:, None] * stride_gxm + cols[None, :], acc.to(gx_ptr.dtype.element_ty),
+             mask=m_mask[:, None])  # fmt: skip
 
 
 # --- launchers ---------------------------------------------------------------------------------------------------
 
-GEMV_MAX_M = 4  # up to 4 rows of x: one GEMV pass per row (bnb also switches kernels at M = 4); unmeasured here
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_MAX_M = 4  # up to 4 rows of x share one decode of W (bnb also switches kernels at M = 4); unmeasured here
+# From this many rows of x on, dequantize + cuBLAS: the dequantize writes and re-reads W in bf16 (~4.5 bytes per
+# weight of extra traffic: ~1.4 ms per 1e9 weights on an H100), while the matmul takes 2*M flops per weight at
+# ~0.7 PFLOP/s; so the extra pass costs < 10% of the matmul above M ~ 4000 and a fused kernel must be near
+# cuBLAS speed to beat it below. 2048 is an estimate: TO BE MEASURED on a GPU (benchmarks/gpu_checks.sh runs
+# bench_nf4_kernels.py, which prints the crossover: the smallest M where dequantize + cuBLAS wins).
+DENSE_MIN_M = 2048
 
-# Tile sizes: untimed guesses for an H100 (the session that wrote this had no GPU). Compiled offline for sm_90
-# (bf16) they use 94 (GEMV, 4 warps), 192 (GEMM, 8 warps) and 124 (GRAD, 8 warps) registers per thread, no spills;
-# the GEMM with 4 warps would need 255. benchmarks/bench_nf4_kernels.py is the place to retune them.
-# The interpreter runs one program at a time: there the smallest tile tl.dot accepts (16) keeps CPU tests fast.
-GEMV_BLOCK_N = 64  # 64 rows x 32 bytes = 2 KB of codes per loop iteration; 16 bytes per thread with 4 warps
-GEMM_BLOCK = (16, 16) if INTERPRET else (64, 128)  # (BLOCK_M, BLOCK_N)
-GRAD_BLOCK = (16, 16) if INTERPRET else (64, 64)
+# GEMV: 4 KB of codes per iteration, i.e. 32 bytes per thread with 4 warps: two rows of one sub-block each, so
+# each unpacked x value serves two rows.
+GEMV_BYTES_PER_ITER = 4096
+GEMV_NUM_WARPS = 4
+GRAD_BLOCK = (16, 16, 64) if INTERPRET else (64, 64, 64)  # (BLOCK_M, BLOCK_N, BLOCK_K)
+GRAD_NUM_WARPS, GRAD_NUM_STAGES = 4, 3
 
-# Pipeline stages: Triton keeps num_stages tiles of x and of the codes in flight in shared memory, which the GPU
-# bounds per program. Compiled offline (tests/test_kernels.py), the GEMM tile at 3 stages needs 92 KB in bf16 but
-# 130 KB in fp32: more than the 99 KB of an RTX 3090/4090, A10 or L4 (A100: 163 KB, H100: 227 KB; a T4 does not
-# pipeline and needs 48 KB). So a launch that does not fit is retried with one stage fewer, and the depth that
-# loaded is remembered per kernel, dtype and device.
+# Pipeline stages: Triton keeps num_stages tiles of the operands in flight in shared memory, which the GPU bounds
+# per program (RTX 3090/4090, A10, L4: 99 KB; A100: 163 KB; H100: 227 KB). A launch that does not fit is retried
+# with one stage fewer, and the depth that loaded is remembered per kernel, dtype and device.
 _stages_that_fit: dict[tuple, int] = {}
 
 
@@ -227,13 +307,9 @@ def _launch(kernel, grid, args: tuple, meta: dict, num_warps: int, num_stages: i
         return
 
 
-def _chunk_half(q: NF4Weight) -> int:
-    """Half the chunk width: chunks are 64 weights (or the whole quant block when it is 32), stored in HALF bytes."""
-    return min(64, q.blocksize) // 2
-
-
 def _fused_ok(q: NF4Weight) -> bool:
-    return q.shape[1] % (2 * _chunk_half(q)) == 0
+    """The fused kernels step through K 64 weights (32 bytes) at a time and prove every row 32-byte aligned."""
+    return q.shape[1] % 64 == 0
 
 
 def _common_args(q: NF4Weight) -> tuple:
@@ -254,71 +330,85 @@ def _check_inputs(t: torch.Tensor, q: NF4Weight, last_dim: int, what: str) -> No
     _check_weight(q)
 
 
-def _split_k(n_programs: int, k_chunks: int, device: torch.device) -> int:
-    """Slices of K per row so that a GEMV launches ~4 programs per SM (a small N alone cannot fill the GPU)."""
+def gemv_meta(M: int, blocksize: int, double_quant: bool) -> dict:
+    """Constexprs and options of the GEMV for M rows (read by benchmarks/kernel_sass_proxy.py too)."""
+    half = sub_block_bytes(blocksize)
+    return dict(QBLOCK=blocksize, DOUBLE_QUANT=double_quant, HALF=half, BLOCK_N=GEMV_BYTES_PER_ITER // half,
+                M_PAD=triton.next_power_of_2(M), num_warps=GEMV_NUM_WARPS, num_stages=2)  # fmt: skip
+
+
+def _split_k(n_programs: int, k_iters: int, device: torch.device) -> int:
+    """Slices of K per row block so that a GEMV launches ~2 programs per SM (a small N alone cannot fill it)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(k_chunks // 4, triton.cdiv(4 * sms, n_programs)))
+    return max(1, min(k_iters, triton.cdiv(2 * sms, n_programs)))
 
 
 def nf4_gemv(x2: torch.Tensor, q: NF4Weight, split_k: int | None = None) -> torch.Tensor:
-    """y = x2 · Wᵀ for a few rows, (M, K) → (M, N), with the GEMV kernel (K must be a multiple of the chunk)."""
-    (M, K), N, half = x2.shape, q.shape[0], _chunk_half(q)
-    k_chunks = K // (2 * half)
-    n_blocks = triton.cdiv(N, GEMV_BLOCK_N)
-    split_k = split_k or _split_k(n_blocks * M, k_chunks, x2.device)
-    k_per_split = triton.cdiv(k_chunks, split_k) * 2 * half
+    """y = x2 · Wᵀ for a few rows, (M, K) → (M, N), M <= GEMV_MAX_M, with the GEMV kernel (K a multiple of 64)."""
+    (M, K), N = x2.shape, q.shape[0]
+    if M > GEMV_MAX_M:
+        raise ValueError(f"nf4_gemv handles up to {GEMV_MAX_M} rows, got {M}")
+    if x2.dtype != torch.float32 and (x2.stride(0) % 2 or x2.data_ptr() % 4):  # read as int32 pairs: 4-aligned
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh allocation (a view may start misaligned)
+    meta = gemv_meta(M, q.blocksize, q.double_quant)
+    step = 2 * meta["HALF"]  # columns per iteration
+    k_iters = K // step
+    n_blocks = triton.cdiv(N, meta["BLOCK_N"])
+    split_k = min(split_k or _split_k(n_blocks, k_iters, x2.device), k_iters)
+    k_per_split = triton.cdiv(k_iters, split_k) * step
     split_k = triton.cdiv(K, k_per_split)  # no empty slices
-    # One slice: the kernel stores y itself (cast on store). Several: fp32 partial sums, added here in a fixed
-    # order (deterministic, unlike atomic adds across programs).
-    partial = torch.empty((split_k, M, N), dtype=torch.float32 if split_k > 1 else x2.dtype, device=x2.device)
-    _nf4_gemv_kernel[(n_blocks, M, split_k)](
-        x2, *_common_args(q), partial,
-        q.offset, M, N, K, k_per_split, x2.stride(0),
-        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=half, BLOCK_N=GEMV_BLOCK_N,
-        num_warps=4, num_stages=4,
+    # One slice: the kernel stores y itself. Several: they add into fp32 zeros, cast once at the end.
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if split_k == 1 else x2.new_zeros((M, N), dtype=torch.float32)
+    _nf4_gemv_kernel[(n_blocks, split_k)](
+        x2, *_common_args(q), y,
+        q.offset, M, N, K, k_per_split, x2.stride(0), y.stride(0),
+        SPLIT_K=split_k, **meta,
     )  # fmt: skip
-    return partial[0] if split_k == 1 else partial.sum(dim=0).to(x2.dtype)  # (M, N)
+    return y if split_k == 1 else y.to(x2.dtype)  # (M, N)
 
 
 def nf4_gemm(x2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
-    """y = x2 · Wᵀ, (M, K) → (M, N), with the tiled GEMM kernel (K must be a multiple of the chunk)."""
+    """y = x2 · Wᵀ, (M, K) → (M, N), with the autotuned GEMM kernel (K must be a multiple of 64)."""
     (M, K), N = x2.shape, q.shape[0]
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    block_m, block_n = GEMM_BLOCK
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    args = (x2, *_common_args(q), y, q.offset, M, N, K, x2.stride(0), y.stride(0))
-    meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=_chunk_half(q), BLOCK_M=block_m, BLOCK_N=block_n)
-    _launch(_nf4_gemm_kernel, grid, args, meta, num_warps=8, num_stages=3)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    _nf4_gemm_kernel[grid](
+        x2, *_common_args(q), y, q.offset, M, N, K, x2.stride(0), y.stride(0), triton.next_power_of_2(M),
+        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=sub_block_bytes(q.blocksize),
+    )  # fmt: skip
     return y
 
 
 def nf4_grad_input(gy2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
-    """grad_x = gy2 · W, (M, N) → (M, K), with the fused backward kernel (K must be a multiple of the chunk)."""
-    (M, N), K, half = gy2.shape, q.shape[1], _chunk_half(q)
+    """grad_x = gy2 · W, (M, N) → (M, K), with the fused backward kernel (K must be a multiple of 64)."""
+    (M, N), K = gy2.shape, q.shape[1]
     gx = torch.empty((M, K), dtype=gy2.dtype, device=gy2.device)
-    block_m, block_n = GRAD_BLOCK
-    grid = (triton.cdiv(M, block_m), K // (2 * half))
+    block_m, block_n, block_k = GRAD_BLOCK
+    grid = (triton.cdiv(M, block_m), K // block_k)
     args = (gy2, *_common_args(q), gx, q.offset, M, N, K, gy2.stride(0), gx.stride(0))
-    meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=half, BLOCK_M=block_m, BLOCK_N=block_n)
-    _launch(_nf4_grad_input_kernel, grid, args, meta, num_warps=8, num_stages=3)
+    meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=sub_block_bytes(q.blocksize),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+    _launch(_nf4_grad_input_kernel, grid, args, meta, num_warps=GRAD_NUM_WARPS, num_stages=GRAD_NUM_STAGES)
     return gx
 
 
 def nf4_linear_forward(x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
-    """y = x · dequant(W)ᵀ for x of shape (..., K): picks GEMV, GEMM or (unaligned K) dequantize + matmul."""
+    """y = x · dequant(W)ᵀ for x of shape (..., K): GEMV (M <= 4), GEMM, or dequantize + matmul (large M, or K
+    not a multiple of 64)."""
     N, K = q.shape
     _check_inputs(x, q, K, "x")
     x2 = x.reshape(-1, K)  # (M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] == 0:
+    M = x2.shape[0]
+    if M == 0:
         return x.new_empty((*x.shape[:-1], N))
-    if not _fused_ok(q):
-        y = x2 @ triton_dequantize(q, x.dtype).t()
-    elif x2.shape[0] <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M and _fused_ok(q):
         y = nf4_gemv(x2, q)
+    elif M >= DENSE_MIN_M or not _fused_ok(q):
+        y = x2 @ triton_dequantize(q, x.dtype).t()
     else:
         y = nf4_gemm(x2, q)
     return y.view(*x.shape[:-1], N)
@@ -331,9 +421,13 @@ def nf4_linear_backward(grad_y: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     gy2 = grad_y.reshape(-1, N)  # (M, N)
     if gy2.stride(-1) != 1:
         gy2 = gy2.contiguous()
-    if gy2.shape[0] == 0:
+    M = gy2.shape[0]
+    if M == 0:
         return grad_y.new_zeros((*grad_y.shape[:-1], K))
-    gx = nf4_grad_input(gy2, q) if _fused_ok(q) else gy2 @ triton_dequantize(q, grad_y.dtype)
+    if M >= DENSE_MIN_M or not _fused_ok(q):
+        gx = gy2 @ triton_dequantize(q, grad_y.dtype)
+    else:
+        gx = nf4_grad_input(gy2, q)
     return gx.view(*grad_y.shape[:-1], K)
 
 
