@@ -63,6 +63,7 @@ GPUS = {
 }
 BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code + 8-bit absmax code + fp32 nested absmax
 ISSUE_PER_CLK = 4  # warp instructions per clock per SM (one per scheduler)
+SPECIALIZE = True  # mark 16-divisible arguments as Triton's launcher would (--no-specialize: as if none were)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -100,7 +101,7 @@ def compile_kernel(kernel, dtype: str, pointers: dict, constexprs: dict, options
     """
     fn = jitted(kernel)
     signature = signature_of(fn, dtype, pointers)
-    divisible = [i for i, p in enumerate(fn.params) if not p.is_constexpr and (
+    divisible = [i for i, p in enumerate(fn.params) if SPECIALIZE and not p.is_constexpr and (
         signature[p.name].startswith("*") or ints.get(p.name, 1) % 16 == 0)]  # fmt: skip
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -321,7 +322,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write every row (all counts) here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     parser.add_argument("--title", default="NF4 kernels, offline SASS proxy")
+    parser.add_argument("--no-specialize", action="store_true",
+                        help="compile without Triton's divisibility-by-16 specialisation (worst-case alignment)")
     args = parser.parse_args(argv)
+    global SPECIALIZE
+    SPECIALIZE = not args.no_specialize
 
     rows = []
     for cc in args.cc:

@@ -195,7 +195,7 @@ def _gemm_configs():
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        # (128 x 256 with 8 warps: no better on sm_90 by the SASS proxy, and 255 registers + spills on sm_80/89.)
     ]
 
 
@@ -394,6 +394,18 @@ def nf4_grad_input(gy2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     return gx
 
 
+def forward_path(M: int, q: NF4Weight) -> str:
+    """Which kernel computes y for M rows of x: "gemv", "gemm" or "dequantize + cuBLAS"."""
+    if not _fused_ok(q) or M >= DENSE_MIN_M:
+        return "dequantize + cuBLAS"
+    return "gemv" if M <= GEMV_MAX_M else "gemm"
+
+
+def backward_path(M: int, q: NF4Weight) -> str:
+    """Which kernel computes grad_x for M rows of grad_y: "grad" (fused) or "dequantize + cuBLAS"."""
+    return "dequantize + cuBLAS" if not _fused_ok(q) or M >= DENSE_MIN_M else "grad"
+
+
 def nf4_linear_forward(x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     """y = x · dequant(W)ᵀ for x of shape (..., K): GEMV (M <= 4), GEMM, or dequantize + matmul (large M, or K
     not a multiple of 64)."""
@@ -405,12 +417,13 @@ def nf4_linear_forward(x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     M = x2.shape[0]
     if M == 0:
         return x.new_empty((*x.shape[:-1], N))
-    if M <= GEMV_MAX_M and _fused_ok(q):
+    path = forward_path(M, q)
+    if path == "gemv":
         y = nf4_gemv(x2, q)
-    elif M >= DENSE_MIN_M or not _fused_ok(q):
-        y = x2 @ triton_dequantize(q, x.dtype).t()
-    else:
+    elif path == "gemm":
         y = nf4_gemm(x2, q)
+    else:
+        y = x2 @ triton_dequantize(q, x.dtype).t()
     return y.view(*x.shape[:-1], N)
 
 
@@ -424,10 +437,10 @@ def nf4_linear_backward(grad_y: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     M = gy2.shape[0]
     if M == 0:
         return grad_y.new_zeros((*grad_y.shape[:-1], K))
-    if M >= DENSE_MIN_M or not _fused_ok(q):
-        gx = gy2 @ triton_dequantize(q, grad_y.dtype)
-    else:
+    if backward_path(M, q) == "grad":
         gx = nf4_grad_input(gy2, q)
+    else:
+        gx = gy2 @ triton_dequantize(q, grad_y.dtype)
     return gx.view(*grad_y.shape[:-1], K)
 
 
