@@ -227,14 +227,14 @@ def kernel_specs(dtype: str = "bf16", cc: int = 90) -> list[dict]:
                       ints=dict(n_sub=N * K // 64)))  # fmt: skip
     for M in (1, 2, 4):  # decode: one token, or a few (speculative decoding, small batches)
         meta = mm.gemv_meta(M, 64, True)
-        options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+        options = {k: meta.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion")}
         specs.append(dict(name=f"gemv M={M}", kernel=mm._nf4_gemv_kernel, constexprs={**meta, "SPLIT_K": 1},
                           options=options, weights=meta["BLOCK_N"] * 2 * meta["HALF"],
                           ints=dict(M=M, N=N, K=K, k_per_split=K, stride_xm=K, stride_ym=N)))  # fmt: skip
     for config in mm.GEMM_CONFIGS:  # every configuration the autotuner may pick
         blocks = config.kwargs
         meta = dict(QBLOCK=64, DOUBLE_QUANT=True, HALF=32, **blocks)
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True)
         name = "gemm {BLOCK_N}x{BLOCK_M}x{BLOCK_K}".format(**blocks)
         specs.append(dict(name=name, kernel=mm._nf4_gemm_kernel, constexprs=meta, options=options,
                           weights=blocks["BLOCK_N"] * blocks["BLOCK_K"],
@@ -243,7 +243,7 @@ def kernel_specs(dtype: str = "bf16", cc: int = 90) -> list[dict]:
     block_m, block_n, block_k = mm.GRAD_BLOCK
     meta = dict(QBLOCK=64, DOUBLE_QUANT=True, HALF=32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     specs.append(dict(name="grad_input", kernel=mm._nf4_grad_input_kernel, constexprs=meta,
-                      options=dict(num_warps=mm.GRAD_NUM_WARPS, num_stages=mm.GRAD_NUM_STAGES),
+                      options=dict(num_warps=mm.GRAD_NUM_WARPS, num_stages=mm.GRAD_NUM_STAGES, enable_fp_fusion=True),
                       weights=block_n * block_k, flops=2 * block_m * block_n * block_k,
                       ints=dict(M=1024, N=N, K=K, stride_gym=N, stride_gxm=K)))  # fmt: skip
     return specs

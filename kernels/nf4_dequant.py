@@ -8,7 +8,7 @@ bytes; a sub-block never crosses a quant block, so it has one scale. One program
 sub-blocks, a (ROWS, S/2) tile of bytes:
 
     byte          = packed[r * S/2 + j]                       # (ROWS, S/2), 16 contiguous bytes per thread
-    hi, lo        = table[byte], table[256 + byte]            # values of the high / low nibble (fp32)
+    hi, lo        = table[2 * byte], table[2 * byte + 1]      # values of the high / low nibble (fp32)
     scale[r]      = absmax of quant block (r * S) // blocksize  (two-level decode when double-quantized)
     out[r*S + 2j] = cast(hi * scale),  out[r*S + 2j + 1] = cast(lo * scale)  # first element in the high nibble
 
@@ -24,8 +24,9 @@ Tricks, each needed for the GPU code to be fast (counts: benchmarks/kernel_sass_
   (a mask that changes inside a 16-byte group forces byte loads). A weight whose size is not a multiple of S gets
   its packed bytes padded by the launcher (a copy, never for real layers: their sizes are multiples of 64).
 - No global gather for the code: the 16-entry table is expanded once per program into a 512-entry byte table
-  (`_byte_table`), and tl.gather on it is lowered by Triton to a shared-memory lookup (LDS), one per nibble,
-  the nibble unpack included — instead of 2 global loads per byte from the 16-entry table.
+  (`_byte_table`: both nibbles' values of each byte, side by side), and tl.gather on it is lowered by Triton to
+  a shared-memory lookup: one 8-byte LDS per byte, the nibble unpack included — instead of 2 global loads per
+  byte from the 16-entry table.
 - One scale load per sub-block (a (ROWS,) vector broadcast over the row), not one per weight.
 
 Not handled: FP4; numel >= 2**31 (int32 indexing; the launcher refuses).

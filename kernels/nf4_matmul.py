@@ -7,7 +7,7 @@ of W right before it is multiplied, so the weight costs 0.516 byte of memory tra
 The tile all kernels share — BLOCK_N rows of W by BLOCK_K consecutive columns, S = min(blocksize, 64):
 
     bytes   = packed[n * K/2 + k0/2 : + BLOCK_K/2]        # row n starts at byte n*K/2; K % 64 == 0 (see _fused_ok)
-    hi, lo  = table[bytes], table[256 + bytes]            # W[n, k0 + 2j] / W[n, k0 + 2j + 1] before scaling
+    hi, lo  = table[2 * bytes], table[2 * bytes + 1]      # W[n, k0 + 2j] / W[n, k0 + 2j + 1] before scaling
     scale   = absmax of each S-column sub-block            # never crosses a quant block (blocks may straddle rows)
 
 Kernels
@@ -17,16 +17,18 @@ Kernels
         split-K: the slices of one row block add their acc into an fp32 y with atomics (no second launch).
     GEMM (training forward, GEMV_MAX_M < M < DENSE_MIN_M):  tile (BLOCK_N, BLOCK_M) of yᵀ:
         accᵀ += dot(W_tile (BLOCK_N, BLOCK_K), x_tileᵀ (BLOCK_K, BLOCK_M))
-        W is the *left* operand: on sm_90 a wgmma reads its left operand from registers, where the dequantized
-        tile already is; only x goes through shared memory (the pipelined, asynchronous copy Triton emits).
+        W is the *left* operand: on sm_90 a wgmma takes its left operand from registers, where the dequantized
+        tile already is, so it only needs a layout shuffle (through shared memory: 4 STS.128 + 4 LDSM per thread
+        and K-step for the 128x128 tile, against 28 STS.128 + 16 STS.16 and 44 barriers when W was the right
+        operand); x arrives by the pipelined asynchronous copy (cp.async) Triton emits.
     GRAD (backward, M < DENSE_MIN_M):  grad_x tile (BLOCK_M, BLOCK_K) = Σ_n dot(grad_y (BLOCK_M, BLOCK_N), W_tile).
     M >= DENSE_MIN_M:  dequantize once (nf4_dequant.py), then cuBLAS — faster once the matmul is long enough to
         hide the 2-byte write and read of W (the crossover is measured by benchmarks/bench_nf4_kernels.py).
 
 Rounding. The GEMV multiplies the exact fp32 code values by x in fp32 and the scale afterwards, so it never rounds
 W to x's dtype; the GEMM and GRAD round each dequantized weight to x's dtype (the tensor cores need it), as the
-reference F.linear(x, dequantize_nf4(q, x.dtype)) does. Either way the difference to the reference is fp32
-summation order plus one rounding of W and of y (the bound is derived in tests/test_kernels.py); on a GPU the
+reference F.linear(x, dequantize_nf4(q, x.dtype)) does. So the difference to the reference is the fp32 summation
+order and one rounding of y, plus (GEMV) W left unrounded (bounds derived in tests/test_kernels.py); on a GPU the
 compiler may also fuse a multiply-add into an FMA (these kernels keep fusion on for speed; the dequantize kernel
 turns it off to stay bit-identical).
 
@@ -43,8 +45,8 @@ Tricks (their effect on the SASS: benchmarks/kernel_sass_proxy.py, results in be
 - The GEMM's tiles and pipeline depth are autotuned per M bucket (a few configurations; one under the interpreter,
   where autotuning cannot time anything).
 
-Not handled: in_features not a multiple of 64 falls back to the Triton dequantize
-+ a torch matmul, as bitsandbytes does (real models never hit it); no grad wrt W: the 4-bit weight is frozen.
+Not handled: in_features not a multiple of 64 falls back to the Triton dequantize + a torch matmul, as
+bitsandbytes does (real models never hit it); no grad wrt W: the 4-bit weight is frozen.
 """
 
 import os
@@ -89,8 +91,10 @@ def _scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, rows, k0, K,
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, table, offset, rows, k0, K,
-                  QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _dequant_tile(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, table, offset, rows, k0, K,
+    QBLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     """W[rows, k0 : k0 + BLOCK_K] in fp32, columns in natural order. (len(rows), BLOCK_K)"""
     hi, lo = _lookup(table, _load_codes(packed_ptr, rows, k0, K, BLOCK_K))  # (R, BLOCK_K/2) each
     scale = _scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, rows, k0, K, QBLOCK, DOUBLE_QUANT,
@@ -278,9 +282,11 @@ GEMV_MAX_M = 4  # up to 4 rows of x share one decode of W (bnb also switches ker
 # bench_nf4_kernels.py, which prints the crossover: the smallest M where dequantize + cuBLAS wins).
 DENSE_MIN_M = 2048
 
-# GEMV: 4 KB of codes per iteration, i.e. 32 bytes per thread with 4 warps: two rows of one sub-block each, so
-# each unpacked x value serves two rows.
-GEMV_BYTES_PER_ITER = 4096
+# GEMV: bytes of codes per iteration by M_PAD. With 4 warps, 8 KB is 64 bytes per thread: four rows of one
+# sub-block each, so each unpacked x value serves four rows and the per-iteration costs (staging the byte table,
+# loop control) are spread over 128 weights. SASS proxy, sm_90, M=1: 4.57 instructions per weight at 8 KB, 5.08 at
+# 4 KB; at M=4 the 8 KB tile needs 200 registers, so M=4 keeps 4 KB (124 registers).
+GEMV_BYTES_PER_ITER = {1: 8192, 2: 8192, 4: 4096}
 GEMV_NUM_WARPS = 4
 GRAD_BLOCK = (16, 16, 64) if INTERPRET else (64, 64, 64)  # (BLOCK_M, BLOCK_N, BLOCK_K)
 GRAD_NUM_WARPS, GRAD_NUM_STAGES = 4, 3
@@ -332,9 +338,11 @@ def _check_inputs(t: torch.Tensor, q: NF4Weight, last_dim: int, what: str) -> No
 
 def gemv_meta(M: int, blocksize: int, double_quant: bool) -> dict:
     """Constexprs and options of the GEMV for M rows (read by benchmarks/kernel_sass_proxy.py too)."""
-    half = sub_block_bytes(blocksize)
-    return dict(QBLOCK=blocksize, DOUBLE_QUANT=double_quant, HALF=half, BLOCK_N=GEMV_BYTES_PER_ITER // half,
-                M_PAD=triton.next_power_of_2(M), num_warps=GEMV_NUM_WARPS, num_stages=2)  # fmt: skip
+    half, m_pad = sub_block_bytes(blocksize), triton.next_power_of_2(M)
+    block_n = GEMV_BYTES_PER_ITER[m_pad] // half
+    return dict(QBLOCK=blocksize, DOUBLE_QUANT=double_quant, HALF=half, BLOCK_N=block_n, M_PAD=m_pad,
+                num_warps=GEMV_NUM_WARPS, num_stages=2,
+                enable_fp_fusion=True)  # fmt: skip  (FMA allowed: the fused kernels are not bit-exact anyway)
 
 
 def _split_k(n_programs: int, k_iters: int, device: torch.device) -> int:
@@ -360,7 +368,10 @@ def nf4_gemv(x2: torch.Tensor, q: NF4Weight, split_k: int | None = None) -> torc
     k_per_split = triton.cdiv(k_iters, split_k) * step
     split_k = triton.cdiv(K, k_per_split)  # no empty slices
     # One slice: the kernel stores y itself. Several: they add into fp32 zeros, cast once at the end.
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if split_k == 1 else x2.new_zeros((M, N), dtype=torch.float32)
+    if split_k == 1:
+        y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    else:
+        y = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
     _nf4_gemv_kernel[(n_blocks, split_k)](
         x2, *_common_args(q), y,
         q.offset, M, N, K, k_per_split, x2.stride(0), y.stride(0),
@@ -376,7 +387,7 @@ def nf4_gemm(x2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
     _nf4_gemm_kernel[grid](
         x2, *_common_args(q), y, q.offset, M, N, K, x2.stride(0), y.stride(0), triton.next_power_of_2(M),
-        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=sub_block_bytes(q.blocksize),
+        QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=sub_block_bytes(q.blocksize), enable_fp_fusion=True,
     )  # fmt: skip
     return y
 
@@ -389,7 +400,7 @@ def nf4_grad_input(gy2: torch.Tensor, q: NF4Weight) -> torch.Tensor:
     grid = (triton.cdiv(M, block_m), K // block_k)
     args = (gy2, *_common_args(q), gx, q.offset, M, N, K, gy2.stride(0), gx.stride(0))
     meta = dict(QBLOCK=q.blocksize, DOUBLE_QUANT=q.double_quant, HALF=sub_block_bytes(q.blocksize),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=True)  # fmt: skip
     _launch(_nf4_grad_input_kernel, grid, args, meta, num_warps=GRAD_NUM_WARPS, num_stages=GRAD_NUM_STAGES)
     return gx
 
