@@ -284,9 +284,10 @@ DENSE_MIN_M = 2048
 
 # GEMV: bytes of codes per iteration by M_PAD. With 4 warps, 8 KB is 64 bytes per thread: four rows of one
 # sub-block each, so each unpacked x value serves four rows and the per-iteration costs (staging the byte table,
-# loop control) are spread over 128 weights. SASS proxy, sm_90, M=1: 4.57 instructions per weight at 8 KB, 5.08 at
-# 4 KB; at M=4 the 8 KB tile needs 200 registers, so M=4 keeps 4 KB (124 registers).
-GEMV_BYTES_PER_ITER = {1: 8192, 2: 8192, 4: 4096}
+# loop control) are spread over 128 weights. SASS proxy, sm_90, M=1: 4.57 instructions per weight at 8 KB (70
+# registers), 5.08 at 4 KB; with more rows of x the 8 KB tile needs 191 (M=2) and 200 (M=4) registers instead of
+# 116 and 124, a third of the occupancy, so they keep 4 KB until a GPU says otherwise.
+GEMV_BYTES_PER_ITER = {1: 8192, 2: 4096, 4: 4096}
 GEMV_NUM_WARPS = 4
 GRAD_BLOCK = (16, 16, 64) if INTERPRET else (64, 64, 64)  # (BLOCK_M, BLOCK_N, BLOCK_K)
 GRAD_NUM_WARPS, GRAD_NUM_STAGES = 4, 3

@@ -390,18 +390,22 @@ print(inspect.getsource(nf4_dequant.reference_dequantize))
 # %% [markdown]
 # **한국어**
 #
-# 이제 커널입니다. Triton 커널은 "프로그램" 하나가 `BLOCK`개의 연속된 원소를 맡습니다. `tl.program_id(0)`로
-# 자기 번호를 알고, `tl.arange`로 맡은 인덱스 벡터를 만들고, `mask`로 끝을 넘는 인덱스를 막습니다. 본문은
-# 참조 구현과 줄 단위로 대응합니다: 니블 꺼내기 → 코드표 조회 → 두 단계 absmax → 곱해서 저장.
+# 이제 커널입니다. Triton 커널에서는 "프로그램" 하나가 타일 하나를 맡습니다. 여기서는 64개 가중치(32바이트)짜리
+# 부분 블록 `ROWS`개입니다. `tl.program_id(0)`로 자기 번호를 알고, `tl.arange`로 맡은 인덱스를 만들고, `mask`로
+# 끝을 넘는 행 전체를 막습니다(행 안에서 바뀌는 mask는 16바이트 로드를 막습니다). 본문은 참조 구현을 따릅니다:
+# 바이트 읽기 → 바이트 표(`_lookup`)에서 두 니블의 값 찾기 → 두 단계 absmax(부분 블록마다 하나) → 곱하고, 열
+# 순서대로 섞어서 저장.
 #
 # **English**
 #
-# Now the kernel. In Triton one "program" handles `BLOCK` consecutive elements: it learns its number from
-# `tl.program_id(0)`, builds its vector of indices with `tl.arange`, and a `mask` stops indices past the end. The
-# body follows the reference line by line: unpack the nibble → look up the code → two-level absmax → multiply and
-# store.
+# Now the kernel. In Triton one "program" handles a tile, here `ROWS` sub-blocks of 64 weights (32 bytes) each: it
+# learns its number from `tl.program_id(0)`, builds its indices with `tl.arange`, and a `mask` stops whole rows past
+# the end (a mask that changed inside a row would prevent 16-byte loads). The body follows the reference: load the
+# bytes → look up both nibbles' values in a byte table (`_lookup`) → two-level absmax, one per sub-block → multiply,
+# interleave into column order, store.
 
 # %%
+print(inspect.getsource(nf4_dequant._lookup.fn))
 print(inspect.getsource(nf4_dequant._nf4_dequant_kernel.fn))
 print(inspect.getsource(nf4_dequant.triton_dequantize))
 
@@ -435,22 +439,24 @@ for shape in ((64, 128), (33, 80)):
 # %% [markdown]
 # **한국어**
 #
-# 학습에 쓰이는 커널은 `y = x · deq(W)ᵀ`를 한 번에 계산합니다. 밀집(dense) W를 메모리에 쓰지 않고, 64개
-# 가중치씩의 조각(chunk)을 레지스터에서 풀어 바로 곱합니다. 한 바이트에는 짝수 열(위쪽 니블)과 홀수 열(아래쪽
-# 니블)이 들어 있으므로, 풀어서 다시 섞는 대신 x도 짝수/홀수 열로 나누어 `x_even · hiᵀ + x_odd · loᵀ`를
-# 계산합니다. 아래는 세 커널(GEMV, GEMM, 입력 기울기)이 함께 쓰는 조각 함수와 GEMM 커널입니다.
+# 학습에 쓰이는 커널은 `y = x · deq(W)ᵀ`를 한 번에 계산합니다. x의 행이 `DENSE_MIN_M`개보다 적으면 밀집(dense)
+# W를 메모리에 쓰지 않고, W의 타일을 레지스터에서 풀어 바로 곱합니다(그 이상이면 한 번 풀어서 cuBLAS를 부르는
+# 쪽이 빠릅니다). 한 바이트에는 짝수 열(위쪽 니블)과 홀수 열(아래쪽 니블)이 들어 있습니다. GEMV는 x도 짝수/홀수
+# 열로 나누어 `x_even · hiᵀ + x_odd · loᵀ`를 계산하고, GEMM은 두 값을 열 순서대로 다시 섞어(`tl.join`) 텐서
+# 코어에 넘깁니다. 아래는 GEMM과 역전파 커널이 함께 쓰는 타일 함수와 GEMM 커널입니다.
 #
 # **English**
 #
-# The kernels used in training compute `y = x · deq(W)ᵀ` in one go: the dense W is never written to memory; chunks
-# of 64 weights are dequantized in registers and multiplied at once. A byte holds an even column (high nibble) and
-# an odd one (low nibble), so instead of interleaving them back, x is split into even and odd columns too and the
-# kernel computes `x_even · hiᵀ + x_odd · loᵀ`. Below: the chunk function shared by the three kernels (GEMV, GEMM,
-# input gradient), and the GEMM kernel.
+# The kernels used in training compute `y = x · deq(W)ᵀ` in one go: below `DENSE_MIN_M` rows of x the dense W is
+# never written to memory; tiles of W are dequantized in registers and multiplied at once (from `DENSE_MIN_M` rows
+# on, dequantizing once and calling cuBLAS is faster). A byte holds an even column (high nibble) and an odd one (low
+# nibble): the GEMV splits x into even and odd columns too (`x_even · hiᵀ + x_odd · loᵀ`), the GEMM interleaves the
+# two back into column order (`tl.join`) and hands the tile to the tensor cores. Below: the tile function shared by
+# the GEMM and the backward kernel, and the GEMM kernel.
 
 # %%
-print(inspect.getsource(nf4_matmul._dequant_chunk.fn))
-print(inspect.getsource(nf4_matmul._nf4_gemm_kernel.fn))
+print(inspect.getsource(nf4_matmul._dequant_tile.fn))
+print(inspect.getsource(nf4_matmul._nf4_gemm_kernel.fn.fn))  # .fn twice: @triton.autotune wraps the jitted kernel
 
 # %% [markdown]
 # **한국어**

@@ -8,7 +8,8 @@ gradients flow to x (for the adapters of earlier layers), never to W or b. Wrap 
 nn.Linear — composition, no special case.
 
 Backends (argument `backend`):
-    "triton": the fused kernels of minilora/kernels/nf4_matmul.py — the dense W is never materialised.
+    "triton": the kernels of minilora/kernels/nf4_matmul.py — fused (the dense W is never materialised) below
+              its DENSE_MIN_M rows of x, dequantize + cuBLAS from there (faster for long matmuls).
     "torch":  F.linear(x, dequantize_nf4(W)) — the readable reference, for CPUs. The dense W lives only while
               the matmul runs: backward dequantizes it again for grad_x = grad_y · W (as bitsandbytes'
               MatMul4Bit does), so autograd keeps no 2-bytes-per-weight copy of the base between the passes.
