@@ -56,7 +56,12 @@ def load_model(path, dtype=None, device=None, quantize=None, quant_backend: str 
     device: where the weights go (default "cpu"). quantize: None, or "nf4" for a 4-bit frozen base (QLoRA): the
     block linears become NF4Linear with compute dtype `dtype`. A bitsandbytes 4-bit checkpoint is always loaded
     as 4-bit. quant_backend: the NF4Linear matmul ("auto": Triton on GPU, PyTorch on CPU; "triton"; "torch").
+    A .gguf file, or a folder holding one and no config.json, is read by gguf_read.py instead.
     """
+    from .gguf_read import find_gguf, load_gguf_model
+
+    if find_gguf(path) is not None:
+        return load_gguf_model(path, dtype=dtype, device=device, quantize=quantize, quant_backend=quant_backend)
     path = Path(path)
     config = load_config(path)  # checks the folder and config.json
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
