@@ -294,5 +294,12 @@ def _register_added_tokens(backend: BackendTokenizer, config: dict, raw_special:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """The tokenizer of a Hugging Face model folder (see Tokenizer.from_pretrained)."""
+    """The tokenizer of a Hugging Face model folder (see Tokenizer.from_pretrained), or of a GGUF file or a folder
+    holding one (formats/gguf_tokenizer.py rebuilds it from the file's tokenizer.ggml.* metadata)."""
+    from .formats.gguf_read import find_gguf
+
+    if find_gguf(path) is not None:
+        from .formats.gguf_tokenizer import read_gguf_tokenizer
+
+        return Tokenizer(**read_gguf_tokenizer(path))
     return Tokenizer.from_pretrained(path)

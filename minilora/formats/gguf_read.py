@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config import SUPPORTED_DTYPES, ModelConfig
 from ..errors import MiniloraError
 
 INSTALL_HINT = 'pip install -e ".[gguf]" (or: pip install gguf)'
@@ -403,14 +403,16 @@ def load_gguf_model(path, dtype=None, device=None, quantize=None, quant_backend:
     from ..model import Transformer
     from ..quant.bnb_checkpoint import BLOCKSIZE, block_linear_names, install_nf4_linears
     from ..quant.nf4 import quantize_nf4
-    from .safetensors_folder import QUANTIZE_CHOICES, resolve_dtype
 
     file = find_gguf(path)
     if file is None:
         raise MiniloraError(f"{path} is not a .gguf file or a folder holding one")
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise MiniloraError(f"quantize must be None or one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    dtype = resolve_dtype(dtype if dtype is not None else "float32")
+    if quantize not in (None, "nf4"):
+        raise MiniloraError(f"quantize must be None or 'nf4', got {quantize!r}")
+    name = str(dtype if dtype is not None else "float32").removeprefix("torch.")
+    if name not in SUPPORTED_DTYPES:
+        raise MiniloraError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
+    dtype = getattr(torch, name)
     device = torch.device(device or "cpu")
     f = GGUFFile(file)
     config = gguf_model_config(f)
