@@ -69,12 +69,12 @@ def _add_tensor(writer, gguf, name: str, w: np.ndarray, qtype: str, rng) -> None
         writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
         return
     t = gguf.GGMLQuantizationType[qtype]
-    if qtype in K_QUANTS:
+    if qtype not in QUANTIZABLE:  # K-quants and the rest: random blocks (gguf-py cannot quantize these)
         block, type_size = gguf.GGML_QUANT_SIZES[t]
         rows, cols = w.shape
         assert cols % block == 0, f"{name}: {cols} columns are not a multiple of {block}"
         raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
-        for offset in _K_SCALE_OFFSETS[qtype]:  # fp16 scales in [0.001, 0.01]: finite, model-sized weights
+        for offset in _K_SCALE_OFFSETS.get(qtype, (0,)):  # fp16 scales in [0.001, 0.01]: finite, model-sized weights
             scale = rng.uniform(0.001, 0.01, size=(rows, cols // block)).astype(np.float16)
             raw[:, :, offset:offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
         writer.add_tensor(name, raw.reshape(rows, -1), raw_dtype=t)  # byte shape; the writer derives the rest

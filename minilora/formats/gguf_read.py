@@ -64,6 +64,11 @@ BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",  # Phi-3: ffn_up is the fused gate_up_proj
     "ffn_down": "mlp.down_proj",
 }
+# config.json field -> the GGUF key it came from (for error messages)
+HF_TO_GGUF_KEYS = {"num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+                   "num_hidden_layers": "block_count", "intermediate_size": "feed_forward_length",
+                   "hidden_size": "embedding_length", "head_dim": "attention.key_length",
+                   "sliding_window": "attention.sliding_window", "max_position_embeddings": "context_length"}
 ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -110,12 +115,16 @@ class GGUFFile:
     def __init__(self, path):
         self.path = Path(path)
         gguf = import_gguf(self.path)
+        with open(self.path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise MiniloraError(f"{self.path}: not a readable GGUF file (magic {magic!r}, expected b'GGUF')")
         try:
             reader = _reader_class(gguf)(str(self.path))
-        except Exception as e:  # wrong magic, truncated header, bad offsets: ValueError / IndexError / struct errors
+        except Exception as e:  # truncated header or data, bad offsets: ValueError / IndexError / struct errors
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MiniloraError(f"{self.path}: not a readable GGUF file ({detail}); re-download or re-convert it") \
-                from None
+            raise MiniloraError(f"{self.path}: not a readable GGUF file: truncated or corrupt ({detail}); "
+                                "re-download or re-convert it") from None
         self.gguf = gguf
         self.reader = reader
         self.metadata = {name: _field_value(field) for name, field in reader.fields.items()
@@ -312,8 +321,11 @@ def gguf_model_config(f: GGUFFile) -> ModelConfig:
     """ModelConfig of the file (its hf_config is the config.json that gguf_hf_config builds)."""
     try:
         return ModelConfig.from_hf_dict(gguf_hf_config(f))
-    except MiniloraError as e:  # config.py's messages say "config.json: ..."; here the metadata is the config
-        raise MiniloraError(f"{f.path}: metadata: {str(e).removeprefix('config.json: ')}") from None
+    except MiniloraError as e:  # config.py's messages say "config.json: <HF field>"; name the GGUF keys instead
+        message = str(e).removeprefix("config.json: ")
+        for hf_name, key in HF_TO_GGUF_KEYS.items():
+            message = message.replace(hf_name, f"{f.architecture}.{key}")
+        raise MiniloraError(f"{f.path}: metadata: {message}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
