@@ -230,3 +230,34 @@ def read_gguf_tokenizer(path) -> dict:
     if file is None:
         raise MiniloraError(f"{path} is not a .gguf file or a folder holding one")
     return gguf_tokenizer_parts(GGUFFile(file))
+
+
+def write_tokenizer_files(tokenizer, out_dir) -> list[str]:
+    """Write a Tokenizer (e.g. one read from a GGUF file) as a Hugging Face tokenizer folder in `out_dir`:
+    tokenizer.json (the whole pipeline, BOS/EOS post-processor included), tokenizer_config.json (the named special
+    tokens, the chat template) and generation_config.json (every stop id), each atomically. Returns the names.
+
+    What a safetensors export of a GGUF-loaded model needs beside its weights (a GGUF file has no companion files
+    to copy); minilora and transformers read the folder back to the same ids and template.
+    """
+    from pathlib import Path
+
+    from ..files import write_json, write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "tokenizer.json", tokenizer.backend.to_str())
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": 1_000_000, **tokenizer.special_tokens}
+    if tokenizer.chat_template is not None:
+        config["chat_template"] = tokenizer.chat_template
+    write_json(out_dir / "tokenizer_config.json", config)
+    names = ["tokenizer.json", "tokenizer_config.json"]
+    if tokenizer.eos_token_ids:
+        ids = tokenizer.eos_token_ids
+        generation = {"eos_token_id": ids if len(ids) > 1 else ids[0]}
+        if tokenizer.bos_token_id is not None:
+            generation["bos_token_id"] = tokenizer.bos_token_id
+        write_json(out_dir / "generation_config.json", generation)
+        names.append("generation_config.json")
+    return names

@@ -115,3 +115,26 @@ def test_flags_and_stop_tokens(tmp_path):
     flagged, ref = load_tokenizer(tmp_path / "b"), _oracle(tmp_path / "b" / "tok.gguf")
     assert flagged.encode("hi") == ref("hi")["input_ids"] and flagged.encode("hi")[-1] == flagged.eos_token_id
     assert flagged.eos_token_ids == [flagged.eos_token_id, flagged.token_to_id("<|end_of_text|>")]
+
+
+@pytest.mark.parametrize("case", ["byte_level_qwen2", "sentencepiece_scores_only", "gemma"])
+def test_written_tokenizer_folder_reads_back_the_same(case, tmp_path):
+    """write_tokenizer_files: the folder a safetensors export of a GGUF model gets; minilora and transformers
+    read it to the GGUF tokenizer's ids, special tokens and template."""
+    from transformers import AutoTokenizer
+
+    from minilora.formats.gguf_tokenizer import write_tokenizer_files
+
+    build, style, arch, merges, template = CASES[case]
+    path = tokenizer_to_gguf(build(tmp_path / "hf", style=style), tmp_path / "gguf" / "tok.gguf", arch=arch,
+                             chat_template=template, merges=merges)
+    ours = load_tokenizer(path)
+    names = write_tokenizer_files(ours, tmp_path / "out")
+    assert names[:2] == ["tokenizer.json", "tokenizer_config.json"]
+    again, ref = load_tokenizer(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in TEXTS:
+        assert again.encode(text) == ours.encode(text) == ref(text)["input_ids"], text
+    assert (again.bos_token, again.eos_token, again.eos_token_ids) == (ours.bos_token, ours.eos_token,
+                                                                       ours.eos_token_ids)
+    assert again.render_chat(MESSAGES, add_generation_prompt=True) == \
+        ref.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
