@@ -157,3 +157,24 @@ def test_folder_holding_one_gguf(tmp_path):
         load_model(path.parent)
     with pytest.raises(MiniloraError, match="GGUF file not found"):
         load_model(tmp_path / "missing.gguf")
+
+
+def test_train_and_generate_commands_take_a_gguf(tmp_path, capsys):
+    """--model accepts a .gguf (train, QLoRA) and a folder holding one (generate with the trained adapter)."""
+    from minilora.errors import run_cli
+    from minilora.generate import main as generate_main
+    from minilora.train import main as train_main
+
+    hf_dir = make_tiny_checkpoint("llama", tmp_path / "hf", tokenizer="llama3")
+    path = hf_to_gguf(hf_dir, tmp_path / "gguf" / "model.gguf", qtype="Q8_0", tokenizer=hf_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The tea garden number {i} is green, and the sea is calm." for i in range(40)))
+    out = tmp_path / "run"
+    assert run_cli(train_main, ["--model", str(path), "--data", str(corpus), "--mode", "base", "--method", "qlora",
+                                "--max-steps", "2", "--block-size", "16", "--batch-size", "2",
+                                "--output", str(out)]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert run_cli(generate_main, ["--model", str(path.parent), "--adapter", str(out / "adapter"), "--prompt",
+                                   "The tea", "--max-new-tokens", "4"]) == 0
+    assert "The tea" in capsys.readouterr().out
