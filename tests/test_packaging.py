@@ -19,7 +19,9 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_minilora_runs_with_the_oracles_unimportable(tmp_path):
     """Block every oracle library, import every minilora module and kernel, build and run a model."""
-    modules = sorted(p.stem for p in (REPO / "minilora").glob("*.py") if p.stem not in ("__init__", "__main__"))
+    modules = sorted(".".join(p.relative_to(REPO / "minilora").with_suffix("").parts)
+                     for p in (REPO / "minilora").rglob("*.py")  # subpackages too (rglob skips the kernels link)
+                     if p.stem not in ("__init__", "__main__") and "kernels" not in p.parts)
     code = f"""
         import importlib, sys
         class Block:
@@ -80,3 +82,15 @@ def test_top_level_kernels_is_not_an_installed_package():
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     assert "kernels" not in packages and "minilora.kernels" in packages
     assert (REPO / "minilora" / "kernels").resolve() == (REPO / "kernels").resolve()
+
+
+def test_every_subpackage_is_installed():
+    """pyproject's explicit package list names every folder of minilora/ that is a package: a non-editable install
+    (a wheel) would otherwise leave it out, and `import minilora.quant` would fail there although it works here."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"minilora." + ".".join(p.parent.relative_to(REPO / "minilora").parts) if p.parent != REPO / "minilora"
+             else "minilora" for p in (REPO / "minilora").glob("**/__init__.py")}
+    found.add("minilora.kernels")  # the link to the top-level kernels/ folder
+    assert listed == found, (sorted(found - listed), sorted(listed - found))
