@@ -8,6 +8,10 @@
 A checkpoint is built in a temporary folder and renamed into place, then `latest` is rewritten atomically, so a
 run killed at any moment leaves `latest` naming a complete checkpoint. The data position is not stored: it is a
 function of the step (train_data.Batches), so restoring the step restores the batches.
+
+With many processes every rank takes part in gathering the full weights and optimizer state (FSDP2 shards them),
+rank 0 alone writes, and the files are those of one process: a checkpoint resumes with any number of processes,
+as long as processes × --batch-size (the global batch) stays the same.
 """
 
 import shutil
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import distributed, files
 from .errors import MiniloraError
 from .train_config import TrainConfig
 
@@ -36,7 +40,18 @@ def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> 
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-NNNNNN atomically: build it in a temporary folder, then rename it."""
+    """Write checkpoints/step-NNNNNN atomically: build it in a temporary folder, then rename it.
+    Every rank calls it (the gathering is collective); rank 0 writes."""
+    optimizer_state = distributed.full_optimizer_state(optimizer)
+    distributed.barrier()  # a checkpoint is written only if every rank reached it (a dead rank stops the run here)
+    with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:
+        final = _write_checkpoint(run_dir, step, whole, optimizer_state, scheduler, cfg) if distributed.is_main() \
+            else run_dir / CHECKPOINTS / f"step-{step:06d}"
+    distributed.barrier()  # no rank runs ahead of a checkpoint that is not written yet
+    return final
+
+
+def _write_checkpoint(run_dir: Path, step: int, model, optimizer_state: dict, scheduler, cfg: TrainConfig) -> Path:
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     tmp = run_dir / CHECKPOINTS / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -44,7 +59,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     save_weights(model, tmp, cfg, cfg.model)
     state = {
         "step": step,  # the data position is a function of the step (see Batches)
-        "optimizer": optimizer.state_dict(),
+        "global_batch": [distributed.world_size(), cfg.batch_size],  # processes × per-process batch
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -82,22 +98,29 @@ def load_lora_weights(model, checkpoint: Path) -> None:
         raise MiniloraError(f"{checkpoint}: its LoRA tensors do not match this run's (different --targets or --r?)")
     with torch.no_grad():
         for key, tensor in saved.items():
-            ours[key].copy_(tensor)
+            distributed.copy_full_(ours[key], tensor)  # an FSDP2 shard takes its part
 
 
 def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
     """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
     from safetensors.torch import load_file
 
+    model = distributed.unwrap(model)
     if cfg.method == "full":
         weights = load_file(str(path / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        unexpected = distributed.load_full_weights(model, weights)  # FSDP2: each rank its shards
         if unexpected:
             raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
     else:
         load_lora_weights(model, path)
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world, saved_batch = state.get("global_batch", (1, cfg.batch_size))
+    world = distributed.world_size()
+    if saved_world != world and saved_world * saved_batch != world * cfg.batch_size:
+        raise MiniloraError(f"{path} was trained by {saved_world} process(es) × --batch-size {saved_batch}; with "
+                            f"{world} process(es) use --batch-size {saved_world * saved_batch / world:g} "
+                            f"to keep the global batch")
+    distributed.load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -12,22 +12,28 @@ from .train_config import TrainConfig
 class Metrics:
     """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.write = write  # False on ranks other than 0: records are kept, no file is touched
         self.records = []
         if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
             lines = self.path.read_text(encoding="utf-8").splitlines()
             self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if write:
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> Path:
         from .plot import line_chart
 
+        if not self.write:
+            return self.path.parent / "loss.svg"
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         return line_chart({"train loss": train, "validation loss": val}, self.path.parent / "loss.svg",

@@ -28,7 +28,7 @@ class TrainConfig:
     mode: str = "base"  # "base": continued pre-training on raw text; "sft": instruction fine-tuning
     method: str = "lora"  # "lora", "qlora" (4-bit NF4 base + LoRA), "dora", "qdora" (DoRA on a 4-bit base) or "full"
     # --- LoRA (Hu et al. 2021, section 4.1: the update is scaled by alpha / r) ------------------------------
-    r: int = 8  # rank of the update A·B
+    r: int = 8  # rank of the update A·B (also --lora-r: torchrun's own parser refuses --r, see build_parser)
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
     dropout: float = 0.05  # dropout on the LoRA branch's input
     targets: str = "all-linear"  # comma-separated module-name suffixes (q_proj,v_proj) or "all-linear"
@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, LoRA init and dropout: same seed, same run
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast for compute; LoRA weights stay float32)
     device: str = "auto"  # "cpu", "cuda" or "auto"
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 (per block) instead of DDP (distributed.py)
     log_every: int = 1  # steps between progress lines / metrics records
     sample_prompts: str = ""  # prompts (separated by "|") generated before and after training
     sample_tokens: int = 40  # tokens generated per sample prompt
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
         elif f.name == "resume":
             parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT")
+        elif f.name == "r":
+            # torchrun parses every argument, also those after the module name, and stops at "--r" as an
+            # ambiguous prefix of its --rdzv-* / --role / --run-path options; --lora-r passes through it.
+            parser.add_argument(flag, "--lora-r", dest="r", type=int, default=None,
+                                help="LoRA rank (under torchrun, write --lora-r)")
         else:
             parser.add_argument(flag, type=_arg_type(kind), default=None)
     return parser

@@ -23,6 +23,8 @@ class Batches:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = True  # training drops a ragged last batch; validation keeps it
+    rank: int = 0  # many processes (distributed.py): batch_size is the GLOBAL batch, and this process
+    world_size: int = 1  # collates only its own slice (rank) of world_size equal parts of each batch
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -37,7 +39,17 @@ class Batches:
         epoch, within = divmod(index, len(self))
         order = self.order(epoch)
         chosen = order[within * self.batch_size:(within + 1) * self.batch_size] or order[: self.batch_size]
-        return self.collate([self.samples[i] for i in chosen])
+        if self.world_size == 1:
+            return self.collate([self.samples[i] for i in chosen])
+        part = -(-len(chosen) // self.world_size)  # this rank's share: the same global batch as one process
+        mine = chosen[self.rank * part:(self.rank + 1) * part]
+        if mine:
+            return self.collate([self.samples[i] for i in mine])
+        # A short last validation batch may leave a rank nothing: it still runs a forward (FSDP's collectives
+        # need every rank), on one sample whose labels are all ignored, so it adds no loss and no tokens.
+        batch = self.collate([self.samples[chosen[0]]])
+        batch["labels"].fill_(-100)
+        return batch
 
     def micro_batches(self, step: int, grad_accum: int) -> list[dict]:
         """The micro-batches of optimiser step `step` (0-based)."""
@@ -48,8 +60,9 @@ class Batches:
             yield self.batch(epoch * len(self) + i)
 
 
-def build_datasets(cfg, tokenizer, model_config) -> tuple[Batches, Batches]:
-    """Training and validation batches for `cfg.mode`: blocks of raw text (base) or chat samples (sft)."""
+def build_datasets(cfg, tokenizer, model_config, rank: int = 0, world_size: int = 1) -> tuple[Batches, Batches]:
+    """Training and validation batches for `cfg.mode`: blocks of raw text (base) or chat samples (sft); with many
+    processes, this rank's slices of global batches of world_size × cfg.batch_size samples."""
     if cfg.block_size > model_config.max_position_embeddings:
         raise MiniloraError(f"--block-size {cfg.block_size} is longer than the model's context "
                             f"({model_config.max_position_embeddings} positions, max_position_embeddings in "
@@ -68,6 +81,11 @@ def build_datasets(cfg, tokenizer, model_config) -> tuple[Batches, Batches]:
         print("note: no validation data (--val-fraction 0 and no --val-data): validation uses the training set")
         val = train
     collate = partial(pad_collate, pad_id=pad_id(tokenizer))
-    batch_size = min(cfg.batch_size, len(train))
-    return (Batches(train, batch_size, collate, seed=cfg.seed),
-            Batches(val, cfg.batch_size, collate, shuffle=False, drop_last=False))
+    ranks = {"rank": rank, "world_size": world_size}
+    global_batch = cfg.batch_size * world_size  # --batch-size is per process (distributed.py)
+    if world_size > 1 and len(train) < global_batch:
+        raise MiniloraError(f"{len(train)} training samples cannot fill one global batch of {global_batch} "
+                            f"(--batch-size {cfg.batch_size} × {world_size} processes): use fewer processes or "
+                            f"a smaller --batch-size")
+    return (Batches(train, min(global_batch, len(train)), collate, seed=cfg.seed, **ranks),
+            Batches(val, global_batch, collate, shuffle=False, drop_last=False, **ranks))

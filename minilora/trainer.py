@@ -19,8 +19,11 @@ resuming restores model, optimizer, scheduler and RNG, then continues with the v
 
 Checkpoints live in checkpointing.py, metrics, progress and samples in progress.py.
 
-Deliberately not handled: multi-GPU / distributed training, mixed adapters, streaming datasets larger than
-memory.
+Many processes (`torchrun --nproc-per-node N -m minilora.train ...`): DDP, or FSDP2 with --fsdp; each rank takes
+its slice of every global batch, the token count is summed over ranks, and rank 0 alone prints and writes, so N
+processes compute the steps of one process on N × batch_size samples (distributed.py).
+
+Deliberately not handled: tensor / pipeline parallelism, mixed adapters, streaming datasets larger than memory.
 """
 
 import math
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import files
+from . import distributed, files
 from .checkpointing import find_checkpoint, restore_checkpoint, save_checkpoint, save_weights
 from .errors import MiniloraError
 from .progress import Metrics, print_samples, progress_line, sample
@@ -128,29 +131,38 @@ def batch_loss_sum(model, batch: dict, cfg: TrainConfig, device: torch.device) -
         hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
                        return_hidden=True)  # (B, T, C)
-    return chunked_next_token_loss(hidden.float(), model.lm_head_weight, batch["labels"],
-                                   softcap=model.config.final_logit_softcap)
+    core = distributed.unwrap(model)  # the Transformer inside a DDP wrapper
+    return chunked_next_token_loss(hidden.float(), core.lm_head_weight, batch["labels"],
+                                   softcap=core.config.final_logit_softcap)
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], cfg, device) -> dict:
-    """One optimiser step over `grad_accum` micro-batches; returns the step's mean loss and token count."""
+    """One optimiser step over `grad_accum` micro-batches; returns the step's mean loss and token count.
+
+    With N processes every count and loss is summed over the ranks, and each rank's loss is multiplied by N because
+    DDP / FSDP average gradients over ranks: the result is the gradient of the whole global batch."""
     model.train()
-    tokens_in_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    local_seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in micro_batches)  # every real token, for tokens/s
+    tokens_in_step, seen = distributed.all_reduce_sum(local_tokens, local_seen, device=device)  # over all ranks
     if tokens_in_step == 0:
         raise MiniloraError("a training batch has no tokens to learn from (every label is -100): "
                             "check --train-on-prompt / the chat template, or the data")
     loss_total = 0.0
-    for batch in micro_batches:
-        loss_sum, _ = batch_loss_sum(model, batch, cfg, device)
-        (loss_sum / tokens_in_step).backward()
+    for i, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(model, sync=i == len(micro_batches) - 1):  # reduce on the last one only
+            loss_sum, _ = batch_loss_sum(model, batch, cfg, device)
+            (loss_sum / tokens_in_step * distributed.world_size()).backward()
         loss_total += loss_sum.item()
+    (loss_total,) = distributed.all_reduce_sum(loss_total, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total / tokens_in_step, "tokens": tokens_in_step,
-            "grad_norm": None if grad_norm is None else float(grad_norm)}
+    return {"loss": loss_total / tokens_in_step, "tokens": int(tokens_in_step), "seen": int(seen),
+            "grad_norm": None if grad_norm is None else distributed.grad_norm_value(grad_norm)}
 
 
 @torch.no_grad()
@@ -163,6 +175,8 @@ def evaluate(model, val_batches: Batches, cfg, device) -> dict:
             break
         s, n = batch_loss_sum(model, batch, cfg, device)
         loss_sum, tokens = loss_sum + s.item(), tokens + int(n)
+    loss_sum, tokens = distributed.all_reduce_sum(loss_sum, tokens, device=device)  # every rank's share
+    tokens = int(tokens)
     loss = loss_sum / max(tokens, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
 
@@ -176,29 +190,35 @@ def train(cfg: TrainConfig) -> dict:
         raise MiniloraError("--model is required when --data is given (a Hugging Face model folder)")
     run_dir = Path(cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: the same LoRA initialisation everywhere
+    device = distributed.init(cfg.device) or pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or the CPU
+    main = distributed.is_main()  # rank 0 alone writes files (other ranks' prints go to /dev/null)
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
-    train_set, val_set = build_datasets(cfg, tokenizer, model.config)
+    train_set, val_set = build_datasets(cfg, tokenizer, model.config, distributed.rank(), distributed.world_size())
     prepare_parameters(model, cfg)
+    model = distributed.wrap_model(model, cfg.fsdp, device)  # DDP / FSDP2 with many processes
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(train_set) // cfg.grad_accum)  # len(train_set) = batches per epoch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
     unit = "packed rows" if cfg.packing and cfg.mode == "sft" else "samples"
+    ranks = f" × {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     print(f"data: {len(train_set.samples)} training / {len(val_set.samples)} validation {unit}; "
-          f"{total_steps} steps of {cfg.batch_size}×{cfg.grad_accum} samples on {device}")
+          f"{total_steps} steps of {cfg.batch_size}×{cfg.grad_accum}{ranks} samples on {device}")
 
     start_step = 0
     if cfg.resume:
         checkpoint = find_checkpoint(cfg)
         start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
         print(f"resumed from {checkpoint} at step {start_step}")
-    metrics = Metrics(run_dir, start_step if cfg.resume else None)
-    files.write_text(run_dir / "config.toml", cfg.to_toml())
+    metrics = Metrics(run_dir, start_step if cfg.resume else None, write=main)
+    if main:
+        files.write_text(run_dir / "config.toml", cfg.to_toml())
     prompts = [p for p in cfg.sample_prompts.split("|") if p.strip()]
-    before = sample(model, tokenizer, prompts, cfg, device) if prompts and not cfg.resume else []
+    samplers = main or cfg.fsdp  # FSDP2's forward is a collective: every rank generates, rank 0 prints
+    before = sample(distributed.unwrap(model), tokenizer, prompts, cfg, device) \
+        if prompts and not cfg.resume and samplers else []
     if before:
         print_samples("before fine-tuning", before)
     if not cfg.resume:
@@ -212,8 +232,7 @@ def train(cfg: TrainConfig) -> dict:
             micro = train_set.micro_batches(step - 1, cfg.grad_accum)
             stats = train_step(model, optimizer, scheduler, micro, cfg, device)
             done = step
-            tokens_seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                               else b["input_ids"].numel() for b in micro)
+            tokens_seen += stats["seen"]
             elapsed = time.time() - t_start
             record = {"step": step, "loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "grad_norm": stats["grad_norm"]}
@@ -242,13 +261,16 @@ def train(cfg: TrainConfig) -> dict:
     metrics.log(final)
     save_checkpoint(run_dir, total_steps, model, optimizer, scheduler, cfg)
     result_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
-    shutil.rmtree(result_dir, ignore_errors=True)
-    save_weights(model, result_dir, cfg, cfg.model)
+    with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:  # FSDP2: gathered
+        if main:
+            shutil.rmtree(result_dir, ignore_errors=True)
+            save_weights(whole, result_dir, cfg, cfg.model)
     plot_path = metrics.plot()
     first_val = next(r["val_loss"] for r in metrics.records if "val_loss" in r)
     print(f"\nvalidation loss {first_val:.4f} → {final['val_loss']:.4f} "
           f"(perplexity {math.exp(min(first_val, 50)):.1f} → {final['val_ppl']:.1f})")
     print(f"saved {result_dir}, metrics {metrics.path}, loss curve {plot_path}")
-    if prompts:
-        print_samples("after fine-tuning", sample(model, tokenizer, prompts, cfg, device))
+    if prompts and samplers:
+        print_samples("after fine-tuning", sample(distributed.unwrap(model), tokenizer, prompts, cfg, device))
+    distributed.close()  # every rank is here: leave the process group cleanly
     return final

@@ -89,9 +89,14 @@ class NF4Linear(nn.Module):
         weight = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(weight, linear.bias, compute_dtype or linear.weight.dtype, backend)
 
+    @property
+    def nf4(self) -> NF4Weight:
+        """The 4-bit weight; under FSDP2 `weight` is an NF4Tensor parameter (quant/nf4_tensor.py) wrapping it."""
+        return self.weight if isinstance(self.weight, NF4Weight) else self.weight.nf4_weight()
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight (out_features, in_features), in `dtype` (default: the compute dtype)."""
-        return dequantize_nf4(self.weight, dtype or self.compute_dtype)
+        return dequantize_nf4(self.nf4, dtype or self.compute_dtype)
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -104,13 +109,13 @@ class NF4Linear(nn.Module):
         if self._use_triton(x):
             from minilora.kernels.nf4_matmul import nf4_matmul  # imports triton only when it is used
 
-            y = nf4_matmul(x_c, self.weight, bias)
+            y = nf4_matmul(x_c, self.nf4, bias)
         else:
-            y = DequantizeMatMul.apply(x_c, self.weight, bias)
+            y = DequantizeMatMul.apply(x_c, self.nf4, bias)
         return y.to(x.dtype)  # (..., out_features)
 
     def extra_repr(self) -> str:
-        q = self.weight
+        q = self.weight if isinstance(self.weight, NF4Weight) else self.weight.template
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"blocksize={q.blocksize}, double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
@@ -122,6 +127,8 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to / .cuda / .half call _apply with a tensor conversion. The 4-bit weight follows the device only:
         # probe `fn` with an empty fp32 tensor to learn the target device, and keep every dtype of the format.
+        if not isinstance(self.weight, NF4Weight):  # an NF4Tensor parameter (FSDP2) moves like any parameter
+            return super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self.weight.device)).device
         if device != self.weight.device:
             self.weight = self.weight.to(device)

@@ -1,0 +1,184 @@
+"""torchrun: N processes compute the steps of one process on the same global batch (CPU, gloo, 2 processes).
+
+The oracle is minilora's own single-process run, already checked against peft + transformers + torch AdamW
+(test_train.py): `torchrun --nproc-per-node 2 ... --batch-size 2` must give the LoRA weights of
+`python -m minilora.train ... --batch-size 4` within 1e-5 relative, with gradient accumulation (gradients reduced
+on the last micro-batch only) on SFT data whose responses range from 1 to ~50 tokens, so the two ranks count very
+different numbers of tokens per step: normalising by each rank's own count (the bug the issue measured) is off by
+far more than 1e-5. Dropout is 0: masks drawn by two processes cannot equal one process's masks.
+
+Also: rank 0 alone prints and writes; QLoRA's 4-bit base is halved per rank under FSDP2; checkpoints resume with a
+different number of processes (2 -> 1, 1 -> 2) exactly as the uninterrupted run; a dead rank stops the run with its
+rank named and leaves `latest` on the last complete checkpoint; every minilora flag passes torchrun's parser.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import make_tiny_checkpoint
+from tiny_tokenizers import set_chat_template
+
+from minilora.train import train
+from minilora.train_config import build_parser, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = "the river runs past the old mill while children count boats and bees visit every tree".split()
+
+
+def conversations() -> list[dict]:
+    """24 chats whose answers are 1 to ~50 tokens long: the ranks' token counts per step differ a lot."""
+    chats = []
+    for i in range(24):
+        reply = "ok" if i % 3 == 0 else " ".join(WORDS[(i + k) % len(WORDS)] for k in range(1 + (i * 7) % 30))
+        chats.append({"messages": [{"role": "user", "content": f"Say something ({i})."},
+                                   {"role": "assistant", "content": reply}]})
+    return chats
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
+    set_chat_template(model, CHATML)
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in conversations()), encoding="utf-8")
+    return model, data
+
+
+def flags(tiny, out, method="lora", **changes) -> list[str]:
+    """The command line of a run; --lora-r is the rank flag torchrun lets through."""
+    model, data = tiny
+    values = dict(model=model, data=data, mode="sft", method=method, block_size=96, batch_size=4, grad_accum=2,
+                  lora_r=4, alpha=8, dropout=0, lr=5e-3, warmup_steps=1, max_steps=3, eval_every=0, val_fraction=0.2,
+                  output=out, seed=1, device="cpu", quant_backend="torch")
+    values.update(changes)
+    return [x for k, v in values.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def torchrun(args: list[str], nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               *(script or ["-m", "minilora.train"]), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def one_process(args: list[str]) -> dict:
+    return train(parse_args(args))
+
+
+def adapter(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, rtol=1e-5):
+    assert set(a) == set(b) and a
+    for key in a:
+        scale = b[key].abs().max().item()
+        assert scale > 0, key  # B moved away from its zero initialisation
+        assert (a[key] - b[key]).abs().max().item() <= rtol * scale, key
+
+
+def final_val_loss(run_dir) -> float:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return records[-1]["val_loss"]
+
+
+@pytest.mark.parametrize("method, fsdp", [("lora", False), ("qlora", True)], ids=["ddp-lora", "fsdp2-qlora"])
+def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, method, fsdp):
+    one_process(flags(tiny, tmp_path / "one", method, batch_size=4))
+    run = torchrun(flags(tiny, tmp_path / "two", method, batch_size=2, fsdp="true" if fsdp else None))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    assert final_val_loss(tmp_path / "two") == pytest.approx(final_val_loss(tmp_path / "one"), rel=1e-5)
+    assert run.stdout.count("\ndata: ") + run.stdout.startswith("data: ") <= 1  # rank 0 alone prints
+    assert len(re.findall(r"^data: .* × 2 processes", run.stdout, re.M)) == 1
+    if fsdp:  # each rank holds half of the 4-bit base: 7 linears of 4096 or 8192 weights per block, 2 blocks
+        line = re.search(r"^4-bit base \(codes \+ block scales\) per rank: (.*)$", run.stdout, re.M)[1]
+        per_rank = [int(x.replace(",", "")) for x in re.findall(r"rank \d: ([\d,]+) B", line)]
+        whole = int(re.search(r"of ([\d,]+) B", line)[1].replace(",", ""))
+        assert whole == 2 * (2 * 4096 + 2 * 2048 + 3 * 8192) * (1 / 2 + 1 / 64)  # 1/2 byte codes, 1 byte per block
+        assert per_rank == [whole // 2, whole // 2]
+
+
+def test_resume_with_another_number_of_processes(tiny, tmp_path):
+    """2 -> 1 (FSDP2 checkpoint, one process resumes) and 1 -> 2 (one-process checkpoint, FSDP2 resumes)
+    each end on the adapter of the uninterrupted one-process run."""
+    one_process(flags(tiny, tmp_path / "one", max_steps=4, save_every=2))
+    run = torchrun(flags(tiny, tmp_path / "two", max_steps=4, save_every=2, batch_size=2, fsdp="true"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))  # gathering mid-run changed nothing
+    one_process(flags(tiny, tmp_path / "two_to_one", max_steps=4,
+                      resume=tmp_path / "two" / "checkpoints" / "step-000002"))
+    assert_same_adapter(adapter(tmp_path / "two_to_one"), adapter(tmp_path / "one"))
+    run = torchrun(flags(tiny, tmp_path / "one_to_two", max_steps=4, batch_size=2, fsdp="true",
+                         resume=tmp_path / "one" / "checkpoints" / "step-000002"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(adapter(tmp_path / "one_to_two"), adapter(tmp_path / "one"))
+
+
+def test_resume_that_changes_the_global_batch_is_refused(tiny, tmp_path):
+    from minilora.errors import MiniloraError
+
+    run = torchrun(flags(tiny, tmp_path / "two", max_steps=1, batch_size=2))
+    assert run.returncode == 0, run.stderr[-3000:]
+    with pytest.raises(MiniloraError, match=r"2 process\(es\) × --batch-size 2; with 1 process\(es\) use "
+                                            r"--batch-size 4"):
+        one_process(flags(tiny, tmp_path / "resumed", max_steps=2, batch_size=2,
+                          resume=tmp_path / "two" / "checkpoints" / "step-000001"))
+
+
+DIE_AT_SECOND_SAVE = """
+import os, sys
+import minilora.distributed as d
+gather, saves = d.full_optimizer_state, []
+def dying(optimizer):
+    saves.append(1)
+    if len(saves) == 2 and d.rank() == 1:
+        os._exit(3)  # rank 1 dies in the middle of the collective gathering of the second checkpoint
+    return gather(optimizer)
+d.full_optimizer_state = dying
+from minilora.train import cli
+sys.argv[0] = "minilora.train"
+cli()
+"""
+
+
+def test_a_dead_rank_stops_the_run_and_latest_stays_complete(tiny, tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(DIE_AT_SECOND_SAVE)
+    out = tmp_path / "run"
+    run = torchrun(flags(tiny, out, max_steps=6, save_every=2, batch_size=2), script=[str(script)])
+    assert run.returncode != 0
+    assert re.search(r"rank\s*:\s*1 ", run.stdout + run.stderr)  # torchrun names the failed rank
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
+    assert not (out / "checkpoints" / "step-000004").exists()
+
+
+def test_every_flag_passes_torchruns_parser():
+    """torchrun parses the whole command line: only --r is refused (an ambiguous prefix of --rdzv-*, --role,
+    --run-path), so the LoRA rank also has --lora-r."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    refused = []
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if not flag.startswith("--") or flag == "--help":
+                continue
+            try:
+                args = parser.parse_args(["--nproc-per-node", "2", "-m", "minilora.train", flag, "1"])
+                assert args.training_script == "minilora.train" and args.training_script_args == [flag, "1"]
+            except SystemExit:
+                refused.append(flag)
+    assert refused == ["--r"]
+    assert parse_args(["--lora-r", "16"]).r == parse_args(["--r", "16"]).r == 16
