@@ -200,6 +200,11 @@ def _is_dtensor(t) -> bool:
 def full_trainable_parameters(model: torch.nn.Module):
     """Inside: every trainable parameter is its whole tensor on every rank (FSDP2 shards are all-gathered, then
     put back on exit). So save_adapter / save_model read complete weights. Frozen ones (the base) stay sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # FSDP2 leaves the root gathered after a forward: back to shards first
+        if isinstance(module, FSDPModule):
+            module.reshard()
     swapped = []
     for module in model.modules():
         for name, p in list(module._parameters.items()):

@@ -92,12 +92,23 @@ def final_val_loss(run_dir) -> float:
     return records[-1]["val_loss"]
 
 
-@pytest.mark.parametrize("method, fsdp", [("lora", False), ("qlora", True)], ids=["ddp-lora", "fsdp2-qlora"])
+SLOW = pytest.mark.slow  # the default suite runs one LoRA and one QLoRA case, each engine once
+
+
+@pytest.mark.parametrize("method, fsdp", [
+    ("lora", False), ("qlora", True),
+    pytest.param("lora", True, marks=SLOW), pytest.param("qlora", False, marks=SLOW),
+    pytest.param("full", True, marks=SLOW), pytest.param("full", False, marks=SLOW),
+], ids=["ddp-lora", "fsdp2-qlora", "fsdp2-lora", "ddp-qlora", "fsdp2-full", "ddp-full"])
 def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, method, fsdp):
     one_process(flags(tiny, tmp_path / "one", method, batch_size=4))
     run = torchrun(flags(tiny, tmp_path / "two", method, batch_size=2, fsdp="true" if fsdp else None))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    if method == "full":  # every weight trained: the saved models must agree
+        two, one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("two", "one"))
+        assert_same_adapter(two, one)
+    else:
+        assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
     assert final_val_loss(tmp_path / "two") == pytest.approx(final_val_loss(tmp_path / "one"), rel=1e-5)
     assert run.stdout.count("\ndata: ") + run.stdout.startswith("data: ") <= 1  # rank 0 alone prints
     assert len(re.findall(r"^data: .* × 2 processes", run.stdout, re.M)) == 1
