@@ -8,7 +8,8 @@
 #      dequantize + cuBLAS beats the fused GEMM: compare it with DENSE_MIN_M in kernels/nf4_matmul.py);
 #      writes benchmarks/results/nf4_<gpu>_<date>.*;
 #   3. the LoRA training benchmark against transformers + peft on the GPU (train_vs_peft_cuda_<date>.*);
-#   4. the QLoRA training benchmark against transformers + bitsandbytes + peft (qlora_train_vs_peft_cuda_<date>.*).
+#   4. the QLoRA training benchmark against transformers + bitsandbytes + peft (qlora_train_vs_peft_cuda_<date>.*);
+#   5. with 2+ GPUs: tests/test_distributed.py on nccl and bench_distributed.py (distributed_cuda_<date>.*).
 # Each benchmark has its own timeout; run them one by one if a single call must stay under 10 minutes
 # (QUICK=1 runs step 2 on two shapes only).
 # Steps whose oracle is not installed are reported and skipped; the exit status is that of the tests.
@@ -43,6 +44,17 @@ if has transformers && has peft && has bitsandbytes; then
         --grad-checkpointing both --no-inference
 else
     echo "skipped bench_train_vs_peft.py --method qlora: transformers/peft/bitsandbytes are not installed"
+fi
+# --- distributed (bench/test owner: the torchrun helper) ------------------------------------------------------
+# With two or more GPUs: the 2-process equivalence tests on nccl (DDP LoRA and FSDP2 QLoRA: the LoRA weights of
+# torchrun --nproc-per-node 2 equal one process on the global batch, within 1e-5), then 1 vs 2 GPU throughput.
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    MINILORA_TEST_DEVICE=cuda timeout 300 python3 -P -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+        -k "equal_one_process" -m "not slow or slow" || status=1
+    timeout 300 python3 benchmarks/bench_distributed.py --device cuda --rounds 2 --steps 6 \
+        --note "benchmarks/gpu_checks.sh" || true
+else
+    echo "skipped the 2-GPU checks (tests/test_distributed.py on nccl): fewer than 2 GPUs"
 fi
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/results" && cp benchmarks/results/nf4_* benchmarks/results/*cuda* "$OUT/results/" 2>/dev/null || true

@@ -29,6 +29,7 @@ from minilora.train import train
 from minilora.train_config import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("MINILORA_TEST_DEVICE", "cpu")  # benchmarks/gpu_checks.sh sets cuda: nccl, 2 GPUs
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 WORDS = "the river runs past the old mill while children count boats and bees visit every tree".split()
@@ -59,13 +60,15 @@ def flags(tiny, out, method="lora", **changes) -> list[str]:
     model, data = tiny
     values = dict(model=model, data=data, mode="sft", method=method, block_size=96, batch_size=4, grad_accum=2,
                   lora_r=4, alpha=8, dropout=0, lr=5e-3, warmup_steps=1, max_steps=3, eval_every=0, val_fraction=0.2,
-                  output=out, seed=1, device="cpu", quant_backend="torch")
+                  output=out, seed=1, device=DEVICE, quant_backend="torch")
     values.update(changes)
     return [x for k, v in values.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def torchrun(args: list[str], nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if DEVICE == "cuda":
+        env.pop("TRITON_INTERPRET", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *(script or ["-m", "minilora.train"]), *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -193,3 +196,26 @@ def test_every_flag_passes_torchruns_parser():
                 refused.append(flag)
     assert refused == ["--r"]
     assert parse_args(["--lora-r", "16"]).r == parse_args(["--r", "16"]).r == 16
+
+
+def test_set_up_mistakes_are_clear_errors(monkeypatch):
+    """More processes per node than GPUs, or a torch without the backend: one line saying what to do."""
+    import torch.distributed as dist
+
+    from minilora import distributed
+    from minilora.errors import MiniloraError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MiniloraError, match=r"started 4 processes .* sees 2 GPU\(s\) .* --nproc-per-node 2"):
+        distributed.init("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist, "is_gloo_available", lambda: False)
+    with pytest.raises(MiniloraError, match="no gloo backend"):
+        distributed.init("cpu")
+    with pytest.raises(MiniloraError, match="torch sees no CUDA GPU"):
+        distributed.init("cuda")
+    assert not distributed.is_distributed()

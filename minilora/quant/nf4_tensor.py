@@ -54,7 +54,8 @@ class NF4Tensor(torch.Tensor):
 
     @classmethod
     def from_weight(cls, q: NF4Weight) -> "NF4Tensor":
-        template = replace(q, packed=q.packed[:0], absmax=q.absmax[:0])  # drop the big tensors from the template
+        # The template drops the big tensors (fresh empty ones: a [:0] view would keep the whole storage alive)
+        template = replace(q, packed=q.packed.new_empty(0), absmax=q.absmax.new_empty(0))
         return cls(q.packed.view(-1), q.absmax, q.shape, template)
 
     # --- what NF4Linear reads ---------------------------------------------------------------------------------
@@ -69,8 +70,9 @@ class NF4Tensor(torch.Tensor):
 
     @property
     def local_nbytes(self) -> int:
-        """Bytes of codes and block scales these rows hold (the small tables, kept whole everywhere, aside)."""
-        return self.packed.numel() + self.absmax.numel() * self.absmax.element_size()
+        """Bytes of memory behind these rows' codes and block scales (their storages, measured, so a shard that
+        still pinned the whole weight would show it); the small tables, kept whole everywhere, aside."""
+        return self.packed.untyped_storage().nbytes() + self.absmax.untyped_storage().nbytes()
 
     def __repr__(self) -> str:
         return f"NF4Tensor(shape={tuple(self.shape)}, of={tuple(self.template.shape)}, device={self.packed.device})"
