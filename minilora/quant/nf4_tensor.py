@@ -24,7 +24,8 @@ Sharding needs out_features divisible by N (FSDP2 pads uneven shards, which NF4 
 out_features / N × in_features a multiple of the block size; to_shardable_nf4 leaves other weights whole.
 
 Not handled: quantizing only the local shard at load time (each rank still quantizes the whole base, weight by
-weight, before sharding it: the full 4-bit base, never a full float model, exists per process at start-up).
+weight, before sharding it: the full 4-bit base, never a full float model, exists per process at start-up);
+state_dict() of a sharded 4-bit model (checkpoints hold the adapter, gathered; the base is the original's).
 """
 
 from dataclasses import replace
