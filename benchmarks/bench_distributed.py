@@ -87,7 +87,8 @@ def main() -> None:
         data = root / "data.txt"
         data.write_text(TEXT, encoding="utf-8")
         if args.device == "cpu":
-            sides = {"1 process, 1 thread": (1, 1), "1 process, 2 threads": (1, 2), "2 processes, 1 thread each": (2, 1)}
+            sides = {"1 process, 1 thread": (1, 1), "1 process, 2 threads": (1, 2),
+                     "2 processes, 1 thread each": (2, 1)}
         else:
             sides = {"1 GPU": (1, 4), "2 GPUs (DDP)": (2, 4)}
         tokens = {name: [] for name in sides}
@@ -123,7 +124,8 @@ def main() -> None:
     print(report)
     if not args.no_save:
         path = save_results(RESULTS / f"distributed_{args.device}_{info['date']}", report,
-                            {"machine": info, "tokens_per_s": tokens, "launch_wall_s": {k: v["wall"] for k, v in times.items()},
+                            {"machine": info, "tokens_per_s": tokens,
+                             "launch_wall_s": {k: v["wall"] for k, v in times.items()},
                              "memory_line": memory_line, "steps": steps, "rounds": rounds})
         print(f"wrote {path}")
 

@@ -60,11 +60,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device_name: str) -> torch.device:
+def init(device_name: str) -> torch.device | None:
     """Join torchrun's process group (when WORLD_SIZE > 1) and return this process's device.
 
-    One process: the device `pick_device` chooses, no process group. Under torchrun: cuda:LOCAL_RANK with nccl, or
-    the CPU with gloo. Other ranks' standard output goes to /dev/null (rank 0 alone prints); errors still show.
+    One process: None and no process group (the trainer picks the device as usual). Under torchrun:
+    cuda:LOCAL_RANK with nccl, or the CPU with gloo. Other ranks' standard output goes to /dev/null (rank 0 alone
+    prints); their errors still show on standard error.
     """
     if not launched_by_torchrun():
         return None

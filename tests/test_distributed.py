@@ -91,9 +91,16 @@ def assert_same_adapter(a, b, rtol=1e-5):
         assert (a[key] - b[key]).abs().max().item() <= rtol * scale, key
 
 
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def final_val_loss(run_dir) -> float:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return records[-1]["val_loss"]
+    return records(run_dir)[-1]["val_loss"]
+
+
+def grad_norms(run_dir) -> list[float]:
+    return [r["grad_norm"] for r in records(run_dir) if "grad_norm" in r]
 
 
 SLOW = pytest.mark.slow  # the default suite runs one LoRA and one QLoRA case, each engine once
@@ -114,9 +121,12 @@ def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, met
     else:
         assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
     assert final_val_loss(tmp_path / "two") == pytest.approx(final_val_loss(tmp_path / "one"), rel=1e-5)
+    # The total gradient norm over the ranks' shards, and clipping (max_grad_norm 1) acted at every step
+    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-5)
+    assert min(grad_norms(tmp_path / "one")) > 1.0
     assert run.stdout.count("\ndata: ") + run.stdout.startswith("data: ") <= 1  # rank 0 alone prints
     assert len(re.findall(r"^data: .* × 2 processes", run.stdout, re.M)) == 1
-    if fsdp:  # each rank holds half of the 4-bit base: 7 linears of 4096 or 8192 weights per block, 2 blocks
+    if fsdp and method == "qlora":  # each rank holds half of the 4-bit base: 7 linears of 4096 or 8192 weights per block, 2 blocks
         line = re.search(r"^4-bit base \(codes \+ block scales\) per rank: (.*)$", run.stdout, re.M)[1]
         per_rank = [int(x.replace(",", "")) for x in re.findall(r"rank \d: ([\d,]+) B", line)]
         whole = int(re.search(r"of ([\d,]+) B", line)[1].replace(",", ""))
@@ -212,3 +222,37 @@ def test_set_up_mistakes_are_clear_errors(monkeypatch):
     with pytest.raises(MiniloraError, match="torch sees no CUDA GPU"):
         distributed.init("cuda")
     assert not distributed.is_distributed()
+
+
+RANK_LOCAL_LOAD = """
+import sys, torch, torch.distributed as dist
+from minilora.formats.safetensors_folder import load_model
+from minilora.quant import NF4Linear, NF4Tensor
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mine = load_model(sys.argv[1], quantize="nf4", shard=(rank, 2))  # reads and quantizes its rows only
+whole = load_model(sys.argv[1], quantize="nf4")  # the one-process load
+checked = 0
+for name, m in whole.named_modules():
+    if isinstance(m, NF4Linear):
+        t, q = mine.get_submodule(name).weight, m.weight
+        assert isinstance(t, NF4Tensor) and t.held == (rank * q.shape[0] // 2, q.shape[0] // 2), name
+        bytes_per_rank, blocks_per_rank = q.packed.numel() // 2, q.absmax.numel() // 2
+        assert torch.equal(t.packed, q.packed.view(-1)[rank * bytes_per_rank:][:bytes_per_rank]), name
+        assert torch.equal(t.absmax, q.absmax[rank * blocks_per_rank:][:blocks_per_rank]), name
+        assert torch.equal(t.template.nested_absmax, q.nested_absmax) and t.template.offset == q.offset, name
+        checked += 1
+print(f"rank {rank}: {checked} weights bit-identical")
+dist.destroy_process_group()
+"""
+
+
+def test_rank_local_loading_quantizes_each_ranks_rows_bit_identically(tiny, tmp_path):
+    """Under FSDP2 each rank reads only its rows and quantizes them: the bytes of the one-process load's rows,
+    double quantization included (the ranks share their fp32 block scales for the offset and nested scales)."""
+    script = tmp_path / "load.py"
+    script.write_text(RANK_LOCAL_LOAD)
+    run = torchrun([str(tiny[0])], script=[str(script)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d: 14 weights bit-identical", run.stdout)) == [
+        "rank 0: 14 weights bit-identical", "rank 1: 14 weights bit-identical"]

@@ -49,13 +49,15 @@ QUANTIZE_CHOICES = ("nf4",)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def load_model(path, dtype=None, device=None, quantize=None, quant_backend: str = "auto") -> Transformer:
+def load_model(path, dtype=None, device=None, quantize=None, quant_backend: str = "auto", shard=None) -> Transformer:
     """Build the model described by `path`/config.json and load its weights; returns it in eval mode.
 
     dtype: torch dtype or name ("float32", "bfloat16", "float16"); default: config.json's dtype, else float32.
     device: where the weights go (default "cpu"). quantize: None, or "nf4" for a 4-bit frozen base (QLoRA): the
     block linears become NF4Linear with compute dtype `dtype`. A bitsandbytes 4-bit checkpoint is always loaded
     as 4-bit. quant_backend: the NF4Linear matmul ("auto": Triton on GPU, PyTorch on CPU; "triton"; "torch").
+    shard: (rank, world_size) under FSDP2 with quantize="nf4": each rank reads and quantizes only its rows of the
+    block linears (quant/nf4_tensor.py quantize_shard; a collective, so every rank loads the same model).
     A .gguf file, or a folder holding one and no config.json, is read by gguf_read.py instead.
     """
     from .gguf_read import find_gguf, load_gguf_model
@@ -78,7 +80,7 @@ def load_model(path, dtype=None, device=None, quantize=None, quant_backend: str 
     targets = block_linear_names(model) if quantize else []
     state = read_state_dict(files, expected, dtype, device, config.tie_word_embeddings,
                             quantize=() if prequantized else {f"{n}.weight" for n in targets},
-                            prequantized=set(targets) if prequantized else ())
+                            prequantized=set(targets) if prequantized else (), shard=shard)
     if prequantized:
         gather_nf4(state, targets, expected, path)
     missing = sorted(set(expected) - set(state))
@@ -140,11 +142,13 @@ def weight_files(path: Path) -> list[Path]:
     raise MiniloraError(f"no {SINGLE_NAME} or {INDEX_NAME} in {path}{hint}")
 
 
-def read_state_dict(files, expected: dict, dtype, device, tied: bool, quantize=(), prequantized=()) -> dict:
+def read_state_dict(files, expected: dict, dtype, device, tied: bool, quantize=(), prequantized=(),
+                    shard=None) -> dict:
     """Read every tensor of `files` onto `device` in `dtype`, checking names and shapes against `expected`.
 
     quantize: weight names to quantize to NF4 as soon as they are read (their value is an NF4Weight).
     prequantized: module names whose 4-bit tensors ("<m>.weight", "<m>.weight.absmax", ...) are kept as stored.
+    shard: (rank, world_size): the `quantize` weights are read and quantized a row range per rank (NF4Tensor).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -165,6 +169,11 @@ def read_state_dict(files, expected: dict, dtype, device, tied: bool, quantize=(
                     if shape != expected[name]:
                         raise MiniloraError(f"tensor {name!r} in {f} has shape {shape}, "
                                             f"config.json implies {expected[name]}")
+                    if shard is not None and name in quantize:  # only this rank's rows are read (FSDP2)
+                        from ..quant.nf4_tensor import quantize_shard
+
+                        state[name] = quantize_shard(reader.get_slice(name), shape, dtype, BLOCKSIZE, device, *shard)
+                        continue
                     t = reader.get_tensor(name)
                     t = t.to(dtype) if t.is_floating_point() else t
                     # Quantize now, and drop our reference (del), so this 16/32-bit copy is freed before the next

@@ -107,10 +107,13 @@ def install_nf4_linears(model: nn.Module, state: dict, compute_dtype: torch.dtyp
     Every layer's quant_map holds the same 16 NF4 values and every nested_quant_map the same 256 dynamic-code values:
     the layers share one copy of each (1088 bytes per linear saved; what `model_memory` counts).
     """
+    from .nf4_tensor import NF4Tensor
+
     tables = {}
-    for key in [k for k, v in state.items() if isinstance(v, NF4Weight)]:
+    for key in [k for k, v in state.items() if isinstance(v, (NF4Weight, NF4Tensor))]:
         name = key.removesuffix(".weight")
-        q = share_code_tables(state.pop(key), tables)
+        q = state.pop(key)
+        q = share_code_tables(q, tables) if isinstance(q, NF4Weight) else q  # NF4Tensor: one rank's rows
         layer = NF4Linear(q, state.pop(f"{name}.bias", None), compute_dtype, backend)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
@@ -208,9 +211,10 @@ def model_memory(model: nn.Module) -> dict:
     nf4 = nf4_params = 0
     for m in model.modules():
         if isinstance(m, NF4Linear):
-            q = m.weight
-            nf4 += sum(nbytes(t) for t in (q.packed, q.absmax, q.nested_absmax, q.quant_map, q.nested_quant_map))
-            nf4_params += q.numel
+            w = m.weight
+            q = w if isinstance(w, NF4Weight) else w.template  # an NF4Tensor (FSDP2) holds some rows; tables aside
+            nf4 += sum(nbytes(t) for t in (w.packed, w.absmax, q.nested_absmax, q.quant_map, q.nested_quant_map))
+            nf4_params += q.numel if w is q else w.held[1] * q.shape[1]  # the weights this process holds
     other = sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
     return {"nf4": nf4, "nf4_params": nf4_params, "other": other, "total": nf4 + other,
             "bits_per_param": 8 * nf4 / nf4_params if nf4_params else None}

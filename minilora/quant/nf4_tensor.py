@@ -23,8 +23,11 @@ Only the row-range ops FSDP2 needs are implemented; anything else (arithmetic, t
 Sharding needs out_features divisible by N (FSDP2 pads uneven shards, which NF4 bytes cannot express) and
 out_features / N × in_features a multiple of the block size; to_shardable_nf4 leaves other weights whole.
 
-Not handled: quantizing only the local shard at load time (each rank still quantizes the whole base, weight by
-weight, before sharding it: the full 4-bit base, never a full float model, exists per process at start-up);
+Loading is rank-local (quantize_shard): under FSDP2 each rank reads only its rows of each block linear from the
+safetensors file and quantizes them, so neither the float weights nor the whole 4-bit base ever exist in one
+process (the embeddings, norms and head are read whole, then sharded).
+
+Not handled: rank-local loading of an already 4-bit (bitsandbytes) checkpoint, which is read whole then sharded;
 state_dict() of a sharded 4-bit model (checkpoints hold the adapter, gathered; the base is the original's).
 """
 
@@ -43,14 +46,17 @@ class NF4Tensor(torch.Tensor):
     """Rows of an NF4 weight (all of them, or one rank's shard) as a tensor FSDP2 can cut, gather and move."""
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape, template: NF4Weight):
+    def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, shape, template: NF4Weight, held=None):
         return torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=template.dtype,
                                                    device=packed.device, requires_grad=False)
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, template: NF4Weight):
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, template: NF4Weight, held=None):
         self.packed = packed  # uint8 (ceil(numel / 2),) these rows' codes
         self.absmax = absmax  # (ceil(numel / blocksize),) these rows' block scales
         self.template = template  # the whole weight's NF4Weight fields; its packed/absmax are not used
+        # Rank-local loading (quantize_shard): a tensor of the whole shape that holds only rows
+        # held = (first, count) of it: FSDP2's chunk of those rows is real, the other ranks' chunks are empty.
+        self.held = (0, self.shape[0]) if held is None else held
         self._weight = None  # the NF4Weight of a whole tensor, built on first use
 
     @classmethod
@@ -62,7 +68,7 @@ class NF4Tensor(torch.Tensor):
     # --- what NF4Linear reads ---------------------------------------------------------------------------------
     def nf4_weight(self) -> NF4Weight:
         """The NF4Weight the layer dequantizes (only for the whole tensor: after FSDP2's all-gather)."""
-        if self.shape != self.template.shape:
+        if self.shape != self.template.shape or self.held != (0, self.shape[0]):
             raise MiniloraError(f"NF4Tensor: a shard {tuple(self.shape)} of a {tuple(self.template.shape)} weight "
                                 "cannot be dequantized on its own; FSDP2 gathers it before the forward")
         if self._weight is None:
@@ -80,12 +86,12 @@ class NF4Tensor(torch.Tensor):
 
     # --- torch.compile / DTensor plumbing: which inner tensors this subclass holds --------------------------
     def __tensor_flatten__(self):
-        return ["packed", "absmax"], (tuple(self.shape), self.template)
+        return ["packed", "absmax"], (tuple(self.shape), self.template, self.held)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        shape, template = meta
-        return NF4Tensor(inner["packed"], inner["absmax"], shape, template)
+        shape, template, held = meta
+        return NF4Tensor(inner["packed"], inner["absmax"], shape, template, held)
 
     # --- rows <-> bytes -----------------------------------------------------------------------------------------
     def _row_values(self) -> int:
@@ -96,7 +102,14 @@ class NF4Tensor(torch.Tensor):
         stop = min(stop, self.shape[0])
         start = min(start, stop)
         per_row, bs = self._row_values(), self.template.blocksize
-        first, last = start * per_row, stop * per_row  # flat value range
+        first_held, n_held = self.held
+        if not (first_held <= start and stop <= first_held + n_held):  # another rank's rows: shape only
+            if first_held < stop and start < first_held + n_held:
+                raise MiniloraError(f"NF4Tensor: rows {start}..{stop} straddle the rows this rank holds "
+                                    f"({first_held}..{first_held + n_held})")
+            return NF4Tensor(self.packed[:0], self.absmax[:0], (stop - start, *self.shape[1:]), self.template,
+                             held=(0, 0))
+        first, last = (start - first_held) * per_row, (stop - first_held) * per_row  # flat value range, held rows
         if first % bs:
             raise MiniloraError(f"NF4Tensor: a shard starting at row {start} (value {first}) would cut a "
                                 f"quantization block of {bs}; rows × in_features must be a multiple of {bs}")
@@ -105,7 +118,11 @@ class NF4Tensor(torch.Tensor):
         return NF4Tensor(packed, absmax, (stop - start, *self.shape[1:]), self.template)
 
     def _same_bytes(self, shape=None, fn=lambda t: t) -> "NF4Tensor":
-        return NF4Tensor(fn(self.packed), fn(self.absmax), self.shape if shape is None else shape, self.template)
+        if shape is not None and shape != self.shape and self.held != (0, self.shape[0]):
+            raise MiniloraError("NF4Tensor: a tensor holding only some rows cannot be reshaped")
+        held = self.held if shape is None or shape == self.shape else None
+        return NF4Tensor(fn(self.packed), fn(self.absmax), self.shape if shape is None else shape, self.template,
+                         held)
 
     # --- FSDP2's all-gather extension ---------------------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
@@ -166,7 +183,7 @@ class NF4Tensor(torch.Tensor):
         if op is aten._to_copy:  # .to(device): the bytes move; every dtype of the format stays as it is
             device = kwargs.get("device") or t.packed.device
             template = t.template.to(device)
-            return NF4Tensor(t.packed.to(device), t.absmax.to(device), t.shape, template)
+            return NF4Tensor(t.packed.to(device), t.absmax.to(device), t.shape, template, t.held)
         if op is aten.clone:
             return t._same_bytes(fn=torch.clone)
         if op is aten.is_pinned:
@@ -207,14 +224,51 @@ def to_shardable_nf4(model: nn.Module, world_size: int) -> int:
 
     kept = 0
     for module in model.modules():
-        if isinstance(module, NF4Linear) and isinstance(module.weight, NF4Weight):
-            q = module.weight
-            if not shardable(q.shape, q.blocksize, world_size):
+        if isinstance(module, NF4Linear) and not isinstance(module.weight, nn.Parameter):
+            q = module.weight  # an NF4Weight, or an NF4Tensor of this rank's rows (quantize_shard)
+            if isinstance(q, NF4Weight) and not shardable(q.shape, q.blocksize, world_size):
                 kept += 1
                 continue
+            t = NF4Tensor.from_weight(q) if isinstance(q, NF4Weight) else q
             del module.weight  # a plain attribute until now (see NF4Linear)
-            module.register_parameter("weight", nn.Parameter(NF4Tensor.from_weight(q), requires_grad=False))
+            module.register_parameter("weight", nn.Parameter(t, requires_grad=False))
     return kept
+
+
+def quantize_shard(reader_slice, shape, dtype: torch.dtype, blocksize: int, device, rank: int, world_size: int):
+    """Rank-local loading: read and quantize only this rank's rows of a weight; the result is bit-identical to
+    those rows of quantize_nf4(whole weight). A collective: every rank calls it for the same weights in turn.
+
+    The 4-bit codes and fp32 block scales of whole blocks depend on those blocks alone. Double quantization
+    needs the whole weight's scales (their mean is the offset; they are 8-bit coded in groups of 256): the ranks
+    all-gather their fp32 scales (4 bytes per 64 weights), and every rank codes them all and keeps its part.
+    A weight whose rows cannot be cut on block boundaries is read and quantized whole (an NF4Weight).
+
+    reader_slice: safetensors' get_slice(name) (rows are read without the rest); shape: the whole (out, in).
+    """
+    import torch.distributed as dist
+
+    from .nf4 import NESTED_BLOCKSIZE, _quantize_8bit_dynamic, create_dynamic_map, quantize_nf4
+
+    shape = torch.Size(shape)
+    if not shardable(shape, blocksize, world_size):
+        return quantize_nf4(reader_slice[:].to(device=device, dtype=dtype), blocksize, double_quant=True)
+    n_rows = shape[0] // world_size
+    first = rank * n_rows
+    rows = reader_slice[first:first + n_rows].to(device=device, dtype=dtype)  # (n_rows, in): 1/N of the weight
+    q = quantize_nf4(rows, blocksize, double_quant=False)  # codes + fp32 scales of these rows' whole blocks
+    del rows
+    scales = [torch.empty_like(q.absmax) for _ in range(world_size)]
+    dist.all_gather(scales, q.absmax)
+    absmax = torch.cat(scales)  # (n_blocks,) fp32, the whole weight's scales in row order
+    offset = absmax.mean()  # the same fp32 reduction quantize_nf4 does on the whole weight
+    code = create_dynamic_map().to(device)
+    codes, nested_absmax = _quantize_8bit_dynamic(absmax - offset, code, NESTED_BLOCKSIZE)
+    template = NF4Weight(packed=q.packed.new_empty(0), absmax=codes.new_empty(0), nested_absmax=nested_absmax,
+                         nested_quant_map=code, offset=offset.item(), quant_map=q.quant_map, shape=shape,
+                         dtype=dtype, blocksize=blocksize, double_quant=True)
+    mine = codes[rank * q.absmax.numel():(rank + 1) * q.absmax.numel()].clone()
+    return NF4Tensor(q.packed.view(-1), mine, shape, template, held=(first, n_rows))
 
 
 def shard_summary(model: nn.Module) -> tuple[int, int]:
