@@ -136,8 +136,9 @@ def wrap_model(model: torch.nn.Module, fsdp: bool, device: torch.device) -> torc
     """DDP (default) or FSDP2 around the model; the model itself when there is one process.
 
     FSDP2: `fully_shard` each block, then the root (embeddings, final norm, head), so one block at a time is
-    gathered. QLoRA's 4-bit weights first become NF4Tensor parameters FSDP2 can cut (quant/nf4_tensor.py); a weight
-    whose shard boundary would not fall on a quantization block stays whole on every rank (printed).
+    gathered. QLoRA's 4-bit weights become NF4Tensor parameters FSDP2 can cut (quant/nf4_tensor.py; loaded
+    rank-locally, each rank holds only its rows already); a weight whose shard boundary would not fall on a
+    quantization block stays whole on every rank (printed).
     DDP keeps the 4-bit base as it is (it is not a parameter: DDP neither broadcasts nor reduces it).
     """
     if not is_distributed():

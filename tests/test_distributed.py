@@ -126,7 +126,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, met
     assert min(grad_norms(tmp_path / "one")) > 1.0
     assert run.stdout.count("\ndata: ") + run.stdout.startswith("data: ") <= 1  # rank 0 alone prints
     assert len(re.findall(r"^data: .* × 2 processes", run.stdout, re.M)) == 1
-    if fsdp and method == "qlora":  # each rank holds half of the 4-bit base: 7 linears of 4096 or 8192 weights per block, 2 blocks
+    if fsdp and method == "qlora":  # each rank holds half of the 4-bit base (2 blocks of 7 linears)
         line = re.search(r"^4-bit base \(codes \+ block scales\) per rank: (.*)$", run.stdout, re.M)[1]
         per_rank = [int(x.replace(",", "")) for x in re.findall(r"rank \d: ([\d,]+) B", line)]
         whole = int(re.search(r"of ([\d,]+) B", line)[1].replace(",", ""))
