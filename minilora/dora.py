@@ -49,7 +49,7 @@ class DoRALinear(LoRALinear):
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W0 as a dense (d_out, d_in) tensor: the nn.Linear's weight, or the 4-bit weight dequantized."""
         weight = getattr(self.base, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not hasattr(self.base, "dequantize"):
             return weight.to(dtype)
         return self.base.dequantize(dtype)
 

@@ -63,7 +63,9 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
 
     weight_dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)
     quantize = "nf4" if cfg.method in ("qlora", "qdora") else None
-    shard = (distributed.rank(), distributed.world_size()) if cfg.fsdp and distributed.world_size() > 1 else None
+    # FSDP2 QLoRA: each rank loads only its rows of the 4-bit base (not QDoRA: its magnitude init needs all of W0)
+    shard = (distributed.rank(), distributed.world_size()) \
+        if cfg.fsdp and cfg.method == "qlora" and distributed.world_size() > 1 else None
     model = load_model(cfg.model, dtype=weight_dtype, device=device, quantize=quantize,
                        quant_backend=cfg.quant_backend, shard=shard) if quantize else \
         load_model(cfg.model, dtype=weight_dtype, device=device)
