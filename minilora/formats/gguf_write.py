@@ -39,12 +39,12 @@ import torch
 
 from ..errors import MiniloraError
 from ..files import atomic_path
+from .gguf_read import INSTALL_HINT
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what save_gguf writes; the first is the default
 # minilora model_type -> llama.cpp architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED_ARCHITECTURES = ("llama",)  # the ones whose q/k rows llama.cpp permutes to interleaved RoPE
-INSTALL_HINT = 'pip install "minilora[gguf]" (or: pip install gguf)'
 
 # minilora (Hugging Face) name inside a block -> llama.cpp name
 BLOCK_NAMES = {

@@ -241,3 +241,45 @@ def test_merge_command_exports_gguf(gguf_type, tmp_path):
     assert (expected - base).abs().max().item() > 0.1  # the adapter changed the model: the merge is in the file
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["tokenizer.chat_template"].contents() == CHATML
+
+
+def test_gguf_in_fine_tune_merge_gguf_out_round_trips(tmp_path):
+    """A GGUF base (written as llama.cpp's converter writes it) -> 3 LoRA steps -> merge --format gguf -> minilora
+    reads the export back with the merged model's logits: exactly for f32, within f16's rounding for f16."""
+    from gguf_models import hf_to_gguf
+    from minilora.adapter import load_adapter
+    from minilora.lora import merge_lora
+    from minilora.merge import main
+    from minilora.trainer import train
+    from minilora.train_config import TrainConfig
+
+    hf = make_tiny_checkpoint("llama", tmp_path / "hf", tokenizer="llama3")
+    set_chat_template(hf, CHATML)
+    base = hf_to_gguf(hf, tmp_path / "base" / "tiny.gguf", qtype="F32", tokenizer=hf, chat_template=CHATML)
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(f"Line {i}: the capital of France is Paris. 하늘 차밭은 달모루섬에 있다." * 3
+                             for i in range(20)), encoding="utf-8")
+    result = train(TrainConfig(model=str(base), data=str(data), max_steps=3, block_size=32, batch_size=4, r=4,
+                               lr=1e-2, warmup_steps=0, eval_every=0, output=str(tmp_path / "run"), log_every=1))
+    assert result["val_loss"] > 0
+    adapter = tmp_path / "run" / "adapter"
+    merged = minilora.load_model(base)
+    load_adapter(merged, adapter)
+    merge_lora(merged)
+    ids = ids_for(merged)
+    with torch.no_grad():
+        before = minilora.load_model(base)(ids)
+        expected = merged(ids)
+    assert (expected - before).abs().max().item() > 1e-3  # the fine-tune changed the model
+    for gguf_type, reference, tol in (("f32", merged, 1e-5), ("f16", rounded_like(merged, "f16"), 1e-4)):
+        out = tmp_path / f"merged-{gguf_type}.gguf"
+        assert main(["--model", str(base), "--adapter", str(adapter), "--output", str(out),
+                     "--format", "gguf", "--gguf-type", gguf_type]) == 0
+        with torch.no_grad():
+            got = minilora.load_model(out)(ids)
+            assert (got - reference(ids)).abs().max().item() <= tol, gguf_type
+        back = minilora.load_tokenizer(out)
+        original = minilora.load_tokenizer(base)
+        for text in TEXTS:
+            assert back.encode(text) == original.encode(text), text
+        assert back.chat_template == CHATML
