@@ -2,6 +2,7 @@
 runs the built-in demonstration (default/demos.py); the loop itself is trainer.py.
 
     python -m minilora.train                                   # the built-in LoRA demonstration
+    python -m minilora.train --demo smollm2-sft                # the demonstration on a real model (SmolLM2)
     python -m minilora.train --model DIR --data corpus.txt     # your own run: see --help
 """
 
@@ -23,6 +24,10 @@ def resolve_default(cfg: TrainConfig) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """What the command runs: the demonstration's settings when no model or data is given, then the loop."""
+    if cfg.demo is not None:  # measured before and after on held-out questions (default/smollm2.py)
+        from .default.smollm2 import run_demo
+
+        return run_demo(cfg)
     return trainer.train(resolve_default(cfg))
 
 

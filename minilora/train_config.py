@@ -27,6 +27,7 @@ class TrainConfig:
     val_data: str | None = None  # separate validation file; None = split `val_fraction` off the training data
     mode: str = "base"  # "base": continued pre-training on raw text; "sft": instruction fine-tuning
     method: str = "lora"  # "lora", "qlora" (4-bit NF4 base + LoRA), "dora", "qdora" (DoRA on a 4-bit base) or "full"
+    demo: str | None = None  # "smollm2-sft" / "smollm2-base": a demonstration on SmolLM2-135M (default/smollm2.py)
     # --- LoRA (Hu et al. 2021, section 4.1: the update is scaled by alpha / r) ------------------------------
     r: int = 8  # rank of the update A·B (also --lora-r: torchrun's own parser refuses --r, see build_parser)
     alpha: float = 16.0  # scaling numerator: the update is multiplied by alpha / r
