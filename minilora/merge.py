@@ -50,15 +50,12 @@ def merge(model_dir, adapter_dir, output_dir, dtype=None, format="safetensors", 
 
 
 def _save_gguf(model, model_dir: Path, adapter_dir: Path, output: Path, gguf_type: str, n_layers: int) -> Path:
-    from .formats.gguf_read import GGUFFile, find_gguf
-    from .formats.gguf_write import save_gguf
+    from .formats import find_gguf, save_gguf
     from .tokenizer import load_tokenizer
 
     path = output if output.suffix == ".gguf" else output / f"model-{gguf_type}.gguf"
-    tokenizer, source = load_tokenizer(model_dir), find_gguf(model_dir)
-    if source is not None:  # a GGUF base: keep its pre-tokenizer name (llama.cpp picks its split rules by it)
-        tokenizer.gguf_pre = GGUFFile(source).metadata.get("tokenizer.ggml.pre")
-    save_gguf(model, tokenizer, path, gguf_type, name=f"{model_dir.name} + {adapter_dir.name}")
+    save_gguf(model, load_tokenizer(model_dir), path, gguf_type, name=f"{model_dir.name} + {adapter_dir.name}",
+              source=find_gguf(model_dir))
     print(f"merged {n_layers} LoRA layers of {adapter_dir} into {model_dir}: wrote {path} ({gguf_type})")
     return path
 

@@ -74,13 +74,19 @@ def require_gguf():
 # ----------------------------------------------------------------------------------------------------------
 # The file
 # ----------------------------------------------------------------------------------------------------------
-def save_gguf(model, tokenizer, path, gguf_type: str = "f16", name: str | None = None) -> Path:
+def save_gguf(model, tokenizer, path, gguf_type: str = "f16", name: str | None = None, source=None) -> Path:
     """Write `model` (a minilora Transformer without LoRA layers) and `tokenizer` to the GGUF file `path`.
 
-    gguf_type: "f16", "bf16", "q8_0" (matrices; 1-D tensors stay F32) or "f32". Returns the path.
+    gguf_type: "f16", "bf16", "q8_0" (matrices; 1-D tensors stay F32) or "f32". source: the GGUF file the model
+    was read from, if any: its `tokenizer.ggml.pre` is kept (llama.cpp picks its split rules by that name).
+    Returns the path.
     """
     gguf = require_gguf()
     path = Path(path)
+    if source is not None:
+        from .gguf_read import GGUFFile
+
+        tokenizer.gguf_pre = GGUFFile(source).metadata.get("tokenizer.ggml.pre")
     if gguf_type not in GGUF_TYPES:
         raise MiniloraError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     config = model.config

@@ -283,3 +283,5 @@ def test_gguf_in_fine_tune_merge_gguf_out_round_trips(tmp_path):
         for text in TEXTS:
             assert back.encode(text) == original.encode(text), text
         assert back.chat_template == CHATML
+        pre = [gguf.GGUFReader(str(f)).fields["tokenizer.ggml.pre"].contents() for f in (base, out)]
+        assert pre[0] == pre[1]  # the base file's pre-tokenizer name is kept
