@@ -49,11 +49,12 @@ DEMOS = {  # --mode → (settings, what the demonstration shows)
 # SFT: 70 questions answered as {"answer": ..., "language": ...} (50 English, 20 Korean; general facts none of
 # the 12 held-out questions repeats). lr 1e-3 taught the format but damaged facts in an earlier run ("6 x 7" ->
 # "18"); at lr 5e-4 and 20 steps 6 x 7 stays 42 and 7 of the 8 held-out facts the model knew survive, while
-# 9 of 12 replies become well-formed JSON (measured 2026-12-01: README).
+# 11 of 12 replies become well-formed JSON (measured 2026-12-01: README). Replies get 64 tokens: Korean costs
+# SmolLM2 several tokens a syllable, and with 32 three Korean replies were cut before the object closed.
 SMOLLM2_SFT = dict(
     mode="sft", method="lora", r=8, alpha=16.0, dropout=0.0, targets="all-linear", block_size=128,
     batch_size=8, lr=5e-4, warmup_steps=3, max_steps=20, eval_every=0, save_every=0, log_every=2,
-    val_fraction=0.1, output="runs/smollm2-sft", sample_tokens=32, sample_prompts="",
+    val_fraction=0.1, output="runs/smollm2-sft", sample_tokens=64, sample_prompts="",
     data=str(HERE / "smollm2_json.jsonl"),
 )
 # Base fine-tuning on the English paragraphs of domain.txt (smollm2.english_paragraphs: 3.2 k tokens, 25 blocks

@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 import minilora  # noqa: E402
 from minilora.errors import MiniloraError  # noqa: E402
-from minilora.formats.gguf_write import GGUF_TYPES, permute_qk, save_gguf  # noqa: E402
+from minilora.formats.gguf_write import permute_qk, save_gguf  # noqa: E402
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 from tiny_tokenizers import set_chat_template  # noqa: E402
 
