@@ -37,6 +37,24 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # activation name in config.json -> the function model.py applies
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
+# Top-level config.json fields and the type each must have (null = absent). Checked before anything reads them, so
+# `"hidden_size": "128"` or `"tie_word_embeddings": "no"` is an error naming the field, not a TypeError later or a
+# string taken as true. (minimum, kind): kind "int" (no bools, no floats; >= minimum), "number" (int or float;
+# >= minimum), "positive" (a number > 0), "bool".
+FIELD_TYPES = {
+    **{name: (1, "int") for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                                     "max_position_embeddings", "sliding_window", "original_max_position_embeddings",
+                                     "sliding_window_pattern")},
+    "max_window_layers": (0, "int"),
+    **{name: (0, "int") for name in ("bos_token_id", "pad_token_id")},
+    "rms_norm_eps": (0, "number"),  # < 0 makes x² mean + eps negative for small x: NaN from the first step
+    **{name: (0, "positive") for name in ("rope_theta", "rope_local_base_freq", "partial_rotary_factor",
+                                          "query_pre_attn_scalar", "attn_logit_softcapping",
+                                          "final_logit_softcapping")},
+    **{name: (None, "bool") for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+                                         "use_bidirectional_attention")},
+}
 
 
 @dataclass(frozen=True)
@@ -173,6 +191,7 @@ class ModelConfig:
                 f"config.json: model_type {model_type!r} is not supported{hint}; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        check_field_types(d)
         if d.get("use_bidirectional_attention"):
             raise MiniloraError(f"config.json: use_bidirectional_attention is not supported ({model_type})")
         gemma = model_type in GEMMA_FAMILY
@@ -223,6 +242,33 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id"),
             hf_config=copy.deepcopy(d),
         )
+
+
+def check_field_types(d: dict) -> None:
+    """MiniloraError naming the first field of FIELD_TYPES (or eos_token_id) whose value has the wrong type or is
+    below its minimum."""
+    for name, (minimum, kind) in FIELD_TYPES.items():
+        value = d.get(name)
+        if value is None:
+            continue
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            expected = {"bool": "true or false", "int": "an integer"}.get(kind, "a number")
+            raise MiniloraError(f"config.json: {name} must be {expected}, got {value!r} ({type(value).__name__}); "
+                                "fix config.json (JSON numbers and booleans are written without quotes)")
+        if kind == "positive" and not value > 0:
+            raise MiniloraError(f"config.json: {name} must be positive, got {value!r}; fix config.json")
+        if minimum is not None and kind != "positive" and not value >= minimum:  # NaN fails too
+            raise MiniloraError(f"config.json: {name} must be at least {minimum}, got {value!r}; fix config.json")
+    eos = d.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise MiniloraError(f"config.json: eos_token_id must be an integer id or a list of them, got {eos!r}")
 
 
 def unsupported(what: str, value, supported) -> MiniloraError:
@@ -323,7 +369,7 @@ def _rope_one(p: dict, d: dict, top_original_max: int | None = None) -> RopeConf
     if rope_type == "yarn" and p.get("factor") is None:
         raise MiniloraError("config.json: rope type 'yarn' needs a 'factor' (how much longer the context became)")
     original_max = int(
-        top_original_max or p.get("original_max_position_embeddings") or d.get("max_position_embeddings") or 8192
+        top_original_max or _number(p, "original_max_position_embeddings") or d.get("max_position_embeddings") or 8192
     )
     factor, attention_factor = 1.0, 1.0  # attention_factor: what cos and sin are multiplied by (rope.py)
     if rope_type in ("linear", "llama3"):
@@ -336,7 +382,7 @@ def _rope_one(p: dict, d: dict, top_original_max: int | None = None) -> RopeConf
         factor = _number(p, "factor", (d.get("max_position_embeddings") or original_max) / original_max)
         attention_factor = longrope_attention_factor(factor, original_max)
     return RopeConfig(
-        theta=float(p.get("rope_theta") or d.get("rope_theta") or 10_000.0),
+        theta=_number(p, "rope_theta") or _number(d, "rope_theta") or 10_000.0,
         rope_type=rope_type,
         factor=factor,
         low_freq_factor=_number(p, "low_freq_factor", 1.0),
@@ -348,7 +394,7 @@ def _rope_one(p: dict, d: dict, top_original_max: int | None = None) -> RopeConf
         short_factor=_factor_list(p, "short_factor") if rope_type == "longrope" else (),
         long_factor=_factor_list(p, "long_factor") if rope_type == "longrope" else (),
         attention_factor=_number(p, "attention_factor", attention_factor),  # a given value wins
-        partial_rotary_factor=float(p.get("partial_rotary_factor") or d.get("partial_rotary_factor") or 1.0),
+        partial_rotary_factor=_number(p, "partial_rotary_factor") or _number(d, "partial_rotary_factor") or 1.0,
     )
 
 

@@ -273,3 +273,58 @@ def test_load_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_minimal_configs()["llama"] | {"model_type": "bert"}))
     with pytest.raises(MiniloraError, match=f"{tmp_path}/config.json: model_type 'bert'"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "128"}, "hidden_size must be an integer, got '128' (str)"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be at least 1, got 0"),  # was a ZeroDivisionError
+    ({"rope_theta": "abc"}, "rope_theta must be a number, got 'abc'"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a number, got 'tiny'"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be at least 0, got -1e-06"),  # NaN from the first step otherwise
+    ({"max_position_embeddings": "512"}, "max_position_embeddings must be an integer, got '512'"),
+    ({"intermediate_size": True}, "intermediate_size must be an integer, got True (bool)"),  # bool is an int
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings must be true or false, got 'no'"),  # was taken as true
+    ({"hidden_size": 64.0}, "hidden_size must be an integer, got 64.0"),
+    ({"eos_token_id": [2, "3"]}, "eos_token_id must be an integer id or a list of them"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be positive"),
+])
+def test_wrong_field_types_are_named(change, message):
+    d = _minimal_configs()["llama"] | change
+    with pytest.raises(MiniloraError) as e:
+        ModelConfig.from_hf_dict(d)
+    assert message in str(e.value) and "config.json" in str(e.value)
+
+
+def test_negative_max_position_embeddings_is_named_as_itself():
+    """It used to be reported as the rope field original_max_position_embeddings it defaults."""
+    with pytest.raises(MiniloraError) as e:
+        ModelConfig.from_hf_dict(_minimal_configs()["llama"] | {"max_position_embeddings": -1})
+    assert str(e.value).startswith("config.json: max_position_embeddings must be at least 1, got -1")
+    assert "rope" not in str(e.value)
+
+
+def test_wrong_type_inside_rope_parameters_is_named():
+    d = _minimal_configs()["llama"] | {"rope_parameters": {"rope_type": "default", "rope_theta": "abc"}}
+    with pytest.raises(MiniloraError, match="rope rope_theta must be a number, got 'abc'"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_valid_booleans_and_nulls_still_load():
+    cfg = ModelConfig.from_hf_dict(_minimal_configs()["llama"] | {
+        "tie_word_embeddings": True, "sliding_window": None, "head_dim": None, "rms_norm_eps": 0})
+    assert cfg.tie_word_embeddings is True and cfg.head_dim == 16 and cfg.rms_norm_eps == 0
+
+
+def test_wrong_field_type_in_a_model_folder_is_a_cli_error(tmp_path):
+    """End to end: the generate command prints one line naming the folder and field (no traceback)."""
+    import subprocess
+    import sys
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m")
+    d = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(d | {"hidden_size": "64"}))
+    run = subprocess.run([sys.executable, "-P", "-m", "minilora.generate", "--model", str(path), "--prompt", "a"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (f"error: {path}/config.json: hidden_size must be an integer, got '64' (str); "
+                                  "fix config.json (JSON numbers and booleans are written without quotes)")

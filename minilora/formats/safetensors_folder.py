@@ -46,6 +46,7 @@ from ..quant.bnb_checkpoint import (BLOCKSIZE, block_linear_names, checkpoint_qu
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 QUANTIZE_CHOICES = ("nf4",)
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors header names of the dtypes a dense weight may have
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
@@ -165,17 +166,21 @@ def read_state_dict(files, expected: dict, dtype, device, tied: bool, quantize=(
                     if name not in expected:
                         raise MiniloraError(f"unexpected tensor {name!r} in {f}: the model described by "
                                             "config.json has no such weight")
-                    shape = tuple(reader.get_slice(name).get_shape())
+                    header = reader.get_slice(name)
+                    shape = tuple(header.get_shape())
                     if shape != expected[name]:
                         raise MiniloraError(f"tensor {name!r} in {f} has shape {shape}, "
                                             f"config.json implies {expected[name]}")
+                    if header.get_dtype() not in FLOAT_DTYPES:  # e.g. I32 bytes where F32 belongs: same size
+                        raise MiniloraError(f"tensor {name!r} in {f} has dtype {header.get_dtype()}, but every "
+                                            f"weight of this model is floating point ({', '.join(FLOAT_DTYPES)}); "
+                                            "the file is corrupt or not this model's: re-download or re-save it")
                     if shard is not None and name in quantize:  # only this rank's rows are read (FSDP2)
                         from ..quant.nf4_tensor import quantize_shard
 
-                        state[name] = quantize_shard(reader.get_slice(name), shape, dtype, BLOCKSIZE, device, *shard)
+                        state[name] = quantize_shard(header, shape, dtype, BLOCKSIZE, device, *shard)
                         continue
-                    t = reader.get_tensor(name)
-                    t = t.to(dtype) if t.is_floating_point() else t
+                    t = reader.get_tensor(name).to(dtype)
                     # Quantize now, and drop our reference (del), so this 16/32-bit copy is freed before the next
                     # tensor is read.
                     state[name] = quantize_nf4(t, BLOCKSIZE, double_quant=True) if name in quantize else t

@@ -198,3 +198,14 @@ def test_pytorch_bin_only_folder_gets_a_hint(llama, tmp_path):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(MiniloraError, match="convert it to safetensors"):
         load_model(folder)
+
+
+def test_integer_dtype_of_the_right_byte_size_is_named(llama, tmp_path):
+    """I32 where F32 belongs has the same byte size, so the file reads; its int32 weights used to be installed
+    and fail at the first matmul (or compute garbage after a silent cast)."""
+    folder = _copy(llama, tmp_path / "m")
+    _rewrite_tensors(folder, lambda t: t.update(
+        {"model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"].view(torch.int32)}))
+    with pytest.raises(MiniloraError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' in .*model.safetensors "
+                                            r"has dtype I32, but every weight of this model is floating point"):
+        load_model(folder)
