@@ -30,6 +30,7 @@ attention masking in base FT.
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from .errors import MiniloraError
 from .loss import IGNORE_INDEX  # label of a position the loss skips (padding, prompts)
 
 SUPPORTED = (".txt", ".jsonl", ".json")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one code point; only lone halves remain
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,9 +102,11 @@ def read_records(path, allowed=(".jsonl", ".json"), skipped: list | None = None)
                 continue
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 problem = (f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                           "a .jsonl file needs one JSON object per line")
+                           "a .jsonl file needs one JSON object per line" if isinstance(e, json.JSONDecodeError)
+                           else f"{path}:{lineno}: JSON nested too deeply to read (over ~{sys.getrecursionlimit()} "
+                           "levels); no chat record needs that")
                 if skipped is None:
                     raise MiniloraError(problem) from None
                 skipped.append(problem)
@@ -111,6 +115,9 @@ def read_records(path, allowed=(".jsonl", ".json"), skipped: list | None = None)
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise MiniloraError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise MiniloraError(f"{path}: JSON nested too deeply to read (over ~{sys.getrecursionlimit()} "
+                                "levels)") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             items, start = data["data"], _json_data_start(text)
         elif isinstance(data, list):
@@ -118,13 +125,37 @@ def read_records(path, allowed=(".jsonl", ".json"), skipped: list | None = None)
         else:
             raise MiniloraError(f"{path}: expected a JSON list of records or an object {{\"data\": [...]}}")
         records = [(f"{path}:{line}", item) for line, item in zip(_json_list_lines(text, start), items)]
+    kept = []
     for where, record in records:
-        if not isinstance(record, dict):
-            problem = f"{where}: expected a JSON object (a record with fields), found {type(record).__name__}"
-            if skipped is None:
-                raise MiniloraError(problem)
+        problem = (f"{where}: expected a JSON object (a record with fields), found {type(record).__name__}"
+                   if not isinstance(record, dict) else _unencodable(record, where))
+        if problem is None:
+            kept.append((where, record))
+        elif skipped is None:
+            raise MiniloraError(problem)
+        else:
             skipped.append(problem)
-    return [(where, record) for where, record in records if isinstance(record, dict)]
+    return kept
+
+
+def _unencodable(record: dict, where: str) -> str | None:
+    """Why a decoded record cannot become text for the tokenizer, or None.
+
+    JSON may escape half of a UTF-16 surrogate pair ("\\ud83d" alone): Python decodes it to a str that has no
+    UTF-8 form, which the tokenizer (Rust) then refuses with an exception far from the file. Every string (keys
+    too) is searched in place, with a stack rather than recursion, so a 50 MB record costs no copy."""
+    stack = [record]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and (found := _SURROGATE.search(value)):
+            return (f"{where}: holds a lone UTF-16 surrogate {found.group().encode('unicode_escape').decode()} "
+                    "(half of an escaped emoji pair?), which is not text; fix or remove the record")
+    return None
 
 
 def load_texts(path, text_field: str = "text") -> list[str]:
@@ -203,6 +234,18 @@ def pad_collate(samples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]
     if "segment_ids" in extra:
         attention_mask = (extra["segment_ids"] > 0).long()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **extra}
+
+
+def check_token_ids(samples: list[dict], vocab_size: int, what: str) -> None:
+    """MiniloraError when a sample holds a token id with no embedding row (an IndexError at its first batch
+    otherwise). The loader checks the tokenizer against the model already; this guards samples built elsewhere."""
+    for k, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if ids and (max(ids) >= vocab_size or min(ids) < 0):
+            bad = max(ids) if max(ids) >= vocab_size else min(ids)
+            raise MiniloraError(f"{what}: sample {k} holds token id {bad}, outside the model's embedding "
+                                f"(ids 0..{vocab_size - 1}, vocab_size in config.json); the tokenizer does not "
+                                "match the model")
 
 
 def pad_id(tokenizer) -> int:

@@ -195,3 +195,40 @@ def test_epoch_order_is_a_reproducible_permutation():
     first = epoch_order(50, seed=7, epoch=0)
     assert sorted(first) == list(range(50)) and first == epoch_order(50, seed=7, epoch=0)
     assert epoch_order(50, seed=7, epoch=1) != first and epoch_order(50, seed=8, epoch=0) != first
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records JSON can decode but minilora cannot use: an error naming the line, or a counted skip
+# ----------------------------------------------------------------------------------------------------------
+LONE_SURROGATE = '{"text": "smile \\ud83d please"}'  # the file holds the 6 characters \ud83d: half an emoji pair
+DEEP = "[" * 100_000 + "]" * 100_000  # 100,000-deep nesting: RecursionError inside json.loads
+
+
+@pytest.mark.parametrize("line, message", [
+    (LONE_SURROGATE, r"d\.jsonl:2: holds a lone UTF-16 surrogate \\ud83d"),
+    ('{"text": ' + DEEP + "}", r"d\.jsonl:2: JSON nested too deeply to read"),
+])
+def test_undecodable_jsonl_records_are_named_or_skipped(tmp_path, tokenizers, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + '\n{"text": "also fine \\ud83d\\ude00"}\n', encoding="utf-8")
+    with pytest.raises(MiniloraError, match=message):
+        load_texts(path)  # base FT: stops, naming the line (was a RecursionError / a tokenizer exception)
+    skipped = []
+    records = read_records(path, skipped=skipped)
+    assert [r["text"] for _, r in records] == ["fine", "also fine 😀"]  # a complete pair is an emoji, kept
+    assert len(skipped) == 1 and skipped[0].startswith(f"{path}:2: ")
+    tokenize_documents(tokenizers["llama3"], [r["text"] for _, r in records])  # what remains tokenises
+
+
+def test_deep_nesting_in_a_json_file_is_named(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(DEEP, encoding="utf-8")
+    with pytest.raises(MiniloraError, match=r"d\.json: JSON nested too deeply to read"):
+        load_texts(path)
+
+
+def test_lone_surrogate_really_breaks_the_tokenizer(tokenizers):
+    """Why the check exists: the tokenizer refuses such a str with an exception that names no file."""
+    with pytest.raises(Exception) as e:
+        tokenize_documents(tokenizers["llama3"], [json.loads(LONE_SURROGATE)["text"]])
+    assert not isinstance(e.value, MiniloraError)
