@@ -56,6 +56,11 @@ from .data import IGNORE_INDEX, read_records, split_train_val
 from .errors import MiniloraError
 
 FORMATS = ("alpaca", "messages", "sharegpt")
+# Records longer than this (characters of all their turns) are refused before rendering and tokenising: those hold
+# the whole text several times over (template renderings, ids, offsets, a per-character mask), ~180 bytes per
+# character, so one 50 MB reply took 9 GB. The limit grows with max_len (16 characters per token is more than any
+# tokenizer averages), so a record it refuses would lose most of its text to truncation anyway.
+MAX_RECORD_CHARS = 1_000_000
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names → chat roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -89,7 +94,10 @@ class SFTStats:
     dropped_overlong: int = 0  # samples over max_len dropped (overlong="drop")
     dropped_no_target: int = 0  # samples with no trained token left (e.g. the reply was truncated away)
     samples: int = 0  # samples kept
+    empty_replies: int = 0  # assistant replies that are empty or whitespace only (kept, but they teach silence)
+    first_empty_reply: str | None = None  # "file:line" of the first such reply
     examples: list[str] = field(default_factory=list)  # the first few problems, for the log
+    warnings: list[str] = field(default_factory=list)  # what trains, but probably not as meant (printed)
 
     def note(self, message: str) -> None:
         if len(self.examples) < 5:
@@ -392,8 +400,21 @@ def build_sft_samples(tokenizer, conversations: list[tuple[str, list]], max_len:
     if overlong not in ("truncate", "drop"):
         raise MiniloraError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
     stats = stats if stats is not None else SFTStats()
-    samples = []
+    samples, limit = [], record_char_limit(max_len)
     for where, messages in conversations:
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limit:
+            problem = (f"{where}: the record has {chars:,} characters, over the limit of {limit:,} "
+                       f"(sft.MAX_RECORD_CHARS, or 16 per token of max_len), which keeps memory bounded; split it")
+            if on_error == "stop":
+                raise MiniloraError(problem + " or skip such records with on_error='skip'")
+            stats.skipped += 1
+            stats.note(problem)
+            continue
+        empty = sum(1 for m in messages if m["role"] == "assistant" and not m["content"].strip())
+        if empty and stats.first_empty_reply is None:
+            stats.first_empty_reply = where
+        stats.empty_replies += empty
         try:
             sample = tokenize_conversation(tokenizer, messages, train_on_prompt)
         except (MiniloraError, ValueError) as e:
@@ -415,6 +436,27 @@ def build_sft_samples(tokenizer, conversations: list[tuple[str, list]], max_len:
         samples.append(sample)
     stats.samples += len(samples)
     return samples
+
+
+def record_char_limit(max_len: int) -> int:
+    """The most characters a record may have (see MAX_RECORD_CHARS)."""
+    return max(MAX_RECORD_CHARS, 16 * max_len)
+
+
+def end_of_turn_warning(tokenizer) -> str | None:
+    """A warning when the chat template writes no end-of-turn or EOS token after an assistant reply (Alpaca-style
+    "### Response:" templates): the trained labels then never show the model where to stop, so it rambles on."""
+    from .chat import closing_token_id
+
+    try:
+        closing = closing_token_id(tokenizer)
+    except (MiniloraError, ValueError):
+        return None  # a template that cannot render this probe: the records themselves will say why
+    if closing is not None:
+        return None
+    return (f"the chat template of {tokenizer.name_or_path} writes no end-of-turn or EOS token after an assistant "
+            "reply, so nothing teaches the model to stop: end the assistant turn with {{ eos_token }} in the "
+            "template")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -481,6 +523,12 @@ def load_sft_data(path, tokenizer, max_len: int, val_path=None, val_fraction: fl
     if not train:
         raise MiniloraError(f"data file {path} gives no training sample ({stats.summary()}; "
                             f"first problems: {'; '.join(stats.examples) or 'none'})")
+    if stats.empty_replies:
+        stats.warnings.append(f"{stats.empty_replies} assistant replies are empty or whitespace only (the first at "
+                              f"{stats.first_empty_reply}): they teach the model to answer nothing; fix or remove "
+                              "them")
+    if not train_on_prompt and (warning := end_of_turn_warning(tokenizer)) is not None:
+        stats.warnings.append(warning)
     if packing:
         train, val = pack_samples(train, max_len), pack_samples(val, max_len)
     return train, val, stats

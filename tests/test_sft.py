@@ -351,3 +351,113 @@ def test_unreadable_jsonl_lines_are_skipped_with_on_error_skip(tmp_path):
     conversations = load_conversations(path, on_error="skip", stats=stats)
     assert [where.rsplit(":", 1)[1] for where, _ in conversations] == ["1", "4"]
     assert (stats.records, stats.skipped) == (4, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: a counted skip or a clear error; inputs that train but not as meant: a warning
+# ----------------------------------------------------------------------------------------------------------
+GOOD = '{"instruction": "Say hi", "output": "hi"}'
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"instruction": "Smile \\ud83d", "output": "ok"}', "holds a lone UTF-16 surrogate \\ud83d"),
+    ('{"instruction": "x", "output": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply to read"),
+])
+def test_undecodable_records_are_skippable(tmp_path, line, problem):
+    """Both crashed even with on_error='skip' (a tokenizer exception / a RecursionError)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{GOOD}\n{line}\n{GOOD}\n", encoding="utf-8")
+    with pytest.raises(MiniloraError) as e:
+        load_conversations(path)
+    assert str(e.value).startswith(f"{path}:2: {problem}")
+    stats = SFTStats()
+    conversations = load_conversations(path, on_error="skip", stats=stats)
+    assert [where.rsplit(":", 1)[1] for where, _ in conversations] == ["1", "3"]
+    assert (stats.records, stats.skipped) == (3, 1) and stats.examples[0].startswith(f"{path}:2: {problem}")
+
+
+def _sft_file(tmp_path, records) -> str:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_empty_assistant_reply_is_warned_about(bases, tmp_path):
+    tok = load_tokenizer(with_template(bases, "byte", tmp_path, CHATML))
+    records = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(6)]
+    records[2]["output"], records[4]["output"] = "", " \n\t"
+    data = _sft_file(tmp_path, records)
+    _, _, stats = load_sft_data(data, tok, max_len=64, val_fraction=0)
+    assert stats.empty_replies == 2
+    assert stats.warnings == [f"2 assistant replies are empty or whitespace only (the first at {data}:3): they "
+                              "teach the model to answer nothing; fix or remove them"]
+    _, _, clean = load_sft_data(_sft_file(tmp_path, records[:2]), tok, max_len=64, val_fraction=0)
+    assert clean.warnings == [] and clean.empty_replies == 0
+
+
+ALPACA = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+          "{% else %}{{ '### Response:\n' + m['content'] + '\n\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, warned", [
+    (ALPACA, True),  # the reply ends with plain text: no token teaches the model to stop
+    (ALPACA.replace("m['content'] + '\n\n' }}{% endif %}", "m['content'] + eos_token + '\n\n' }}{% endif %}"),
+     False),
+    (CHATML, False),  # <|im_end|>
+    (GEMMA_LIKE, False),  # <end_of_turn>
+])
+def test_template_without_end_of_turn_is_warned_about(bases, tmp_path, template, warned):
+    tok = load_tokenizer(with_template(bases, "byte", tmp_path, template, "<bos>", "<eos>"))
+    records = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i)} for i in range(4)]
+    train, _, stats = load_sft_data(_sft_file(tmp_path, records), tok, max_len=64, val_fraction=0)
+    eos_trained = any(label in tok.eos_token_ids or tok.id_to_token(label) in ("<|im_end|>", "<end_of_turn>")
+                      for s in train for label in s["labels"] if label != IGNORE_INDEX)
+    assert eos_trained is not warned  # the warning says exactly whether an end token is trained
+    assert any("writes no end-of-turn or EOS token" in w for w in stats.warnings) is warned
+
+
+def test_overlong_record_is_refused_or_a_counted_skip(bases, tmp_path):
+    from minilora.sft import MAX_RECORD_CHARS
+
+    tok = load_tokenizer(with_template(bases, "byte", tmp_path, CHATML))
+    huge = {"instruction": "Repeat.", "output": "a" * (MAX_RECORD_CHARS - len("Repeat.") + 1)}  # 1 char over
+    fits = {"instruction": "Repeat.", "output": "a" * (MAX_RECORD_CHARS - len("Repeat."))}
+    conversations = [("d.jsonl:1", record_to_messages(huge, "alpaca")), ("d.jsonl:2", MULTI)]
+    with pytest.raises(MiniloraError, match=r"d\.jsonl:1: the record has 1,000,001 characters, over the limit of "
+                                            r"1,000,000 \(sft\.MAX_RECORD_CHARS"):
+        build_sft_samples(tok, conversations, max_len=64)
+    stats = SFTStats()
+    assert len(build_sft_samples(tok, conversations, max_len=64, on_error="skip", stats=stats)) == 1
+    assert stats.skipped == 1 and "over the limit" in stats.examples[0]
+    assert len(build_sft_samples(tok, [("d.jsonl:3", record_to_messages(fits, "alpaca"))], max_len=64)) == 1
+
+
+RSS_SCRIPT = """
+import json, resource, sys
+from minilora.sft import load_sft_data
+from minilora.tokenizer import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_, _, stats = load_sft_data(sys.argv[2], tok, max_len=64, val_fraction=0, on_error="skip")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew_mib": (after - before) / 1024, "skipped": stats.skipped, "samples": stats.samples}))
+"""
+
+
+def test_a_20_mb_reply_costs_bounded_memory(bases, tmp_path):
+    """A 50 MB reply took 9 GB of RSS (~180 bytes per character); a 20 MB one now costs its text a few times
+    over (file, line, decoded string), not a tokenisation. Peak RSS measured in a fresh process (ru_maxrss)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource")
+    tok_dir = with_template(bases, "byte", tmp_path, CHATML)
+    data = _sft_file(tmp_path, [{"instruction": "Say hi", "output": "hi"},
+                                {"instruction": "Recite.", "output": "tea and rice " * 1_600_000}])  # 20.8 MB
+    run = subprocess.run([sys.executable, "-P", "-c", RSS_SCRIPT, str(tok_dir), str(data)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (result["skipped"], result["samples"]) == (1, 1)
+    assert result["grew_mib"] < 250, result  # a tokenised 20 MB record: ~3,600 MiB
