@@ -16,12 +16,19 @@ class MiniloraError(Exception):
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a CLI entry point; print a MiniloraError as `error: ...` on stderr and return exit code 1.
 
-    Ctrl-C is exit code 130 (the shell's convention) with a short message instead of a traceback.
+    Ctrl-C is exit code 130 (the shell's convention) with a short message instead of a traceback. An OSError
+    (a read-only or full disk, a permission denied) is the user's environment, not a bug: one line naming the path.
+    The libraries turn the ones they expect into MiniloraErrors with more context; this catches the rest.
     """
     try:
         code = main(argv)
     except MiniloraError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"error: {where}{e.strerror or e} (check the path, its permissions and the free disk space; "
+              "files minilora writes are replaced atomically, so none was left half-written)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
