@@ -3,17 +3,29 @@
     run/checkpoints/step-NNNNNN/   adapter_model.safetensors + adapter_config.json (LoRA/QLoRA)
                                    or model.safetensors + config.json + tokenizer files (full FT)
                                    trainer_state.pt: step, optimizer, scheduler, RNG states
+                                   checkpoint.json: the manifest, written last: {"step", "files": {name: bytes}}
     run/checkpoints/latest         the name of the newest complete checkpoint
 
-A checkpoint is built in a temporary folder and renamed into place, then `latest` is rewritten atomically, so a
-run killed at any moment leaves `latest` naming a complete checkpoint. The data position is not stored: it is a
-function of the step (train_data.Batches), so restoring the step restores the batches.
+A checkpoint is built in a temporary folder, its files fsynced, and renamed into place, then `latest` is rewritten
+atomically, so a run killed at any moment (or stopped by a full disk) leaves `latest` naming a complete
+checkpoint. Re-saving a step that exists (resuming a finished run saves its last step again) never deletes the old
+folder before the new one is in: the old one is renamed aside (`.step-N.old`), the new one renamed in, then the old
+one deleted. A kill between those renames leaves `latest` naming no folder for a moment; `find_checkpoint` then
+takes the newest complete checkpoint, the set-aside one included, so a resume always finds one. A folder whose
+manifest is missing or lists a file that is absent or shorter is incomplete (a copy cut short, a file deleted by
+hand) and is never resumed from.
+
+The data position is not stored: it is a function of the step (train_data.Batches), so restoring the step
+restores the batches.
 
 With many processes every rank takes part in gathering the full weights and optimizer state (FSDP2 shards them),
 rank 0 alone writes, and the files are those of one process: a checkpoint resumes with any number of processes,
 as long as processes × --batch-size (the global batch) stays the same.
 """
 
+import json
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +36,8 @@ from .errors import MiniloraError
 from .train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "checkpoint.json"
+_NAME = re.compile(r"^(?:step-(\d+)|\.step-(\d+)\.old)$")  # a published checkpoint, or one set aside
 
 
 def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
@@ -41,7 +55,8 @@ def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
     """Write checkpoints/step-NNNNNN atomically: build it in a temporary folder, then rename it.
-    Every rank calls it (the gathering is collective); rank 0 writes."""
+    Every rank calls it (the gathering is collective); rank 0 writes. An OSError (full disk, read-only folder) is
+    a MiniloraError naming the path and the last checkpoint, which is left as it was."""
     optimizer_state = distributed.full_optimizer_state(optimizer)
     distributed.barrier()  # a checkpoint is written only if every rank reached it (a dead rank stops the run here)
     with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:
@@ -54,36 +69,134 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
 def _write_checkpoint(run_dir: Path, step: int, model, optimizer_state: dict, scheduler, cfg: TrainConfig) -> Path:
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     tmp = run_dir / CHECKPOINTS / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp, cfg, cfg.model)
-    state = {
-        "step": step,  # the data position is a function of the step (see Batches)
-        "global_batch": [distributed.world_size(), cfg.batch_size],  # processes × per-process batch
-        "optimizer": optimizer_state,
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(state, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    files.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(model, tmp, cfg, cfg.model)
+        state = {
+            "step": step,  # the data position is a function of the step (see Batches)
+            "global_batch": [distributed.world_size(), cfg.batch_size],  # processes × per-process batch
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        files.write_json(tmp / MANIFEST, {"step": step, "files": {
+            f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST}})
+        files.fsync_tree(tmp)
+        publish(tmp, final)
+        files.write_text(run_dir / CHECKPOINTS / "latest", final.name + "\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MiniloraError(f"cannot write checkpoint {final}: {files.os_error_message(e)}; "
+                            f"{last_checkpoint_note(run_dir)}") from None
     return final
 
 
+def save_result(model, result_dir: Path, run_dir: Path, cfg: TrainConfig) -> None:
+    """The run's result (run/adapter or run/model), built beside it and published like a checkpoint, so a full disk
+    leaves the previous result whole rather than a folder with half its files."""
+    tmp = result_dir.with_name(f".{result_dir.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_weights(model, tmp, cfg, cfg.model)
+        files.fsync_tree(tmp)
+        publish(tmp, result_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MiniloraError(f"cannot write the result {result_dir}: {files.os_error_message(e)}; "
+                            f"{last_checkpoint_note(run_dir)}") from None
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`. An existing `final` is renamed aside first and deleted only
+    once the new one is in place, so at every moment one complete copy exists (see find_checkpoint)."""
+    aside = final.with_name(f".{final.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        final.rename(aside)
+    tmp.rename(final)
+    files.fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def last_checkpoint_note(run_dir: Path) -> str:
+    """What a user needs after a failed write: which checkpoint is intact, and how to continue from it."""
+    pointer = Path(run_dir) / CHECKPOINTS / "latest"
+    try:
+        name = pointer.read_text().strip()
+    except OSError:
+        return "no checkpoint of this run had been written yet (nothing to lose)"
+    return f"the last checkpoint, {pointer.parent / name}, is intact: fix this and continue with --resume"
+
+
+def incomplete(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a short reason), or None when it is one.
+
+    Complete: every file its manifest lists is there with its size. Checkpoints of older minilora versions have
+    no manifest; they are complete when trainer_state.pt and the weights are there."""
+    if not path.is_dir():
+        return "does not exist"
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            listed = {str(k): int(v) for k, v in listed.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return f"has an unreadable {MANIFEST}"
+    else:
+        weights = ["adapter_model.safetensors", "adapter_config.json"] if (path / "adapter_config.json").is_file() \
+            else ["config.json"] + (["model.safetensors.index.json"] if (path / "model.safetensors.index.json")
+                                    .is_file() else ["model.safetensors"])
+        listed = {name: None for name in ["trainer_state.pt", *weights]}
+    for name, size in listed.items():
+        f = path / name
+        if not f.is_file():
+            return f"is missing {name}"
+        if size is not None and f.stat().st_size != size:
+            return f"has a cut-short {name} ({f.stat().st_size:,} of {size:,} bytes)"
+    return None
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, newest step first (a published one before a set-aside one)."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = _NAME.match(path.name)
+        if match and incomplete(path) is None:
+            found.append((int(match.group(1) or match.group(2)), match.group(1) is not None, path))
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
 def find_checkpoint(cfg: TrainConfig) -> Path:
+    """The checkpoint --resume names; for "latest", the one `latest` names or, when that one is missing or
+    incomplete, the newest complete checkpoint (with a note saying so)."""
     if cfg.resume != "latest":
         path = Path(cfg.resume)
-    else:
-        pointer = Path(cfg.output) / CHECKPOINTS / "latest"
-        if not pointer.is_file():
-            raise MiniloraError(f"--resume: no checkpoint in {pointer.parent} (nothing to resume from)")
-        path = pointer.parent / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").is_file():
-        raise MiniloraError(f"--resume: {path} is not a minilora checkpoint (no trainer_state.pt)")
-    return path
+        if not path.is_dir():
+            raise MiniloraError(f"--resume: checkpoint folder {path} not found")
+        if not (path / "trainer_state.pt").is_file() and not (path / MANIFEST).is_file():
+            raise MiniloraError(f"--resume: {path} is not a minilora checkpoint (no trainer_state.pt)")
+        problem = incomplete(path)
+        if problem:
+            others = complete_checkpoints(path.parent)
+            hint = f"; the newest complete one there is {others[0]}" if others else ""
+            raise MiniloraError(f"--resume: checkpoint {path} {problem} (incomplete){hint}")
+        return path
+    folder = Path(cfg.output) / CHECKPOINTS
+    pointer = folder / "latest"
+    named = folder / pointer.read_text().strip() if pointer.is_file() else None
+    problem = incomplete(named) if named is not None else "latest is missing"
+    if problem is None:
+        return named
+    candidates = complete_checkpoints(folder)
+    why = f"{named} {problem}" if named is not None else f"{pointer} is missing"
+    if not candidates:
+        raise MiniloraError(f"--resume: no complete checkpoint in {folder} ({why}); nothing to resume from: "
+                            "start without --resume")
+    print(f"note: {why} (incomplete); resuming from the newest complete checkpoint, {candidates[0]}")
+    return candidates[0]
 
 
 def load_lora_weights(model, checkpoint: Path) -> None:
@@ -106,6 +219,10 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
     from safetensors.torch import load_file
 
     model = distributed.unwrap(model)
+    weights_file = "model.safetensors" if cfg.method == "full" else "adapter_model.safetensors"
+    if not (path / weights_file).is_file():
+        raise MiniloraError(f"--resume: {path} holds no {weights_file}: it was saved by a run with another "
+                            f"--method than this one ({cfg.method}), or it is incomplete")
     if cfg.method == "full":
         weights = load_file(str(path / "model.safetensors"))
         unexpected = distributed.load_full_weights(model, weights)  # FSDP2: each rank its shards
@@ -113,7 +230,11 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
             raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
     else:
         load_lora_weights(model, path)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise MiniloraError(f"--resume: {path}/trainer_state.pt is corrupt ({type(e).__name__}); resume from an "
+                            "earlier checkpoint: --resume PATH") from None
     saved_world, saved_batch = state.get("global_batch", (1, cfg.batch_size))
     world = distributed.world_size()
     if saved_world != world and saved_world * saved_batch != world * cfg.batch_size:

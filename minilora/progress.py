@@ -6,28 +6,51 @@ from pathlib import Path
 import torch
 
 from . import files
+from .errors import MiniloraError
 from .train_config import TrainConfig
 
 
 class Metrics:
-    """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder."""
+    """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder.
+
+    Records are appended as they come, so a kill or a full disk can leave a torn last line: on --resume, lines
+    that are not a complete record are dropped (with a note), the complete ones kept."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, write: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.write = write  # False on ranks other than 0: records are kept, no file is touched
         self.records = []
         if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        if write:
-            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self._write_all()
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         if not self.write:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise MiniloraError(f"cannot append to {files.os_error_message(e)}") from None
+
+    def log_final(self, record: dict) -> None:
+        """The run's final evaluation: replaces one an earlier, finished run wrote for the same step (resuming a
+        completed run evaluates again), so metrics.jsonl never holds two final records."""
+        is_final = lambda r: r["step"] == record["step"] and "val_loss" in r and "loss" not in r  # noqa: E731
+        if any(map(is_final, self.records)):
+            self.records = [r for r in self.records if not is_final(r)] + [record]
+            self._write_all()
+        else:
+            self.log(record)
+
+    def _write_all(self) -> None:
+        if not self.write:
+            return
+        try:
+            files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        except OSError as e:
+            raise MiniloraError(f"cannot write {files.os_error_message(e)}") from None
 
     def plot(self) -> Path:
         from .plot import line_chart
@@ -38,6 +61,24 @@ class Metrics:
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
         return line_chart({"train loss": train, "validation loss": val}, self.path.parent / "loss.svg",
                           title="minilora: loss per step", xlabel="optimizer step", ylabel="loss (nats/token)")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl; a torn or foreign line (a kill mid-append) is left out."""
+    records, dropped = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            dropped.append(lineno)
+    if dropped:
+        print(f"note: {path}: dropped {len(dropped)} incomplete line(s) (line {', '.join(map(str, dropped[:5]))}): "
+              "a run killed while appending leaves a torn last line")
+    return records
 
 
 def progress_line(step: int, total: int, stats: dict, lr: float, tokens_per_s: float, eta_s: float) -> str:

@@ -27,7 +27,6 @@ Deliberately not handled: tensor / pipeline parallelism, mixed adapters, streami
 """
 
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -36,7 +35,8 @@ from pathlib import Path
 import torch
 
 from . import distributed, files
-from .checkpointing import find_checkpoint, restore_checkpoint, save_checkpoint, save_weights
+from .checkpointing import (find_checkpoint, last_checkpoint_note, restore_checkpoint, save_checkpoint,
+                            save_result)
 from .errors import MiniloraError
 from .progress import Metrics, print_samples, progress_line, sample
 from .train_config import TrainConfig
@@ -59,7 +59,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
     full fine-tuning keeps float32 master weights (AdamW on bf16 weights loses small updates)."""
     from .formats.safetensors_folder import load_model
     from .quant.bnb_checkpoint import memory_summary
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_fits_embedding, load_tokenizer
 
     weight_dtype = torch.float32 if cfg.method == "full" else getattr(torch, cfg.dtype)
     quantize = "nf4" if cfg.method in ("qlora", "qdora") else None
@@ -71,6 +71,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: torch.device):
         load_model(cfg.model, dtype=weight_dtype, device=device)
     print(memory_summary(model))  # QLoRA: the 4-bit linears at ~4.127 bits per weight
     tokenizer = load_tokenizer(cfg.model)
+    check_fits_embedding(tokenizer, model.config.vocab_size, cfg.model)
     return model, tokenizer
 
 
@@ -160,12 +161,25 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], cfg, devi
         loss_total += loss_sum.item()
     (loss_total,) = distributed.all_reduce_sum(loss_total, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    # max_norm inf: no clipping (a scale of exactly 1), but the norm is still measured for check_finite
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total / tokens_in_step, "tokens": int(tokens_in_step), "seen": int(seen),
-            "grad_norm": None if grad_norm is None else distributed.grad_norm_value(grad_norm)}
+            "grad_norm": distributed.grad_norm_value(grad_norm)}
+
+
+def check_finite(stats: dict, step: int, run_dir: Path) -> None:
+    """Stop at the first step whose loss or gradient norm is NaN or infinite: every later step would be NaN too,
+    and saving would write a NaN adapter that looks like a result. Nothing of this step is saved. (The loss and
+    the norm are the same on every rank, so every rank stops.)"""
+    if math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]):
+        return
+    raise MiniloraError(
+        f"step {step}: the training loss is {stats['loss']} and the gradient norm {stats['grad_norm']} (not finite): "
+        f"stopped without saving; {last_checkpoint_note(run_dir)}. Likely causes: NaN or inf in the model's "
+        "weights, a negative rms_norm_eps in config.json, or too high a learning rate (with float16, try bfloat16)")
 
 
 @torch.no_grad()
@@ -191,8 +205,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run one fine-tuning job end to end; return the final metrics (also in metrics.jsonl)."""
     if cfg.model is None:
         raise MiniloraError("--model is required when --data is given (a Hugging Face model folder)")
-    run_dir = Path(cfg.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = files.ensure_writable_dir(cfg.output, "output folder (--output)")
     torch.manual_seed(cfg.seed)  # the same seed on every rank: the same LoRA initialisation everywhere
     device = distributed.init(cfg.device) or pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or the CPU
     main = distributed.is_main()  # rank 0 alone writes files (other ranks' prints go to /dev/null)
@@ -234,6 +247,7 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(start_step + 1, total_steps + 1):
             micro = train_set.micro_batches(step - 1, cfg.grad_accum)
             stats = train_step(model, optimizer, scheduler, micro, cfg, device)
+            check_finite(stats, step, run_dir)
             done = step
             tokens_seen += stats["seen"]
             elapsed = time.time() - t_start
@@ -261,13 +275,12 @@ def train(cfg: TrainConfig) -> dict:
         raise
 
     final = {"step": total_steps, **evaluate(model, val_set, cfg, device)}
-    metrics.log(final)
+    metrics.log_final(final)
     save_checkpoint(run_dir, total_steps, model, optimizer, scheduler, cfg)
     result_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
     with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:  # FSDP2: gathered
         if main:
-            shutil.rmtree(result_dir, ignore_errors=True)
-            save_weights(whole, result_dir, cfg, cfg.model)
+            save_result(whole, result_dir, run_dir, cfg)
     plot_path = metrics.plot()
     first_val = next(r["val_loss"] for r in metrics.records if "val_loss" in r)
     print(f"\nvalidation loss {first_val:.4f} → {final['val_loss']:.4f} "
