@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         raise MiniloraError("--tools and --enable-thinking are for --chat conversations (they go to the chat template)")
 
     from .formats.safetensors_folder import load_model
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_fits_embedding, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, dtype=args.dtype, device=device)  # first: its errors name the model folder
     tokenizer = load_tokenizer(args.model)
+    check_fits_embedding(tokenizer, model.config.vocab_size, args.model)
     if args.adapter:
         from .adapter import load_adapter
 

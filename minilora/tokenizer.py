@@ -303,3 +303,25 @@ def load_tokenizer(path) -> Tokenizer:
 
         return Tokenizer(**read_gguf_tokenizer(path))
     return Tokenizer.from_pretrained(path)
+
+
+def check_fits_embedding(tokenizer: Tokenizer, vocab_size: int, model_dir) -> None:
+    """MiniloraError when the tokenizer can produce an id the model has no embedding row for.
+
+    Such an id would be an IndexError deep in the embedding lookup at the first batch that holds it. It happens
+    when tokenizer_config.json names a pad_token (or additional special tokens) that tokenizer.json lacks: they are
+    added after the last id, as transformers adds them, which only works once the embedding is resized. A model
+    may have more rows than the tokenizer has ids (padded to a multiple of 64, as Qwen's are): that is fine.
+    """
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)  # {token: id}
+    past = sorted((i, t) for t, i in vocab.items() if i >= vocab_size)
+    if not past:
+        return
+    names = {content: name for name, content in tokenizer.special_tokens.items()}
+    shown = ", ".join(f"{t!r} (id {i}" + (f", {names[t]} in tokenizer_config.json)" if t in names else ")")
+                      for i, t in past[:3]) + (f" and {len(past) - 3} more" if len(past) > 3 else "")
+    raise MiniloraError(
+        f"{model_dir}: the tokenizer has {len(past)} token id(s) past the model's embedding ({vocab_size} rows, "
+        f"vocab_size in config.json): {shown}; remove such tokens from tokenizer_config.json (a pad_token or "
+        "additional special token missing from tokenizer.json is added after the last id) or use the tokenizer "
+        "this model was saved with (or resize its embedding with transformers and save both)")

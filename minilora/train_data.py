@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator
 
-from .data import epoch_order, load_base_data, pad_collate, pad_id
+from .data import check_token_ids, epoch_order, load_base_data, pad_collate, pad_id
 from .errors import MiniloraError
 
 
@@ -77,6 +77,9 @@ def build_datasets(cfg, tokenizer, model_config, rank: int = 0, world_size: int 
                                           cfg.seed, on_error=cfg.on_error, overlong=cfg.overlong,
                                           train_on_prompt=cfg.train_on_prompt, packing=cfg.packing)
         print(f"sft data: {stats.summary()}")
+        for warning in stats.warnings:
+            print(f"warning: {warning}")
+    check_token_ids(train + val, model_config.vocab_size, f"data file {cfg.data}")
     if not val:
         print("note: no validation data (--val-fraction 0 and no --val-data): validation uses the training set")
         val = train

@@ -232,3 +232,13 @@ def test_lone_surrogate_really_breaks_the_tokenizer(tokenizers):
     with pytest.raises(Exception) as e:
         tokenize_documents(tokenizers["llama3"], [json.loads(LONE_SURROGATE)["text"]])
     assert not isinstance(e.value, MiniloraError)
+
+
+def test_token_ids_past_the_embedding_are_named():
+    from minilora.data import check_token_ids
+
+    samples = [{"input_ids": [1, 5, 255]}, {"input_ids": [3, 256, 4]}]
+    check_token_ids(samples[:1], 256, "data file d.txt")
+    with pytest.raises(MiniloraError, match=r"data file d\.txt: sample 1 holds token id 256, outside the model's "
+                                            r"embedding \(ids 0\.\.255, vocab_size in config\.json\)"):
+        check_token_ids(samples, 256, "data file d.txt")

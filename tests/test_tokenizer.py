@@ -336,3 +336,54 @@ def test_no_double_bos(template_folders, family):
 def test_from_pretrained_accepts_the_tokenizer_json_path(folders):
     tok = Tokenizer.from_pretrained(folders["gemma"] / "tokenizer.json")
     assert tok.bos_token == "<bos>" and "Tokenizer(" in repr(tok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token ids the model has no embedding row for: refused when the model and tokenizer are loaded
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, shown", [
+    (dict(pad_token="<|my_pad|>"), "'<|my_pad|>' (id 700, pad_token in tokenizer_config.json)"),
+    (dict(additional_special_tokens=["<|tool|>", "<|obs|>"]), "'<|tool|>' (id 700), '<|obs|>' (id 701)"),
+])
+def test_config_only_tokens_past_the_embedding_are_named(tmp_path, changes, shown):
+    from minilora.tokenizer import check_fits_embedding
+
+    path = build("llama3", tmp_path / "tok")  # 700 ids: a model sized to it has 700 embedding rows
+    check_fits_embedding(load_tokenizer(path), 700, path)  # as saved: fits
+    _edit_config(path, **changes)
+    tok = load_tokenizer(path)
+    assert len(tok) == len(auto_tokenizer(path)) > 700  # transformers adds them after the last id too
+    with pytest.raises(MiniloraError) as e:
+        check_fits_embedding(tok, 700, path)
+    assert str(e.value).startswith(f"{path}: the tokenizer has {len(tok) - 700} token id(s) past the model's "
+                                   f"embedding (700 rows, vocab_size in config.json): {shown}; remove such tokens")
+
+
+def test_a_model_with_more_rows_than_the_tokenizer_is_fine(tmp_path):
+    from minilora.tokenizer import check_fits_embedding
+
+    check_fits_embedding(load_tokenizer(build("qwen2", tmp_path / "tok")), 768, tmp_path)  # padded to 64s: fine
+
+
+@pytest.mark.parametrize("case", ["pad_token", "additional_special_tokens", "tokenizer_larger"])
+def test_training_refuses_ids_past_the_embedding_at_load_time(tmp_path, case):
+    """Each used to be an IndexError inside the embedding at the first batch holding such an id."""
+    from tiny_models import make_tiny_checkpoint
+
+    from minilora.train import train
+    from minilora.train_config import TrainConfig
+
+    if case == "tokenizer_larger":  # a 256-row model with a 700-id tokenizer written beside it
+        model = make_tiny_checkpoint("llama", tmp_path / "model")
+        build("llama3", model)
+        expected = "444 token id(s) past the model's embedding (256 rows"
+    else:
+        model = make_tiny_checkpoint("llama", tmp_path / "model", tokenizer="llama3")
+        _edit_config(model, **({"pad_token": "<|my_pad|>"} if case == "pad_token"
+                               else {"additional_special_tokens": ["<|tool|>"]}))
+        expected = "1 token id(s) past the model's embedding (700 rows"
+    data = tmp_path / "d.txt"
+    data.write_text("Tea <|tool|> is picked in May.\n\n" * 20)
+    with pytest.raises(MiniloraError, match=re.escape(expected)):
+        train(TrainConfig(model=str(model), data=str(data), block_size=16, max_steps=1, output=str(tmp_path / "r"),
+                          device="cpu"))
