@@ -242,3 +242,25 @@ def test_token_ids_past_the_embedding_are_named():
     with pytest.raises(MiniloraError, match=r"data file d\.txt: sample 1 holds token id 256, outside the model's "
                                             r"embedding \(ids 0\.\.255, vocab_size in config\.json\)"):
         check_token_ids(samples, 256, "data file d.txt")
+
+
+def test_long_documents_are_tokenised_in_pieces_with_the_same_ids(tokenizers, monkeypatch):
+    """Bounded memory: documents go to the tokenizer at most MAX_TOKENIZE_CHARS characters at a time. For a
+    byte-level tokenizer the pieces (cut after a line end) give exactly the ids of the whole text."""
+    import minilora.data as data
+
+    monkeypatch.setattr(data, "MAX_TOKENIZE_CHARS", 200)
+    lines = ["The capital of France is Paris.", "  indented line", "", "프랑스의 수도는 파리입니다.", "2024년 3.14",
+             "Tea <|im_end|> rolled by hand."]
+    long_doc = "\n".join(lines[i % len(lines)] for i in range(120))  # ~2,800 characters: 14+ pieces
+    docs = ["short one", long_doc, "another short one", "x" * 450]  # the last has no line end: cut where it must
+    for style in ("llama3", "qwen2"):
+        tok = tokenizers[style]
+        ours = tokenize_documents(tok, docs)
+        assert ours[:3] == [tok.encode(d) for d in docs[:3]], style  # the oracle: each text encoded whole
+        assert len(ours[3]) >= 1
+    calls = []
+    real = tokenizers["llama3"].encode
+    monkeypatch.setattr(tokenizers["llama3"], "encode", lambda t, **k: (calls.append(len(t)), real(t, **k))[1])
+    tokenize_documents(tokenizers["llama3"], [long_doc])
+    assert max(calls) <= 200 and sum(calls) >= len(long_doc)
