@@ -17,7 +17,9 @@ Input files (`load_texts`):
 - `.jsonl`: one JSON object per line with the text in `text_field` (default "text"); blank lines are skipped.
 - `.json`: a list of such objects, or an object {"data": [...]}.
 A malformed line, a missing field or a non-string value stops with an error naming the file, the line, the field
-and the fields that do exist. Empty documents are skipped; a file with none left is an error.
+and the fields that do exist; so do JSON that Python decodes but no tokenizer takes (a lone UTF-16 surrogate
+"\\ud83d") and nesting too deep to decode (sft.py can skip such records instead). Empty documents are skipped;
+a file with none left is an error.
 
 Also here, shared with sft.py: the padding collator (dynamic right padding to the longest sample of the batch,
 attention_mask, labels -100 on padding), the seeded train/validation split and the seeded per-epoch order that

@@ -37,8 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        fsync(tmp)  # before the chmod: a umask of 0777 gives a mode no one may open
         os.chmod(tmp, default_file_mode())
-        fsync(tmp)
         os.replace(tmp, path)
         fsync(path.parent)
     finally:
@@ -104,7 +104,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise MiniloraError(f"cannot write the {what} {os_error_message(e)}") from None
+        raise MiniloraError(f"cannot write the {what} {os_error_message(e)}; nothing in it was changed") from None
     return path
 
 

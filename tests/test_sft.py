@@ -461,3 +461,21 @@ def test_a_20_mb_reply_costs_bounded_memory(bases, tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert (result["skipped"], result["samples"]) == (1, 1)
     assert result["grew_mib"] < 250, result  # a tokenised 20 MB record: ~3,600 MiB
+
+
+def test_the_run_prints_the_warnings(tmp_path, capsys):
+    from tiny_models import make_tiny_checkpoint
+
+    from minilora.config import load_config
+    from minilora.train_config import TrainConfig
+    from minilora.train_data import build_datasets
+
+    model = make_tiny_checkpoint("llama", tmp_path / "model", tokenizer="llama3")
+    set_chat_template(model, ALPACA, "<bos>", "<eos>")
+    records = [{"instruction": f"What is {i} plus {i}?", "output": str(2 * i) if i else " "} for i in range(6)]
+    cfg = TrainConfig(model=str(model), data=str(_sft_file(tmp_path, records)), mode="sft", block_size=64,
+                      val_fraction=0, device="cpu")
+    build_datasets(cfg, load_tokenizer(model), load_config(model))
+    out = capsys.readouterr().out
+    assert "warning: 1 assistant replies are empty or whitespace only" in out
+    assert "warning: the chat template of" in out and "writes no end-of-turn or EOS token" in out
