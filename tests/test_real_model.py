@@ -79,11 +79,11 @@ def test_tokenizer_and_chat_template_equal_transformers(ours, oracle):
 
 
 def test_greedy_generation_equals_transformers(ours, oracle):
-    import minilora
+    from minilora.generation import generate
 
     prompt = torch.tensor([ours[1].encode("The capital of Germany is")])
     new = 16
-    mine = minilora.generate(ours[0], prompt, max_new_tokens=new, eos_token_ids=[])
+    mine = generate(ours[0], prompt, max_new_tokens=new, eos_token_ids=[])
     with torch.no_grad():
         ref = oracle[0].generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     assert mine.tolist() == ref.tolist()

@@ -17,9 +17,9 @@ pytest.importorskip("gguf")
 from gguf_models import K_QUANTS, QUANTIZABLE, hf_to_gguf  # noqa: E402
 from tiny_models import load_hf_model, make_tiny_checkpoint  # noqa: E402
 
-import minilora  # noqa: E402
 from minilora.errors import MiniloraError  # noqa: E402
 from minilora.formats import find_gguf, load_model, read_gguf  # noqa: E402
+from minilora.generation import generate  # noqa: E402  (not minilora.generate: once the `python -m minilora.generate` module is imported, that name is the module)
 
 TOL = 1e-4  # float32 logits; measured differences are 0 - 5e-6 (summation order)
 
@@ -127,7 +127,7 @@ def test_greedy_tokens_equal_transformers(tmp_path):
     hf_dir = make_tiny_checkpoint("qwen3", tmp_path / "hf", head_dim=128)
     path = hf_to_gguf(hf_dir, tmp_path / "g" / "model.gguf")
     prompt = _ids(5, seed=3)
-    ours = minilora.generate(load_model(path), prompt, max_new_tokens=12, eos_token_ids=[])
+    ours = generate(load_model(path), prompt, max_new_tokens=12, eos_token_ids=[])
     ref = _oracle(path).generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert ours.tolist() == ref.tolist()
 
