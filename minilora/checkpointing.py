@@ -4,13 +4,21 @@
                                    or model.safetensors + config.json + tokenizer files (full FT)
                                    trainer_state.pt: step, optimizer, scheduler, RNG states
     run/checkpoints/latest         the name of the newest complete checkpoint
+    run/checkpoints/best           with --save-best: the name of the checkpoint with the lowest validation loss
 
 A checkpoint is built in a temporary folder and renamed into place, then `latest` is rewritten atomically, so a
 run killed at any moment leaves `latest` naming a complete checkpoint. The data position is not stored: it is a
 function of the step (train_data.Batches), so restoring the step restores the batches.
+
+Also here, the run folder's life cycle: a folder that holds a run is refused unless the run is resumed or
+`--overwrite` is given (two runs in one folder mix their checkpoints); only the newest `--keep-checkpoints`
+checkpoints stay (never the ones `latest` and `best` name); `Best` follows the lowest validation loss for
+`--save-best` and `--patience`.
 """
 
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +28,23 @@ from .errors import MiniloraError
 from .train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "loss.svg", CHECKPOINTS, "adapter", "model", "tensorboard")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder. One that already holds a run is an error, unless this run resumes it or
+    `overwrite` is set (then the old run's outputs, and only those, are deleted)."""
+    run_dir = Path(cfg.output)
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found and not cfg.resume:
+        if not cfg.overwrite:
+            raise MiniloraError(f"--output {run_dir} already holds a run ({', '.join(found)}): continue it with "
+                                "--resume, replace it with --overwrite, or choose another --output")
+        for name in found:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
@@ -57,6 +82,69 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     return final
 
 
+def _pointer(run_dir: Path, name: str) -> str | None:
+    pointer = run_dir / CHECKPOINTS / name
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def mark_best(run_dir: Path, step: int) -> None:
+    """Point checkpoints/best at step-NNNNNN (written atomically, like `latest`)."""
+    files.write_text(run_dir / CHECKPOINTS / "best", f"step-{step:06d}\n")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    name = _pointer(run_dir, "best")
+    return None if name is None else run_dir / CHECKPOINTS / name
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step folders (keep 0 = keep all); never the ones `latest` and `best`
+    name. Returns the deleted folders."""
+    if keep == 0:
+        return []
+    steps = sorted((run_dir / CHECKPOINTS).glob("step-*"))  # zero-padded: name order = step order
+    protected = {_pointer(run_dir, "latest"), _pointer(run_dir, "best")}
+    doomed = [p for p in steps[:-keep] if p.name not in protected]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+@dataclass
+class Best:
+    """The lowest validation loss after step 0, its step, and the evaluations since then (for --patience)."""
+
+    loss: float = math.inf
+    step: int | None = None
+    stale: int = 0
+
+    def update(self, step: int, val_loss: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if val_loss < self.loss:
+            self.loss, self.step, self.stale = val_loss, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> "Best":
+        """Replay a resumed run's metrics records."""
+        best = cls()
+        for r in records:
+            if "val_loss" in r and r["step"] > 0:
+                best.update(r["step"], r["val_loss"])
+        return best
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> None:
+    """Copy a checkpoint's weights (adapter or full model, not the trainer state) to the run's result folder."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
 def find_checkpoint(cfg: TrainConfig) -> Path:
     if cfg.resume != "latest":
         path = Path(cfg.resume)
@@ -85,8 +173,8 @@ def load_lora_weights(model, checkpoint: Path) -> None:
             ours[key].copy_(tensor)
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
+def load_weights(model, path: Path, cfg: TrainConfig) -> None:
+    """Load a checkpoint's trained weights into the model: every weight (full FT) or the LoRA A and B."""
     from safetensors.torch import load_file
 
     if cfg.method == "full":
@@ -96,6 +184,11 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
             raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
     else:
         load_lora_weights(model, path)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
+    load_weights(model, path, cfg)
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -6,32 +6,63 @@ from pathlib import Path
 import torch
 
 from . import files
+from .errors import MiniloraError
 from .train_config import TrainConfig
 
 
 class Metrics:
-    """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder."""
+    """metrics.jsonl (one JSON object per record, the run's record) and the chart loss.svg in the run folder;
+    with `tensorboard=True` the same scalars also go to TensorBoard event files in run/tensorboard."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, title: str = "minilora", tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
+        self.title = title  # of the chart: e.g. "my-run: base fine-tuning, lora"
         self.records = []
         if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
             lines = self.path.read_text(encoding="utf-8").splitlines()
             self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
         files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.writer = tensorboard_writer(run_dir / "tensorboard", (resume_step or 0) + 1) if tensorboard else None
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def plot(self) -> Path:
-        from .plot import line_chart
+        """loss.svg: train and validation loss per step, over a panel with the learning rate."""
+        from .plot import panel_chart
 
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        return line_chart({"train loss": train, "validation loss": val}, self.path.parent / "loss.svg",
-                          title="minilora: loss per step", xlabel="optimizer step", ylabel="loss (nats/token)")
+        lr = [(r["step"], r["lr"]) for r in self.records if "lr" in r]
+        return panel_chart([({"train loss": train, "validation loss": val}, "loss (nats/token)", False),
+                            ({"learning rate": lr}, "learning rate", False)],
+                           self.path.parent / "loss.svg", title=self.title, xlabel="optimizer step")
+
+
+def require_tensorboard():
+    """torch.utils.tensorboard's SummaryWriter, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MiniloraError("--log tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install 'minilora[tensorboard]'); metrics.jsonl is written either way") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(folder: Path, purge_step: int):
+    """A TensorBoard writer that first drops the events after a resumed step (they are redone)."""
+    return require_tensorboard()(log_dir=str(folder), purge_step=purge_step)
 
 
 def progress_line(step: int, total: int, stats: dict, lr: float, tokens_per_s: float, eta_s: float) -> str:

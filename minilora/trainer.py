@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from . import files
-from .checkpointing import find_checkpoint, restore_checkpoint, save_checkpoint, save_weights
+from .checkpointing import (Best, best_checkpoint, export_checkpoint, find_checkpoint, load_weights, mark_best,
+                            prepare_run_dir, prune_checkpoints, restore_checkpoint, save_checkpoint, save_weights)
 from .errors import MiniloraError
-from .progress import Metrics, print_samples, progress_line, sample
+from .progress import Metrics, print_samples, progress_line, require_tensorboard, sample
 from .train_config import TrainConfig
 from .train_data import Batches, build_datasets
 
@@ -174,8 +175,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run one fine-tuning job end to end; return the final metrics (also in metrics.jsonl)."""
     if cfg.model is None:
         raise MiniloraError("--model is required when --data is given (a Hugging Face model folder)")
-    run_dir = Path(cfg.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(cfg)  # refuses a folder holding another run (unless --resume / --overwrite)
+    if cfg.log == "tensorboard":
+        require_tensorboard()  # before loading anything
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
 
@@ -195,7 +197,9 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint = find_checkpoint(cfg)
         start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
         print(f"resumed from {checkpoint} at step {start_step}")
-    metrics = Metrics(run_dir, start_step if cfg.resume else None)
+    metrics = Metrics(run_dir, start_step if cfg.resume else None, tensorboard=cfg.log == "tensorboard",
+                      title=f"{run_dir.resolve().name}: {cfg.mode} fine-tuning, {cfg.method}")
+    best = Best.from_records(metrics.records)  # lowest validation loss so far (--save-best, --patience)
     files.write_text(run_dir / "config.toml", cfg.to_toml())
     prompts = [p for p in cfg.sample_prompts.split("|") if p.strip()]
     before = sample(model, tokenizer, prompts, cfg, device) if prompts and not cfg.resume else []
@@ -227,9 +231,17 @@ def train(cfg: TrainConfig) -> dict:
                     line += f"  val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
                 print(("\r" + line) if interactive and "val_loss" not in record else line,
                       end="" if interactive and "val_loss" not in record else "\n", flush=True)
-            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            new_best = "val_loss" in record and best.update(step, record["val_loss"])
+            if (cfg.save_every and step % cfg.save_every == 0 or cfg.save_best and new_best) and step != total_steps:
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg)
+                if cfg.save_best and new_best:
+                    mark_best(run_dir, step)
+                prune_checkpoints(run_dir, cfg.keep_checkpoints)
                 metrics.plot()
+            if cfg.patience and best.stale >= cfg.patience:
+                print(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations "
+                      f"(best {best.loss:.4f} at step {best.step})")
+                break
     except KeyboardInterrupt:
         print(f"\ninterrupted: saving a checkpoint at step {done} before exiting")
         if done > start_step:
@@ -238,13 +250,22 @@ def train(cfg: TrainConfig) -> dict:
         metrics.plot()
         raise
 
-    final = {"step": total_steps, **evaluate(model, val_set, cfg, device)}
+    final = {"step": done, **evaluate(model, val_set, cfg, device)}
     metrics.log(final)
-    save_checkpoint(run_dir, total_steps, model, optimizer, scheduler, cfg)
+    save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg)
+    if best.update(done, final["val_loss"]) and cfg.save_best:
+        mark_best(run_dir, done)
+    prune_checkpoints(run_dir, cfg.keep_checkpoints)
     result_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
-    shutil.rmtree(result_dir, ignore_errors=True)
-    save_weights(model, result_dir, cfg, cfg.model)
+    if cfg.save_best and best_checkpoint(run_dir) is not None:  # export the best, not the last step
+        export_checkpoint(best_checkpoint(run_dir), result_dir)
+        load_weights(model, best_checkpoint(run_dir), cfg)  # the samples below show the exported model
+        print(f"best validation loss {best.loss:.4f} at step {best.step}: {result_dir} holds that checkpoint")
+    else:
+        shutil.rmtree(result_dir, ignore_errors=True)
+        save_weights(model, result_dir, cfg, cfg.model)
     plot_path = metrics.plot()
+    metrics.close()
     first_val = next(r["val_loss"] for r in metrics.records if "val_loss" in r)
     print(f"\nvalidation loss {first_val:.4f} → {final['val_loss']:.4f} "
           f"(perplexity {math.exp(min(first_val, 50)):.1f} → {final['val_ppl']:.1f})")
