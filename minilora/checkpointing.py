@@ -28,6 +28,7 @@ from .errors import MiniloraError
 from .train_config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
+TRAINED_ON = "minilora_base.json"  # beside a QLoRA adapter: its base was 4-bit NF4 (merge.py reads it)
 RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "loss.svg", CHECKPOINTS, "adapter", "model", "tensorboard")
 
 
@@ -58,6 +59,8 @@ def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> 
         from .adapter import save_adapter
 
         save_adapter(model, out_dir, base_model_name_or_path=str(cfg.model))
+        if cfg.method == "qlora":  # so merging can say how far a 16-bit merge is from the model that was trained
+            files.write_json(out_dir / TRAINED_ON, {"base_quantization": "nf4", "blocksize": 64, "double_quant": True})
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
@@ -192,6 +195,10 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The optimizer's saved lr is the old schedule's: with a new --max-steps (cosine over a new length), the first
+    # resumed step must already take this run's value, as an uninterrupted run would.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -198,11 +199,18 @@ def _arg_type(kind) -> type:
     return float if kind is float else str
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, but a wrapped help line never breaks inside 'all-linear' or 'module-name'."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field (help = the field's comment, default and choices), plus --config."""
     parser = argparse.ArgumentParser(
         prog="python -m minilora.train", allow_abbrev=False,  # no prefixes: --lr never silently means --lr-x
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36, width=120),
+        formatter_class=lambda prog: _HelpFormatter(prog, max_help_position=36, width=120),
         description="Fine-tune a causal language model with LoRA, QLoRA or full fine-tuning. "
         "With no arguments: a built-in demonstration (tiny model, sample corpus, no download).",
     )
