@@ -76,11 +76,14 @@ def merge(model_dir, adapter_dir, output_dir, dtype=None, base="checkpoint") -> 
     if reference is not None:
         with torch.no_grad():
             gap = float((model(probe).float() - reference).abs().max())
-        into = "the dequantized 4-bit weights (--base nf4)" if base == "nf4" else "the 16-bit base"
-        hint = "" if base == "nf4" else "; --base nf4 merges into the dequantized 4-bit weights, the trained model"
-        print(f"note: this adapter was trained on a 4-bit (NF4) base; merged into {into}, the model's logits are "
-              f"at most {gap:.4g} from the trained model's (max |Δ logit| on a {probe.shape[0]}×{probe.shape[1]} "
-              f"probe batch){hint}")
+        where = f"max |Δ logit| on a {probe.shape[0]}×{probe.shape[1]} probe batch"
+        if base == "nf4":
+            print(f"note: merged into the dequantized 4-bit (NF4) weights: the logits are at most {gap:.4g} from "
+                  f"the 4-bit base + adapter's, the model QLoRA trains ({where})")
+        else:
+            print(f"note: this adapter was trained on a 4-bit (NF4) base; merged into the base checkpoint's weights, "
+                  f"the logits are at most {gap:.4g} from the trained model's ({where}); --base nf4 merges into "
+                  "the dequantized 4-bit weights instead, exactly the model that was trained")
     save_model(model, output_dir)
     copy_companion_files(model_dir, output_dir)  # tokenizer.json, tokenizer_config.json, generation_config.json, ...
     print(f"merged {len(names)} LoRA layers of {adapter_dir} into {model_dir}: wrote {output_dir}")
