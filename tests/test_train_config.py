@@ -147,3 +147,20 @@ def test_output_resume_restores_the_saved_run(tiny, tmp_path, monkeypatch):
 def test_resume_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
     assert run_cli(main, ["--output", str(tmp_path / "nothing"), "--resume", "--model", "m", "--data", "d.txt"]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_readme_train_commands_parse():
+    """Every `python -m minilora.train ...` line of the README uses only flags that exist (no did-you-mean)."""
+    import shlex
+
+    from minilora.train_config import parse_flags
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in readme.split("```bash")[1:]:
+        text = block.split("```")[0].replace("\\\n", " ")
+        commands += [line.split("#")[0] for line in text.splitlines() if line.startswith("python -m minilora.train")]
+    assert len(commands) >= 6
+    for command in commands:
+        parse_flags(shlex.split(command)[3:])  # raises MiniloraError on an unknown flag
+    assert any(shlex.split(c)[3:] == ["--output", "runs/my-run", "--resume"] for c in commands)
