@@ -1,4 +1,7 @@
-"""What a training run reports: metrics.jsonl and the loss curve, the progress line, and before/after samples."""
+"""What a training run reports: metrics.jsonl and the loss chart, the progress line, and before/after samples.
+
+metrics.jsonl is the record; loss.svg draws it (loss over learning rate); `--log tensorboard` sends the same
+scalars to TensorBoard through torch.utils.tensorboard (the tensorboard package is an optional extra)."""
 
 import json
 from pathlib import Path

@@ -9,6 +9,7 @@
         clip, AdamW, schedule
         every eval_every: validation loss, perplexity
         every save_every: checkpoint (adapter or weights, optimizer, scheduler, RNG, data position)
+        --save-best: also at each new best validation loss; --patience: stop when none comes; keep the newest N
 
 Why the loss is normalised per step and not per micro-batch: with micro-batches of unequal token counts,
 averaging their means would weight a short batch's tokens more than a long one's. Summing and dividing by
