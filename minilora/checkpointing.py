@@ -59,7 +59,7 @@ def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> 
         from .adapter import save_adapter
 
         save_adapter(model, out_dir, base_model_name_or_path=str(cfg.model))
-        if cfg.method == "qlora":  # so merging can say how far a 16-bit merge is from the model that was trained
+        if cfg.method in ("qlora", "qdora"):  # so merging can say how far a 16-bit merge is from the trained model
             files.write_json(out_dir / TRAINED_ON, {"base_quantization": "nf4", "blocksize": 64, "double_quant": True})
 
 
