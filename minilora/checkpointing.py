@@ -5,6 +5,7 @@
                                    trainer_state.pt: step, optimizer, scheduler, RNG states
                                    checkpoint.json: the manifest, written last: {"step", "files": {name: bytes}}
     run/checkpoints/latest         the name of the newest complete checkpoint
+    run/checkpoints/best           with --save-best: the name of the checkpoint with the lowest validation loss
 
 A checkpoint is built in a temporary folder, its files fsynced, and renamed into place, then `latest` is rewritten
 atomically, so a run killed at any moment (or stopped by a full disk) leaves `latest` naming a complete
@@ -21,12 +22,19 @@ restores the batches.
 With many processes every rank takes part in gathering the full weights and optimizer state (FSDP2 shards them),
 rank 0 alone writes, and the files are those of one process: a checkpoint resumes with any number of processes,
 as long as processes × --batch-size (the global batch) stays the same.
+
+Also here, the run folder's life cycle: a folder that holds a run is refused unless the run is resumed or
+`--overwrite` is given (two runs in one folder mix their checkpoints); only the newest `--keep-checkpoints`
+checkpoints stay (never the ones `latest` and `best` name); `Best` follows the lowest validation loss for
+`--save-best` and `--patience`.
 """
 
 import json
+import math
 import pickle
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,19 +46,39 @@ from .train_config import TrainConfig
 CHECKPOINTS = "checkpoints"
 MANIFEST = "checkpoint.json"
 _NAME = re.compile(r"^(?:step-(\d+)|\.step-(\d+)\.old)$")  # a published checkpoint, or one set aside
+TRAINED_ON = "minilora_base.json"  # beside a QLoRA adapter: its base was 4-bit NF4 (merge.py reads it)
+RUN_OUTPUTS = ("config.toml", "metrics.jsonl", "loss.svg", CHECKPOINTS, "adapter", "model", "tensorboard")
+
+
+def prepare_run_dir(cfg: TrainConfig, clear: bool = True) -> Path:
+    """Create the run folder (checking it can be written). One that already holds a run is an error, unless this
+    run resumes it or `overwrite` is set: then the old run's outputs, and only those, are deleted — by the caller
+    with `clear` (rank 0; the other processes only check)."""
+    run_dir = Path(cfg.output)
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found and not cfg.resume:
+        if not cfg.overwrite:
+            raise MiniloraError(f"--output {run_dir} already holds a run ({', '.join(found)}): continue it with "
+                                "--resume, replace it with --overwrite, or choose another --output")
+        for name in found if clear else ():
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return files.ensure_writable_dir(run_dir, "output folder (--output)")
 
 
 def save_weights(model, out_dir: Path, cfg: TrainConfig, tokenizer_dir: str) -> None:
     """The trained result: a PEFT adapter (LoRA/QLoRA) or a full Hugging Face checkpoint (full FT)."""
     if cfg.method == "full":
-        from .formats.safetensors_folder import save_model
+        from .formats import save_companion_files, save_model
 
         save_model(model, out_dir)
-        files.copy_companion_files(tokenizer_dir, out_dir)
+        save_companion_files(tokenizer_dir, out_dir)  # a GGUF base: its tokenizer written out as files
     else:
         from .adapter import save_adapter
 
         save_adapter(model, out_dir, base_model_name_or_path=str(cfg.model))
+        if cfg.method in ("qlora", "qdora"):  # so merging can say how far a 16-bit merge is from the trained model
+            files.write_json(out_dir / TRAINED_ON, {"base_quantization": "nf4", "blocksize": 64, "double_quant": True})
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig) -> Path:
@@ -169,6 +197,69 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [path for _, _, path in sorted(found, reverse=True)]
 
 
+def _pointer(run_dir: Path, name: str) -> str | None:
+    pointer = run_dir / CHECKPOINTS / name
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def mark_best(run_dir: Path, step: int) -> None:
+    """Point checkpoints/best at step-NNNNNN (written atomically, like `latest`)."""
+    files.write_text(run_dir / CHECKPOINTS / "best", f"step-{step:06d}\n")
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    name = _pointer(run_dir, "best")
+    return None if name is None else run_dir / CHECKPOINTS / name
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step folders (keep 0 = keep all); never the ones `latest` and `best`
+    name. Returns the deleted folders."""
+    if keep == 0:
+        return []
+    steps = sorted((run_dir / CHECKPOINTS).glob("step-*"))  # zero-padded: name order = step order
+    protected = {_pointer(run_dir, "latest"), _pointer(run_dir, "best")}
+    doomed = [p for p in steps[:-keep] if p.name not in protected]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+@dataclass
+class Best:
+    """The lowest validation loss after step 0, its step, and the evaluations since then (for --patience)."""
+
+    loss: float = math.inf
+    step: int | None = None
+    stale: int = 0
+
+    def update(self, step: int, val_loss: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if val_loss < self.loss:
+            self.loss, self.step, self.stale = val_loss, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> "Best":
+        """Replay a resumed run's metrics records."""
+        best = cls()
+        for r in records:
+            if "val_loss" in r and r["step"] > 0:
+                best.update(r["step"], r["val_loss"])
+        return best
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> None:
+    """Copy a checkpoint's weights (adapter or full model, not the trainer state) to the run's result folder."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", MANIFEST))
+    files.fsync_tree(tmp)
+    publish(tmp, out_dir)  # the previous result stays whole until the new one is in place
+
+
 def find_checkpoint(cfg: TrainConfig) -> Path:
     """The checkpoint --resume names; for "latest", the one `latest` names or, when that one is missing or
     incomplete, the newest complete checkpoint (with a note saying so)."""
@@ -214,8 +305,8 @@ def load_lora_weights(model, checkpoint: Path) -> None:
             distributed.copy_full_(ours[key], tensor)  # an FSDP2 shard takes its part
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
+def load_weights(model, path: Path, cfg: TrainConfig) -> None:
+    """Load a checkpoint's trained weights into the model: every weight (full FT) or the LoRA A and B."""
     from safetensors.torch import load_file
 
     model = distributed.unwrap(model)
@@ -230,6 +321,11 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
             raise MiniloraError(f"{path}/model.safetensors has unexpected tensors: {unexpected[:5]}")
     else:
         load_lora_weights(model, path)
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig) -> int:
+    """Load weights, optimizer, scheduler and RNG; return the step to continue from."""
+    load_weights(model, path, cfg)
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=False)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
@@ -243,6 +339,10 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, cfg: TrainConfig
                             f"to keep the global batch")
     distributed.load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # The optimizer's saved lr is the old schedule's: with a new --max-steps (cosine over a new length), the first
+    # resumed step must already take this run's value, as an uninterrupted run would.
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -16,6 +16,8 @@ Input files (`load_texts`):
   lines is one document. Lines inside a document keep their newlines.
 - `.jsonl`: one JSON object per line with the text in `text_field` (default "text"); blank lines are skipped.
 - `.json`: a list of such objects, or an object {"data": [...]}.
+- `.csv`, `.tsv`, `.parquet`, `.arrow`, a `datasets.save_to_disk` folder: a table with the text in column
+  `text_field` (read by table_files.py; Parquet and Arrow need the optional pyarrow).
 A malformed line, a missing field or a non-string value stops with an error naming the file, the line, the field
 and the fields that do exist; so do JSON that Python decodes but no tokenizer takes (a lone UTF-16 surrogate
 "\\ud83d") and nesting too deep to decode (sft.py can skip such records instead). Empty documents are skipped;
@@ -25,8 +27,7 @@ Also here, shared with sft.py: the padding collator (dynamic right padding to th
 attention_mask, labels -100 on padding), the seeded train/validation split and the seeded per-epoch order that
 makes the data position a pure function of the step (so a resumed run sees the same batches).
 
-Deliberately not handled: streaming corpora larger than memory, other formats (CSV, Parquet), document-level
-attention masking in base FT.
+Deliberately not handled: streaming corpora larger than memory, document-level attention masking in base FT.
 """
 
 import json
@@ -39,8 +40,10 @@ import torch
 
 from .errors import MiniloraError
 from .loss import IGNORE_INDEX  # label of a position the loss skips (padding, prompts)
+from .table_files import TABLE_SUFFIXES, is_saved_dataset, is_table, read_table
 
-SUPPORTED = (".txt", ".jsonl", ".json")
+RECORD_SUFFIXES = (".jsonl", ".json") + TABLE_SUFFIXES  # files of records (or a save_to_disk folder)
+SUPPORTED = (".txt",) + RECORD_SUFFIXES
 MAX_TOKENIZE_CHARS = 1_000_000  # characters encoded at once (see tokenize_documents)
 _LINE_START = re.compile(r"\S\n")  # searched in reversed text: a newline followed by a non-space character
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one code point; only lone halves remain
@@ -51,6 +54,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one code p
 # ----------------------------------------------------------------------------------------------------------
 def _check_file(path, allowed=SUPPORTED) -> Path:
     path = Path(path)
+    if is_saved_dataset(path):
+        return path
     if not path.is_file():
         raise MiniloraError(f"data file {path} not found")
     if path.suffix.lower() not in allowed:
@@ -91,13 +96,16 @@ def _json_data_start(text: str) -> int:
         _, pos = decoder.raw_decode(text, pos)  # its value
 
 
-def read_records(path, allowed=(".jsonl", ".json"), skipped: list | None = None) -> list[tuple[str, dict]]:
-    """The JSON objects of a .jsonl or .json file, each with its location "file:line" for error messages.
+def read_records(path, allowed=RECORD_SUFFIXES, skipped: list | None = None) -> list[tuple[str, dict]]:
+    """The JSON objects of a .jsonl or .json file (or the rows of a table, table_files.py), each with its
+    location "file:line" for error messages.
 
     A .jsonl line that is not a JSON object raises MiniloraError — or, when a `skipped` list is given, is
     appended to it as "file:line: problem" and left out (the trainer's on_error="skip").
     """
     path = _check_file(path, allowed)
+    if is_table(path):
+        return read_table(path, skipped)
     text = _read_text(path)
     records = []
     if path.suffix.lower() == ".jsonl":
@@ -163,7 +171,8 @@ def _unencodable(record: dict, where: str) -> str | None:
 
 
 def load_texts(path, text_field: str = "text") -> list[str]:
-    """The documents of a .txt (blank-line separated), .jsonl or .json file (field `text_field`)."""
+    """The documents of a .txt (blank-line separated) file, or the field `text_field` of each record of a
+    .jsonl/.json file or table (.csv, .tsv, .parquet, .arrow, save_to_disk folder)."""
     path = _check_file(path)
     if path.suffix.lower() == ".txt":
         docs = [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", _read_text(path).replace("\r\n", "\n"))]

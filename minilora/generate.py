@@ -3,6 +3,7 @@
     python -m minilora.generate --model DIR --prompt "Once upon a time" --max-new-tokens 50 --temperature 0.8
     python -m minilora.generate --model DIR --adapter ADAPTER --chat     # a conversation: see chat.py
     python -m minilora.generate --model DIR --chat --tools tools.json --no-enable-thinking
+    python -m minilora.generate --model default --prompt "Haneul Tea Garden is"   # the shipped tiny model
 
 The command only parses flags, loads the model (and adapter) and hands over: decoding lives in generation.py,
 the conversation loop in chat.py.
@@ -15,12 +16,14 @@ import torch
 
 from .errors import MiniloraError, run_cli
 from .generation import TextStreamer, check_sampling, generate
+from .model_names import resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minilora.generate",
                                      description="Generate text from a Hugging Face model folder with minilora.")
-    parser.add_argument("--model", required=True, help="model folder (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="model folder (config.json, *.safetensors, tokenizer.json), "
+                        "or 'default' (the shipped tiny model)")
     parser.add_argument("--prompt", help="text to continue (or use --chat)")
     parser.add_argument("--chat", action="store_true",
                         help="hold a conversation through the model's chat template (see minilora/chat.py)")
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenizer import check_fits_embedding, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.model = resolve_model(args.model)  # "default" → the shipped model; a Hub id → what to do instead
     model = load_model(args.model, dtype=args.dtype, device=device)  # first: its errors name the model folder
     tokenizer = load_tokenizer(args.model)
     check_fits_embedding(tokenizer, model.config.vocab_size, args.model)

@@ -2,8 +2,9 @@
 
 Why SVG: it is plain text (a few lines of XML per shape), every browser and notebook opens it, and writing it
 by hand keeps minilora's dependencies to torch/triton/safetensors/tokenizers/numpy. These charts are for
-reading a training run and for the tutorials' pictures, not for publication: no legends beyond a label per
-series, linear axes only (use `log_y=True` for loss curves spanning decades).
+reading a training run and for the tutorials' pictures, not for publication: a legend beside the plotting
+areas (never over the data), y-axes labelled at both ends, linear axes (or `log_y=True` for loss curves spanning
+decades), and stacked panels sharing the x-axis (`panel_chart`: the trainer's loss over learning rate).
 
 Deliberately not handled: interactive charts, dates on axes, more than a handful of series.
 """
@@ -30,6 +31,19 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
+def _axis_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round ticks whose first and last values enclose [lo, hi]: the axis runs from the first to the last tick,
+    so both ends carry a label (the range is widened outwards to the next round value)."""
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.02  # a point exactly on a round value should not sit on the frame
+    lo, hi = lo - pad, hi + pad
+    step = _nice_ticks(lo, hi, count)
+    step = step[1] - step[0] if len(step) > 1 else (hi - lo)
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [round(i * step, 12) for i in range(first, last + 1)]
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
@@ -39,7 +53,7 @@ def _svg(width: int, height: int, body: list[str], title: str) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'
         f'<rect width="{width}" height="{height}" fill="white"/>\n'
-        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>\n'
+        f'<text class="title" x="{width / 2}" y="22" text-anchor="middle" font-size="15">{escape(title)}</text>\n'
     )
     return head + "\n".join(body) + "\n</svg>\n"
 
@@ -53,47 +67,84 @@ def line_chart(
     log_y: bool = False,
 ) -> Path:
     """Draw named (x, y) series as lines with markers; write an SVG file atomically and return its path."""
-    points = [(x, y) for pts in series.values() for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
-    if not points:
-        points = [(0.0, 0.0), (1.0, 1.0)]
+    return panel_chart([(series, ylabel, log_y)], path, title=title, xlabel=xlabel)
+
+
+def panel_chart(
+    panels: list[tuple[dict[str, list[tuple[float, float]]], str, bool]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "step",
+    heights: tuple[int, ...] = (),
+) -> Path:
+    """Panels stacked over one shared x-axis, each (series, ylabel, log_y); the legend sits right of the panels,
+    outside every plotting area, so it never covers data. `heights`: each panel's height in pixels (default:
+    the first 305, the others 110 — a main chart over smaller companions, e.g. loss over learning rate)."""
+    heights = heights or tuple(305 if i == 0 else 110 for i in range(len(panels)))
+    names = [name for series, _, _ in panels for name in series]
+    legend_w = 30 + 7 * max((len(n) for n in names), default=0)
+    plot_w = WIDTH - LEFT - RIGHT
+    width, gap = WIDTH + legend_w, 30
+    xs = [x for series, _, _ in panels for pts in series.values() for x, _ in pts] or [0.0, 1.0]
+    x_lo, x_hi = min(xs), max(xs)
+    x_hi = x_hi if x_hi > x_lo else x_lo + 1
+    body, top, color_of = [], TOP, {}
+    for k, ((series, ylabel, log_y), plot_h) in enumerate(zip(panels, heights)):
+        last = k == len(panels) - 1
+        for name in series:
+            color_of.setdefault(name, COLORS[len(color_of) % len(COLORS)])
+        body += _panel(series, color_of, (LEFT, top, plot_w, plot_h), (x_lo, x_hi), ylabel, log_y, x_labels=last)
+        top += plot_h + gap
+    body.append(f'<text x="{LEFT + plot_w / 2}" y="{top - gap + 44}" text-anchor="middle">{escape(xlabel)}</text>')
+    body.append('<g class="legend">')
+    for i, (name, color) in enumerate(color_of.items()):
+        y = TOP + 12 + 18 * i
+        x = LEFT + plot_w + 14
+        body.append(f'<line x1="{x}" x2="{x + 16}" y1="{y - 4}" y2="{y - 4}" stroke="{color}" stroke-width="2"/>')
+        body.append(f'<text x="{x + 22}" y="{y}" fill="{color}">{escape(name)}</text>')
+    body.append("</g>")
+    return _write(path, _svg(width, top - gap + BOTTOM, body, title))
+
+
+def _panel(series, color_of: dict, box: tuple, x_range: tuple, ylabel: str, log_y: bool, x_labels: bool) -> list[str]:
+    """One plotting area: frame, y ticks (labelled at both ends), x ticks, and each series as a polyline."""
+    left, top, plot_w, plot_h = box
+    x_lo, x_hi = x_range
     ty = (lambda y: math.log10(y)) if log_y else (lambda y: y)
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(ty(p[1]) for p in points), max(ty(p[1]) for p in points)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    pad = (y_hi - y_lo) * 0.05 or 0.5
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    keep = (lambda y: math.isfinite(y) and y > 0) if log_y else math.isfinite
+    ys = [ty(y) for pts in series.values() for _, y in pts if keep(y)] or [0.0, 1.0]
+    ticks = _axis_ticks(min(ys), max(ys))
+    y_lo, y_hi = ticks[0], ticks[-1]
 
     def px(x: float) -> float:
-        return LEFT + (x - x_lo) / (x_hi - x_lo) * plot_w
+        return left + (x - x_lo) / (x_hi - x_lo) * plot_w
 
-    def py(y: float) -> float:
-        return TOP + (1 - (ty(y) - y_lo) / (y_hi - y_lo)) * plot_h
+    def py(v: float) -> float:  # v already transformed
+        return top + (1 - (v - y_lo) / (y_hi - y_lo)) * plot_h
 
-    body = [f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>']
-    for t in _nice_ticks(x_lo, x_hi):
-        body.append(f'<text x="{px(t):.1f}" y="{TOP + plot_h + 18}" text-anchor="middle">{_fmt(t)}</text>')
-    for t in _nice_ticks(y_lo, y_hi):
-        y_pix = TOP + (1 - (t - y_lo) / (y_hi - y_lo)) * plot_h
+    body = ['<g class="panel">',
+            f'<rect class="plot-area" x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+            f'stroke="#444"/>', '<g class="y-ticks">']
+    for t in ticks:
         label = _fmt(10**t) if log_y else _fmt(t)
-        body.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y_pix:.1f}" y2="{y_pix:.1f}" stroke="#eee"/>')
-        body.append(f'<text x="{LEFT - 6}" y="{y_pix + 4:.1f}" text-anchor="end">{label}</text>')
-    body.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(xlabel)}</text>')
-    body.append(
-        f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 16 {TOP + plot_h / 2})">{escape(ylabel)}</text>'
-    )
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        pts = [(x, y) for x, y in pts if math.isfinite(y) and (y > 0 or not log_y)]
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
+        body.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" data-y="{py(t):.1f}">{label}</text>')
+    body.append("</g>")
+    if x_labels:
+        for t in _nice_ticks(x_lo, x_hi):
+            body.append(f'<text x="{px(t):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{_fmt(t)}</text>')
+    body.append(f'<text class="ylabel" x="16" y="{top + plot_h / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 16 {top + plot_h / 2})">{escape(ylabel)}</text>')
+    for name, pts in series.items():
+        pts = [(x, ty(y)) for x, y in pts if keep(y)]
         if pts:
-            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            body.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+            coords = " ".join(f"{px(x):.1f},{py(v):.1f}" for x, v in pts)
+            body.append(f'<polyline data-series="{escape(name)}" points="{coords}" fill="none" '
+                        f'stroke="{color_of[name]}" stroke-width="1.8"/>')
             if len(pts) <= 60:
-                body += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
-        body.append(f'<text x="{LEFT + 10}" y="{TOP + 16 + 16 * i}" fill="{color}">{escape(name)}</text>')
-    return _write(path, _svg(WIDTH, HEIGHT, body, title))
+                body += [f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="2.5" fill="{color_of[name]}"/>' for x, v in pts]
+    body.append("</g>")
+    return body
 
 
 def heatmaps(matrices: dict[str, list[list[float]]], path: str | Path, title: str = "", cell: int = 8) -> Path:

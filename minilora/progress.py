@@ -1,4 +1,7 @@
-"""What a training run reports: metrics.jsonl and the loss curve, the progress line, and before/after samples."""
+"""What a training run reports: metrics.jsonl and the loss chart, the progress line, and before/after samples.
+
+metrics.jsonl is the record; loss.svg draws it (loss over learning rate); `--log tensorboard` sends the same
+scalars to TensorBoard through torch.utils.tensorboard (the tensorboard package is an optional extra)."""
 
 import json
 from pathlib import Path
@@ -11,18 +14,23 @@ from .train_config import TrainConfig
 
 
 class Metrics:
-    """metrics.jsonl (one JSON object per record) and the loss-curve picture loss.svg in the run folder.
+    """metrics.jsonl (one JSON object per record, the run's record) and the chart loss.svg in the run folder;
+    with `tensorboard=True` the same scalars also go to TensorBoard event files in run/tensorboard.
 
     Records are appended as they come, so a kill or a full disk can leave a torn last line: on --resume, lines
     that are not a complete record are dropped (with a note), the complete ones kept."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, write: bool = True):
+    def __init__(self, run_dir: Path, resume_step: int | None, write: bool = True, title: str = "minilora",
+                 tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
         self.write = write  # False on ranks other than 0: records are kept, no file is touched
+        self.title = title  # of the chart: e.g. "my-run: base fine-tuning, lora"
         self.records = []
         if resume_step is not None and self.path.exists():  # drop what came after the checkpoint
             self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         self._write_all()
+        self.writer = tensorboard_writer(run_dir / "tensorboard", (resume_step or 0) + 1) \
+            if tensorboard and write else None
 
     def log(self, record: dict) -> None:
         self.records.append(record)
@@ -33,6 +41,11 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise MiniloraError(f"cannot append to {files.os_error_message(e)}") from None
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
 
     def log_final(self, record: dict) -> None:
         """The run's final evaluation: replaces one an earlier, finished run wrote for the same step (resuming a
@@ -52,15 +65,37 @@ class Metrics:
         except OSError as e:
             raise MiniloraError(f"cannot write {files.os_error_message(e)}") from None
 
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
     def plot(self) -> Path:
-        from .plot import line_chart
+        """loss.svg: train and validation loss per step, over a panel with the learning rate."""
+        from .plot import panel_chart
 
         if not self.write:
             return self.path.parent / "loss.svg"
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        return line_chart({"train loss": train, "validation loss": val}, self.path.parent / "loss.svg",
-                          title="minilora: loss per step", xlabel="optimizer step", ylabel="loss (nats/token)")
+        lr = [(r["step"], r["lr"]) for r in self.records if "lr" in r]
+        return panel_chart([({"train loss": train, "validation loss": val}, "loss (nats/token)", False),
+                            ({"learning rate": lr}, "learning rate", False)],
+                           self.path.parent / "loss.svg", title=self.title, xlabel="optimizer step")
+
+
+def require_tensorboard():
+    """torch.utils.tensorboard's SummaryWriter, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MiniloraError("--log tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install 'minilora[tensorboard]'); metrics.jsonl is written either way") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(folder: Path, purge_step: int):
+    """A TensorBoard writer that first drops the events after a resumed step (they are redone)."""
+    return require_tensorboard()(log_dir=str(folder), purge_step=purge_step)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """Instruction fine-tuning (SFT) data: records → conversations → chat-template tokens with response-only labels.
 
-Three record formats (JSONL or JSON; field names configurable through `SFTFields`), detected from the first record:
+Three record formats (JSONL, JSON or a table: CSV, Parquet, Arrow; field names configurable through `SFTFields`),
+detected from the first record:
 
     alpaca     {"instruction": "...", "input": "...", "output": "...", "system": "..."}   (input, system optional)
     messages   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}      (OpenAI style)
@@ -177,7 +178,7 @@ def record_to_messages(record: dict, fmt: str, fields: SFTFields = SFTFields()) 
 
 def load_conversations(path, fmt: str = "auto", on_error: str = "stop",
                        fields: SFTFields = SFTFields(), stats: SFTStats | None = None) -> list[tuple[str, list]]:
-    """[(location "file:line", messages)] from a .jsonl/.json file.
+    """[(location "file:line", messages)] from a .jsonl/.json file or a table (see table_files.py).
 
     A malformed record raises MiniloraError naming its line (on_error="stop") or is skipped and counted in
     `stats.skipped` (on_error="skip").
@@ -185,6 +186,10 @@ def load_conversations(path, fmt: str = "auto", on_error: str = "stop",
     if on_error not in ("stop", "skip"):
         raise MiniloraError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     stats = stats if stats is not None else SFTStats()
+    if str(path).lower().endswith(".txt"):
+        raise MiniloraError(f"data file {path} is plain text, which has no prompts and replies: SFT needs records "
+                            "(alpaca, messages or ShareGPT) in .jsonl/.json/.csv/.tsv/.parquet/.arrow; to train on "
+                            "raw text, use --mode base")
     unreadable = [] if on_error == "skip" else None
     records = read_records(path, skipped=unreadable)
     for problem in unreadable or []:

@@ -8,18 +8,23 @@ runs the built-in demonstration (default/demos.py); the loop itself is trainer.p
 
 import sys
 
-from .errors import run_cli
-from .train_config import TrainConfig, parse_args
+from .errors import MiniloraError, run_cli
+from .model_names import DEFAULT, resolve_model
+from .train_config import TrainConfig, parse_args, replace
 from . import trainer
 
 
 def resolve_default(cfg: TrainConfig) -> TrainConfig:
-    """No --model and no --data: the built-in demonstration (a tiny model built here, the shipped corpus)."""
-    if cfg.model is not None or cfg.data is not None:
-        return cfg
-    from .default.demos import default_run_config
+    """No --data (and no --model or --model default): the built-in demonstration (the shipped tiny model and
+    corpus). `--model default` with --data trains the shipped model on that data."""
+    if cfg.data is None and cfg.model in (None, DEFAULT):
+        from .default.demos import default_run_config
 
-    return default_run_config(cfg)
+        return default_run_config(cfg)
+    if cfg.data is None:
+        raise MiniloraError(f"--model {cfg.model} needs --data (a training file); with no --model and no --data "
+                            "the built-in demonstration runs")
+    return replace(cfg, model=resolve_model(cfg.model)) if cfg.model is not None else cfg
 
 
 def train(cfg: TrainConfig) -> dict:

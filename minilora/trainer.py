@@ -9,6 +9,7 @@
         clip, AdamW, schedule
         every eval_every: validation loss, perplexity
         every save_every: checkpoint (adapter or weights, optimizer, scheduler, RNG, data position)
+        --save-best: also at each new best validation loss; --patience: stop when none comes; keep the newest N
 
 Why the loss is normalised per step and not per micro-batch: with micro-batches of unequal token counts,
 averaging their means would weight a short batch's tokens more than a long one's. Summing and dividing by
@@ -35,10 +36,11 @@ from pathlib import Path
 import torch
 
 from . import distributed, files
-from .checkpointing import (find_checkpoint, last_checkpoint_note, restore_checkpoint, save_checkpoint,
-                            save_result)
+from .checkpointing import (Best, best_checkpoint, export_checkpoint, find_checkpoint, last_checkpoint_note,
+                            load_weights, mark_best, prepare_run_dir, prune_checkpoints, restore_checkpoint,
+                            save_checkpoint, save_result)
 from .errors import MiniloraError
-from .progress import Metrics, print_samples, progress_line, sample
+from .progress import Metrics, print_samples, progress_line, require_tensorboard, sample
 from .train_config import TrainConfig
 from .train_data import Batches, build_datasets
 
@@ -205,10 +207,14 @@ def train(cfg: TrainConfig) -> dict:
     """Run one fine-tuning job end to end; return the final metrics (also in metrics.jsonl)."""
     if cfg.model is None:
         raise MiniloraError("--model is required when --data is given (a Hugging Face model folder)")
-    run_dir = files.ensure_writable_dir(cfg.output, "output folder (--output)")
     torch.manual_seed(cfg.seed)  # the same seed on every rank: the same LoRA initialisation everywhere
     device = distributed.init(cfg.device) or pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or the CPU
     main = distributed.is_main()  # rank 0 alone writes files (other ranks' prints go to /dev/null)
+    # A folder holding another run is refused (unless --resume / --overwrite); only rank 0 clears it.
+    run_dir = prepare_run_dir(cfg, clear=main)
+    distributed.barrier()  # no rank writes before the folder is ready
+    if cfg.log == "tensorboard":
+        require_tensorboard()  # before loading anything
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     train_set, val_set = build_datasets(cfg, tokenizer, model.config, distributed.rank(), distributed.world_size())
@@ -228,7 +234,10 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint = find_checkpoint(cfg)
         start_step = restore_checkpoint(checkpoint, model, optimizer, scheduler, cfg)
         print(f"resumed from {checkpoint} at step {start_step}")
-    metrics = Metrics(run_dir, start_step if cfg.resume else None, write=main)
+    metrics = Metrics(run_dir, start_step if cfg.resume else None, write=main,
+                      tensorboard=cfg.log == "tensorboard",
+                      title=f"{run_dir.resolve().name}: {cfg.mode} fine-tuning, {cfg.method}")
+    best = Best.from_records(metrics.records)  # lowest validation loss so far (--save-best, --patience)
     if main:
         files.write_text(run_dir / "config.toml", cfg.to_toml())
     prompts = [p for p in cfg.sample_prompts.split("|") if p.strip()]
@@ -263,9 +272,18 @@ def train(cfg: TrainConfig) -> dict:
                     line += f"  val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
                 print(("\r" + line) if interactive and "val_loss" not in record else line,
                       end="" if interactive and "val_loss" not in record else "\n", flush=True)
-            if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            new_best = "val_loss" in record and best.update(step, record["val_loss"])
+            if (cfg.save_every and step % cfg.save_every == 0 or cfg.save_best and new_best) and step != total_steps:
                 save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg)
+                if main:
+                    if cfg.save_best and new_best:
+                        mark_best(run_dir, step)
+                    prune_checkpoints(run_dir, cfg.keep_checkpoints)
                 metrics.plot()
+            if cfg.patience and best.stale >= cfg.patience:
+                print(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations "
+                      f"(best {best.loss:.4f} at step {best.step})")
+                break
     except KeyboardInterrupt:
         print(f"\ninterrupted: saving a checkpoint at step {done} before exiting")
         if done > start_step:
@@ -274,14 +292,26 @@ def train(cfg: TrainConfig) -> dict:
         metrics.plot()
         raise
 
-    final = {"step": total_steps, **evaluate(model, val_set, cfg, device)}
+    final = {"step": done, **evaluate(model, val_set, cfg, device)}
     metrics.log_final(final)
-    save_checkpoint(run_dir, total_steps, model, optimizer, scheduler, cfg)
+    save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg)
+    if best.update(done, final["val_loss"]) and cfg.save_best and main:
+        mark_best(run_dir, done)
+    if main:
+        prune_checkpoints(run_dir, cfg.keep_checkpoints)
     result_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
-    with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:  # FSDP2: gathered
+    if cfg.save_best and best_checkpoint(run_dir) is not None:  # export the best, not the last step
         if main:
-            save_result(whole, result_dir, run_dir, cfg)
+            export_checkpoint(best_checkpoint(run_dir), result_dir)
+        distributed.barrier()
+        load_weights(model, best_checkpoint(run_dir), cfg)  # the samples below show the exported model
+        print(f"best validation loss {best.loss:.4f} at step {best.step}: {result_dir} holds that checkpoint")
+    else:
+        with distributed.full_trainable_parameters(distributed.unwrap(model)) as whole:  # FSDP2: gathered
+            if main:
+                save_result(whole, result_dir, run_dir, cfg)
     plot_path = metrics.plot()
+    metrics.close()
     first_val = next(r["val_loss"] for r in metrics.records if "val_loss" in r)
     print(f"\nvalidation loss {first_val:.4f} → {final['val_loss']:.4f} "
           f"(perplexity {math.exp(min(first_val, 50)):.1f} → {final['val_ppl']:.1f})")

@@ -62,7 +62,7 @@ def test_json_records_know_their_line(tmp_path):
     ('[{"text": "a"}, ', ".json", r"d\.json:1: not valid JSON"),
     ('\n\n   \n', ".txt", r"contains no text"),
     ('{"text": "  "}\n', ".jsonl", r"contains no text"),
-    ('text', ".csv", r"unsupported extension '\.csv'"),
+    ('text', ".xlsx", r"unsupported extension '\.xlsx'"),  # .csv is read since table_files.py
 ])
 def test_bad_files_give_precise_errors(tmp_path, content, suffix, message):
     path = tmp_path / f"d{suffix}"

@@ -1,6 +1,7 @@
 """Merging: merge_lora + save_model writes a checkpoint transformers loads with the unmerged model's logits;
 `python -m minilora.merge` does it from the shell and fails with one line on bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,58 @@ def test_cli_exit_status_from_the_shell(tmp_path):
                              "--adapter", str(tmp_path), "--output", str(tmp_path / "out")],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+# --- QLoRA adapters: how far a 16-bit merge is from the trained model, and --base nf4 -------------------------
+
+@pytest.fixture(scope="module")
+def qlora_adapter(checkpoints, tmp_path_factory):
+    """A QLoRA adapter as the trainer writes it (4-bit NF4 base, a few steps at a high learning rate)."""
+    from minilora.train import train
+    from minilora.train_config import TrainConfig
+
+    root = tmp_path_factory.mktemp("qlora-run")
+    (root / "data.txt").write_text(("The river runs past the old mill.\n\n강물은 방앗간 옆을 흐른다.\n\n") * 10)
+    train(TrainConfig(model=str(checkpoints["llama"]), data=str(root / "data.txt"), method="qlora", r=4, alpha=8,
+                      block_size=16, batch_size=4, lr=5e-2, warmup_steps=0, max_steps=3, eval_every=0,
+                      output=str(root / "run"), device="cpu", dropout=0.0))
+    return root / "run" / "adapter"
+
+
+def merge_note(capsys, argv) -> float:
+    assert run_cli(main, argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, notes  # printed once
+    return float(notes[0].split("at most ")[1].split(" ")[0]), notes[0]
+
+
+def test_merging_a_qlora_adapter_says_how_far_it_is_from_the_trained_model(tmp_path, checkpoints, qlora_adapter,
+                                                                           capsys):
+    from minilora.config import load_config
+
+    base = checkpoints["llama"]
+    assert json.loads((qlora_adapter / "minilora_base.json").read_text())["base_quantization"] == "nf4"
+    config = load_config(base)
+    probe = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    trained = load_model(base, quantize="nf4")  # the model QLoRA trained: 4-bit base + unmerged adapter
+    load_adapter(trained, qlora_adapter)
+    with torch.no_grad():
+        trained_logits = trained(probe)
+
+    gap, note = merge_note(capsys, ["--model", str(base), "--adapter", str(qlora_adapter),
+                                    "--output", str(tmp_path / "16bit")])
+    assert "--base nf4" in note and "trained on a 4-bit (NF4) base" in note
+    measured = (hf_logits(tmp_path / "16bit", probe) - trained_logits).abs().max().item()  # transformers reads it
+    assert gap == pytest.approx(measured, rel=1e-3, abs=1e-5) and gap > 1e-3
+
+    gap_nf4, _ = merge_note(capsys, ["--model", str(base), "--adapter", str(qlora_adapter),
+                                     "--output", str(tmp_path / "nf4"), "--base", "nf4"])
+    assert gap_nf4 < 1e-4  # float32 rounding only: exactly the model that was trained
+    assert (hf_logits(tmp_path / "nf4", probe) - trained_logits).abs().max() < 1e-4
+    assert "quantization_config" not in json.loads((tmp_path / "nf4" / "config.json").read_text())
+
+
+def test_a_lora_adapter_merges_without_a_note(tmp_path, checkpoints, adapters, capsys):
+    assert run_cli(main, ["--model", str(checkpoints["llama"]), "--adapter", str(adapters["llama"][0]),
+                          "--output", str(tmp_path)]) == 0
+    assert "note:" not in capsys.readouterr().out

@@ -153,7 +153,7 @@ def test_cli_sft_run_learns_the_format_and_the_adapter_chats(tiny, tmp_path):
     val = [r["val_loss"] for r in records(run) if "val_loss" in r]
     assert [r["step"] for r in records(run) if "val_loss" in r] == [0, 8, 16] and val[-1] < val[0] - 1.0
     svg = (run / "loss.svg").read_text()
-    assert svg.count("<polyline") == 2  # training and validation curves
+    assert svg.count("<polyline") == 3  # training and validation loss, and the learning rate (its own panel)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.toml",
                  "checkpoints/step-000008/trainer_state.pt", "checkpoints/step-000016/adapter_model.safetensors"):
         assert (run / name).is_file(), name

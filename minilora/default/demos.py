@@ -72,10 +72,18 @@ REAL_DEMOS = {  # --demo → (settings, held-out questions and what the demonstr
 }
 
 
+def demo_output(mode: str, method: str) -> str:
+    """Each demonstration's own run folder, so one never overwrites another's results: runs/default (LoRA base
+    fine-tuning), runs/default-sft, runs/default-qlora, runs/default-sft-qlora, runs/default-full, ..."""
+    return "runs/default" + ("-sft" if mode == "sft" else "") + ("" if method == "lora" else f"-{method}")
+
+
 def default_run_config(cfg: TrainConfig) -> TrainConfig:
     """The user's config with the demonstration's model, data and settings filled in (by `cfg.mode`)."""
     demo, what = DEMOS[cfg.mode]
     defaults = TrainConfig()
     changes = {name: value for name, value in demo.items() if getattr(cfg, name) == getattr(defaults, name)}
+    if "output" in changes:
+        changes["output"] = demo_output(cfg.mode, cfg.method)
     print(f"no --model/--data given: running the built-in demonstration ({what})")
     return replace(cfg, model=str(ensure_default_model()), **changes)
