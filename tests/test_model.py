@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from minilora.formats.safetensors_folder import load_model
@@ -138,6 +139,59 @@ def test_kv_cache_decoding_equals_full_forward(models, family):
     assert [k.shape[2] for k in cache.keys] == kept == [v.shape[2] for v in cache.values]
     if family in ("mistral", "gemma2", "gemma3"):
         assert min(kept) == 7
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("max_len", [None, 40])
+def test_preallocated_cache_decodes_across_windows_without_copying_the_past(models, family, max_len):
+    """40 tokens (5 windows of 8): prefill 11 (more than a window), then steps of 1, 3 and 2 tokens. The logits
+    equal the full forward's; with max_len every layer writes into the buffer it got at prefill (same storage to
+    the end: no step reallocates or concatenates), and a sliding layer's buffer stays at two windows (16)."""
+    ours, _ = models(family)
+    ids = random_ids(2, 40, seed=5)
+    cuts = [0, 11] + list(range(12, 20)) + list(range(20, 32, 3)) + list(range(32, 41, 2))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = KVCache(max_len=max_len)
+        steps, storages = [], None
+        for a, b in zip(cuts, cuts[1:]):
+            steps.append(ours(ids[:, a:b], kv_cache=cache))
+            if storages is None:
+                storages = [k.untyped_storage().data_ptr() for k in cache.keys]
+    assert cache.seq_len == 40
+    assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+    cfg = ours.config
+    kept = [40 if lt == "full_attention" else cfg.sliding_window - 1 for lt in cfg.layer_types]
+    assert [k.shape[2] for k in cache.keys] == kept == [v.shape[2] for v in cache.values]
+    if max_len is not None:
+        assert [k.untyped_storage().data_ptr() for k in cache.keys] == storages
+        capacity = [40 if lt == "full_attention" else 2 * cfg.sliding_window for lt in cfg.layer_types]
+        assert [buf.shape[2] for buf in cache._k] == capacity
+
+
+class OpNames(TorchDispatchMode):
+    """Names of the aten ops run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # SDPA's enable_gqa; gemma2: the soft-capped path
+def test_grouped_query_attention_never_repeats_keys(models, family):
+    ours, _ = models(family)
+    assert ours.config.num_attention_heads > ours.config.num_key_value_heads
+    ids = random_ids(1, 6)
+    with torch.no_grad(), OpNames() as ops:
+        cache = KVCache()
+        ours(ids[:, :5], kv_cache=cache)
+        ours(ids[:, 5:], kv_cache=cache)
+    assert "_scaled_dot_product_flash_attention_for_cpu.default" in ops.names or family == "gemma2"
+    assert not [n for n in ops.names if "repeat" in n]  # repeat_interleave / repeat: copies of the K/V heads
 
 
 @pytest.mark.parametrize("T", [8, 16, 17, 24])
