@@ -204,6 +204,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # the same seed on every rank: the same LoRA initialisation everywhere
     device = distributed.init(cfg.device) or pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or the CPU
     main = distributed.is_main()  # rank 0 alone writes files (other ranks' prints go to /dev/null)
+    if cfg.threads:  # only when asked: torch's default uses every core
+        torch.set_num_threads(cfg.threads)
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     train_set, val_set = build_datasets(cfg, tokenizer, model.config, distributed.rank(), distributed.world_size())

@@ -315,3 +315,14 @@ def test_train_step_syncs_with_the_host_a_fixed_number_of_times(tiny):
         assert stats["tokens"] == 18 * n_micro and math.isfinite(stats["loss"])
         counts.append(syncs.n)
     assert counts[0] == counts[1]
+
+
+def test_threads_flag_and_nothing_else_caps_torch_threads():
+    assert parse_args(["--threads", "3"]).threads == 3 and parse_args([]).threads is None
+    with pytest.raises(MiniloraError, match="--threads"):
+        TrainConfig(threads=0)
+    root = Path(__file__).resolve().parents[1]
+    callers = [p.relative_to(root).as_posix() for folder in ("minilora", "tutorials")
+               for p in sorted((root / folder).rglob("*.py")) if "set_num_threads(" in p.read_text(encoding="utf-8")]
+    assert callers == ["minilora/trainer.py"]  # applying --threads, only when set
+    assert "if cfg.threads:" in (root / "minilora" / "trainer.py").read_text(encoding="utf-8")
