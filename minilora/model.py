@@ -197,7 +197,9 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v, self.sliding_window)  # (B, KV, S, D), S = kept + T
         # Each group of H / KV query heads reads the same key/value head: enable_gqa lets SDPA index the shared
         # head instead of materialising K/V repeated H / KV times (a copy of the whole cache per step and layer).
-        if self.softcap is None:
+        if isinstance(mask, PackedSegments):
+            y = mask.attention(q, k, v, self.scale)  # packed samples, one causal call per segment bucket
+        elif self.softcap is None:
             # mask None = plain causal: is_causal lets SDPA pick its fastest (flash) kernel on GPU
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=self.n_heads != self.n_kv_heads)
@@ -205,6 +207,55 @@ class Attention(nn.Module):
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
         return self.o_proj(y)
+
+
+class PackedSegments:
+    """Packed samples attended one causal block at a time, with no (B, 1, T, T) mask: the CUDA path.
+
+    A dense boolean mask rules out SDPA's flash kernel on a GPU (it takes no mask), and costs B·T² bytes per layer
+    type. Instead the segments (maximal runs of one segment id in a row; padding, id 0, is a segment of its own) are
+    grouped into buckets by their length rounded up to a power of two (>= 16); each bucket is gathered into a
+    (n, heads, L, D) batch and run with is_causal=True, so attention makes one SDPA call per bucket (at most
+    log2(T) - 3) and a causal-only kernel sees it. A segment shorter than its bucket is padded at its end with
+    copies of its last token: under causality its real queries never see those keys, and their outputs are
+    dropped. The plan is built once per forward (segment ids read on the host: one sync), shared by the layers.
+    On the CPU it was 1.12x faster than the dense mask too (4 SmolLM2 layers, B 4, T 512, segments of 20-200
+    tokens, forward + backward, 1 thread), but the CPU keeps the mask unless asked (per_segment_attention).
+    """
+
+    def __init__(self, segment_ids: torch.Tensor):
+        B, T = segment_ids.shape
+        seg = segment_ids.cpu()
+        buckets: dict[int, list[tuple[int, int]]] = {}  # bucket length -> [(flat start, length)]
+        for b in range(B):
+            starts = [0] + [t for t in range(1, T) if seg[b, t] != seg[b, t - 1]] + [T]
+            for s, e in zip(starts, starts[1:]):
+                L = max(16, 1 << (e - s - 1).bit_length())
+                buckets.setdefault(L, []).append((b * T + s, e - s))
+        self.buckets = []  # [(index (n, L) into the B·T tokens, valid (n, L))]
+        flat = []  # the token each valid bucket position holds, in bucket order
+        for L, segs in sorted(buckets.items()):
+            j = torch.arange(L)
+            start = torch.tensor([s for s, _ in segs])[:, None]
+            length = torch.tensor([n for _, n in segs])[:, None]
+            index = start + torch.minimum(j, length - 1)  # (n, L): past its end a segment repeats its last token
+            valid = j < length  # (n, L)
+            self.buckets.append((index.to(segment_ids.device), valid.to(segment_ids.device)))
+            flat.append(index[valid])
+        self.order = torch.cat(flat).argsort().to(segment_ids.device)  # bucket order -> token order, (B·T,)
+
+    def attention(self, q, k, v, scale: float) -> torch.Tensor:
+        """Causal attention within each segment: q (B, H, T, D), k, v (B, KV, T, D) -> (B, H, T, D)."""
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B·T, heads, D)
+        pieces = []
+        for index, valid in self.buckets:
+            qs, ks, vs = (x[index].transpose(1, 2) for x in (q, k, v))  # (n, L, heads, D) -> (n, heads, L, D)
+            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=H != KV)
+            pieces.append(y.transpose(1, 2)[valid])  # (n_valid, H, D)
+        y = torch.cat(pieces).index_select(0, self.order)  # back to token order: (B·T, H, D)
+        return y.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
@@ -294,6 +345,17 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.final_logit_softcap = config.final_logit_softcap
         self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
+        # Packed samples (segment_ids) attended per segment (PackedSegments) instead of through a dense mask:
+        # None = on CUDA only (where the mask would rule out the flash kernel); True / False force it either way.
+        self.per_segment_attention: bool | None = None
+
+    def _packed_segments(self, segment_ids, attention_mask, device) -> "PackedSegments | None":
+        """The per-segment plan for packed rows when it applies (see per_segment_attention), else None."""
+        use = self.per_segment_attention
+        use = device.type == "cuda" if use is None else use
+        if not use or segment_ids is None or self.config.attn_logit_softcap is not None:
+            return None  # Gemma 2's soft-capped scores go through softcapped_attention and its mask
+        return PackedSegments(segment_ids) if _packed_segments_ok(segment_ids, attention_mask) else None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -335,11 +397,15 @@ class Transformer(nn.Module):
 
         # One mask and one cos/sin pair per layer type (Gemma 3 uses different rope bases for local/global layers).
         rope, masks = {}, {}
+        segments = self._packed_segments(segment_ids, attention_mask, h.device)
         for lt in set(cfg.layer_types):
             rope[lt] = layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype)  # cos, sin: (B, T, rotary_dim)
             window = cfg.window(lt)
             first = first_kept_key(past, window) if kv_cache is not None else 0  # older keys left the cache
-            masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device, first)
+            if segments is not None and window is None:
+                masks[lt] = segments
+            else:
+                masks[lt] = build_attention_mask(T, past, attention_mask, segment_ids, window, h.device, first)
 
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer, lt in zip(self.model.layers, cfg.layer_types):
@@ -350,6 +416,13 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, masks[lt], kv_cache)
         h = self.model.norm(h)
         return h if return_hidden else self.compute_logits(h)
+
+
+def _packed_segments_ok(segment_ids, attention_mask) -> bool:
+    """Per-segment attention equals the masked one when padding is a segment of its own (the collator's rule:
+    attention_mask = segment id > 0) or there is no padding mask."""
+    return attention_mask is None or bool((attention_mask.bool() == (segment_ids > 0)).all()) \
+        or bool(attention_mask.bool().all())
 
 
 def layer_rope(r: RopeConfig, rotary_dim: int, position_ids: torch.Tensor, dtype: torch.dtype):

@@ -264,6 +264,53 @@ def test_segment_ids_keep_packed_samples_apart(models, family):
         assert (ours(packed, segment_ids=segments, position_ids=positions) - got).abs().max() < TOL
 
 
+class BoolMasks(TorchDispatchMode):
+    """Shapes of the boolean tensors with two trailing dims of T (attention masks) created inside the mode."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T, self.shapes = T, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.shape[-2:] == (self.T, self.T):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "gemma3_text"])  # qwen2, gemma3: mixed layers
+def test_per_segment_attention_equals_the_dense_mask(models, family):
+    """The CUDA path for packed rows, forced on CPU tensors: segments of 1, 15, 16, 17, 40 and padding tokens
+    (buckets 16, 32 and 64) give the same logits and gradients as the dense (B, 1, T, T) mask, which is not built
+    for full-attention layers (sliding layers keep the mask: is_causal cannot express a window)."""
+    ours, _ = models(family)
+    T = 58
+    ids = random_ids(2, T, seed=8)
+    segments = torch.tensor([[1] * 17 + [2] * 40 + [0],
+                             [1] * 1 + [2] * 15 + [3] * 16 + [4] * 21 + [0] * 5])
+    mask = (segments > 0).long()
+    results = {}
+    for per_segment in (False, True):
+        ours.per_segment_attention = per_segment
+        ours.zero_grad()
+        embeddings = ours.model.embed_tokens.weight.requires_grad_(True)
+        try:
+            with BoolMasks(T) as seen:
+                logits = ours(ids, attention_mask=mask, segment_ids=segments)
+            (logits[mask.bool()].square().mean()).backward()
+        finally:
+            ours.per_segment_attention = None
+            embeddings.requires_grad_(False)
+        results[per_segment] = (logits.detach(), embeddings.grad.clone(), seen.shapes)
+        embeddings.grad = None
+    real = mask.bool()
+    assert (results[True][0][real] - results[False][0][real]).abs().max() < TOL
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    assert (2, 1, T, T) in results[False][2]  # the dense path builds it ...
+    if "sliding_attention" not in ours.config.layer_types:
+        assert results[True][2] == []  # ... the per-segment path does not
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])  # untied, tied, tied + final soft-capping
 def test_hidden_states_and_compute_logits(models, family):
     ours, hf = models(family)
