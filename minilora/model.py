@@ -13,7 +13,8 @@ can wrap any of them by name.
 
 The attention mask is built here, explicitly, from three ingredients: causality (plus a sliding window on some
 layers), a (B, T) padding mask, and optional segment ids for packed samples (block-diagonal: a token sees only
-earlier tokens of its own segment).
+earlier tokens of its own segment). On CUDA, packed samples skip the dense mask: PackedSegments runs one causal
+SDPA call per bucket of similar segment lengths, so the flash kernel stays usable.
 
 Not handled: dropout (inference and LoRA fine-tuning of these models use none), bidirectional attention, dynamic
 NTK RoPE scaling, mixture-of-experts.
