@@ -290,19 +290,21 @@ def test_per_segment_attention_equals_the_dense_mask(models, family):
                              [1] * 1 + [2] * 15 + [3] * 16 + [4] * 21 + [0] * 5])
     mask = (segments > 0).long()
     results = {}
+    embeddings = ours.model.embed_tokens.weight
+    was_trainable = embeddings.requires_grad  # the model is shared by the module's tests: leave it as found
     for per_segment in (False, True):
         ours.per_segment_attention = per_segment
-        ours.zero_grad()
-        embeddings = ours.model.embed_tokens.weight.requires_grad_(True)
+        ours.zero_grad(set_to_none=True)
+        embeddings.requires_grad_(True)
         try:
             with BoolMasks(T) as seen:
                 logits = ours(ids, attention_mask=mask, segment_ids=segments)
             (logits[mask.bool()].square().mean()).backward()
+            results[per_segment] = (logits.detach(), embeddings.grad.clone(), seen.shapes)
         finally:
             ours.per_segment_attention = None
-            embeddings.requires_grad_(False)
-        results[per_segment] = (logits.detach(), embeddings.grad.clone(), seen.shapes)
-        embeddings.grad = None
+            embeddings.requires_grad_(was_trainable)
+            ours.zero_grad(set_to_none=True)
     real = mask.bool()
     assert (results[True][0][real] - results[False][0][real]).abs().max() < TOL
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
