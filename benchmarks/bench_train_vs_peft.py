@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="decode batch sizes, comma-separated (e.g. 1,8)")
     run.add_argument("--repeats", type=int, default=3, help="repeats of each inference measurement (median)")
     run.add_argument("--no-inference", action="store_true", help="skip the forward/generate measurements")
+    run.add_argument("--no-train", action="store_true", help="skip the train-step measurements (the agreement "
+                     "check still runs)")
     run.add_argument("--profile", action="store_true", help="also profile one training step of each side")
     env = p.add_argument_group("environment and output")
     env.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -613,6 +615,7 @@ def fmt_ms(side: dict) -> str:
 def save(report: str, data: dict, out: Path, info: dict, args) -> Path:
     method = "" if args.method == "lora" else args.method + "_"
     shape = "smollm2_" if args.shape == "smollm2" and not args.model else ""
+    shape += "inference_" if args.no_train else "train_" if args.no_inference and shape else ""
     return harness.save_results(out / f"{method}{shape}train_vs_peft_{info['device']}_{info['date']}", report, data)
 
 
@@ -676,7 +679,7 @@ def main(argv=None) -> int:
           f"|diff| {check['loss_abs_diff']:.2e}; LoRA grad rel err {check['lora_grad_rel_err']:.2e}", flush=True)
     peak_start = gemm_peak_gflops(device, args)
     print(f"large-GEMM peak: {peak_start:,.1f} GFLOP/s", flush=True)
-    rows = bench_training(mini, ref, batches, cfg, args, device, amp, peak_start)
+    rows = [] if args.no_train else bench_training(mini, ref, batches, cfg, args, device, amp, peak_start)
     if not args.no_inference:
         rows += bench_inference(mini, ref, args, device, amp)
     peak_end = gemm_peak_gflops(device, args)
