@@ -53,6 +53,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -65,6 +66,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The smoke test's settings: a 2-layer model and a handful of tokens, so the run is dominated by imports.
 TINY = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256, batch=1, seq=16, steps=1,
             warmup=1, prompt_len=8, new_tokens=4, repeats=1)
+# --shape smollm2: HuggingFaceTB/SmolLM2-135M's shape (its config.json), random weights until minilora can read the
+# shipped GGUF file: tied embeddings, 9 query heads over 3 key/value heads of 64.
+SMOLLM2 = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True,
+               rope_theta=100000.0)
+# The targets of issue 12 (benchmark targets, never asserted): reference time / minilora time, memory ratio,
+# share of the measured GEMM peak.
+TARGETS = {"train step": 1.3, "train step, half masked": 1.6, "qlora": 1.2, "decode batch 1": 1.5, "memory": 0.8,
+           "gemm share": 0.9}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,9 +86,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--heads", type=int, default=8)
     shape.add_argument("--kv-heads", type=int, default=4)
     shape.add_argument("--vocab", type=int, default=32000)
+    shape.add_argument("--tied", action="store_true", help="tie the vocabulary head to the embeddings")
+    shape.add_argument("--rope-theta", type=float, default=10000.0)
+    shape.add_argument("--shape", choices=("benchmark", "smollm2"), default="benchmark",
+                       help="smollm2: SmolLM2-135M's shape (hidden 576, 30 layers, 9/3 heads, vocab 49152, tied)")
     run = p.add_argument_group("workload")
-    run.add_argument("--method", choices=("lora", "qlora"), default="lora",
-                     help="qlora: NF4 base weights on both sides (minilora vs transformers + bitsandbytes)")
+    run.add_argument("--method", choices=("lora", "qlora", "full"), default="lora",
+                     help="qlora: NF4 base weights on both sides (minilora vs transformers + bitsandbytes); "
+                          "full: every weight trains (minilora vs plain transformers)")
+    run.add_argument("--workloads", default="all,half",
+                     help="train-step label sets: all = every token counted (base FT), half = the first half of "
+                          "each row labelled -100 (SFT prompts)")
     run.add_argument("--batch", type=int, default=4, help="training batch B")
     run.add_argument("--seq", type=int, default=256, help="training sequence length T")
     run.add_argument("--r", type=int, default=16)
@@ -89,9 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--grad-checkpointing", choices=("off", "on", "both"), default="off")
     run.add_argument("--prompt-len", type=int, default=128)
     run.add_argument("--new-tokens", type=int, default=32)
-    run.add_argument("--decode-batch", type=int, default=1)
+    run.add_argument("--decode-batch", type=lambda v: [int(b) for b in v.split(",")], default=[1],
+                     help="decode batch sizes, comma-separated (e.g. 1,8)")
     run.add_argument("--repeats", type=int, default=3, help="repeats of each inference measurement (median)")
     run.add_argument("--no-inference", action="store_true", help="skip the forward/generate measurements")
+    run.add_argument("--no-train", action="store_true", help="skip the train-step measurements (the agreement "
+                     "check still runs)")
     run.add_argument("--profile", action="store_true", help="also profile one training step of each side")
     env = p.add_argument_group("environment and output")
     env.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -104,8 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     env.add_argument("--no-save", action="store_true", help="only print")
     env.add_argument("--note", default="", help="a line for the report (what else was running, ...)")
     args = p.parse_args(argv)
-    if args.tiny:  # presets that explicit flags still override
-        p.set_defaults(**TINY)
+    if args.tiny or args.shape == "smollm2":  # presets that explicit flags still override
+        p.set_defaults(**(TINY if args.tiny else SMOLLM2))
         args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def machine_info(args) -> dict:
-    packages = ("transformers", "peft") + (("bitsandbytes",) if args.method == "qlora" else ())
+    packages = ("transformers",) + (("peft",) if args.method != "full" else ()) + \
+        (("bitsandbytes",) if args.method == "qlora" else ())
     return {**harness.machine_info(args.device, packages), "dtype": args.dtype}
 
 
@@ -131,7 +152,8 @@ def build_llama(out_dir: Path, args) -> Path:
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, tie_word_embeddings=False,
+                         num_key_value_heads=args.kv_heads, vocab_size=args.vocab, tie_word_embeddings=args.tied,
+                         rope_theta=args.rope_theta,
                          max_position_embeddings=max(2048, args.seq, args.prompt_len + args.new_tokens),
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(args.seed)
@@ -150,6 +172,9 @@ def load_both(path: Path, args, device: torch.device):
 
     dtype = getattr(torch, args.dtype)
     mini = load_model(path, dtype=dtype, device=device, quantize="nf4" if args.method == "qlora" else None)
+    if args.method == "full":  # every weight trains on both sides, no adapters
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+        return mini.requires_grad_(True), hf.requires_grad_(True), []
     names = apply_lora(mini, r=args.r, alpha=args.alpha, dropout=0.0, targets="all-linear")
     # B = 0 at init would make step 0 the base model on both sides whatever the adapters do; small random B
     # values make the loss/gradient check below exercise the LoRA path too.
@@ -179,12 +204,13 @@ def load_both(path: Path, args, device: torch.device):
     return mini, ref, names
 
 
-def lora_grads(model, peft_side: bool) -> dict:
-    """LoRA gradients by PEFT's saved-key name (the adapter name 'default' dropped)."""
+def lora_grads(model, peft_side: bool, full: bool = False) -> dict:
+    """LoRA gradients by PEFT's saved-key name (the adapter name 'default' dropped); every gradient by its
+    checkpoint name for full fine-tuning."""
     grads = {}
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
-            key = name.replace(".default.", ".") if peft_side else "base_model.model." + name
+            key = name if full else name.replace(".default.", ".") if peft_side else "base_model.model." + name
             grads[key] = p.grad.detach().float()
     return grads
 
@@ -199,7 +225,8 @@ def check_agreement(mini, ref, batch, cfg, device, amp) -> dict:
     with amp():
         ref_loss = ref(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
     ref_loss.backward()
-    g_mini, g_ref = lora_grads(mini, False), lora_grads(ref, True)
+    full = not any("lora_" in n for n, _ in mini.named_parameters())
+    g_mini, g_ref = lora_grads(mini, False, full), lora_grads(ref, True, full)
     assert set(g_mini) == set(g_ref), "LoRA parameter names differ between the two sides"
     num = math.sqrt(sum(float((g_mini[k] - g_ref[k]).square().sum()) for k in g_ref))
     den = math.sqrt(sum(float(g.square().sum()) for g in g_ref.values()))
@@ -330,27 +357,95 @@ def set_grad_checkpointing(mini, ref, on: bool) -> None:
         disable()
 
 
-def bench_training(mini, ref, batch, cfg, args, device, amp) -> list[dict]:
-    steps = make_train_steps(mini, ref, batch, cfg, device, amp)
-    tokens = batch["input_ids"].numel()
+def workload_batches(ids: torch.Tensor, workloads: str) -> dict:
+    """The training batches by workload name: every token counted, or the first half of each row masked."""
+    batches = {}
+    for w in workloads.split(","):
+        labels = ids.clone()
+        if w == "half":
+            labels[:, :ids.shape[1] // 2] = -100  # SFT: the prompt half is not trained on
+        elif w != "all":
+            raise SystemExit(f"--workloads: unknown {w!r} (all, half)")
+        batches["train step" + (", half masked" if w == "half" else "")] = {"input_ids": ids, "labels": labels}
+    return batches
+
+
+def bench_training(mini, ref, batches: dict, cfg, args, device, amp, peak_gflops) -> list[dict]:
     results = []
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_checkpointing]
-    for gc in modes:
-        set_grad_checkpointing(mini, ref, gc)
-        times = time_interleaved({k: v[0] for k, v in steps.items()}, args.warmup, args.steps, device)
-        mem = {k: peak_memory(fn, model, opt, device) for k, (fn, model, opt) in steps.items()}
-        row = {"workload": "train step" + (" + grad ckpt" if gc else ""), "tokens": tokens}
-        for side in steps:
-            row[side] = {**summarize(times[side], tokens), **mem[side]}
-        results.append(row)
-        if args.profile:
-            for side, (fn, _, _) in steps.items():
-                row[side]["profile"] = profile_table(fn)
-    set_grad_checkpointing(mini, ref, False)
+    for name, batch in batches.items():
+        steps = make_train_steps(mini, ref, batch, cfg, device, amp)
+        tokens = batch["input_ids"].numel()
+        flops = useful_train_flops(mini, batch, args.method)
+        for gc in modes:
+            set_grad_checkpointing(mini, ref, gc)
+            times = time_interleaved({k: v[0] for k, v in steps.items()}, args.warmup, args.steps, device)
+            mem = {k: peak_memory(fn, model, opt, device) for k, (fn, model, opt) in steps.items()}
+            row = {"workload": name + (" + grad ckpt" if gc else ""), "tokens": tokens, "useful_gflop": flops / 1e9}
+            for side in steps:
+                row[side] = {**summarize(times[side], tokens), **mem[side]}
+                step_s = row[side][step_time_key(args)]
+                row[side]["gflops"] = flops / 1e9 / step_s
+                row[side]["gemm_share"] = row[side]["gflops"] / peak_gflops
+            results.append(row)
+            if args.profile:
+                for side, (fn, _, _) in steps.items():
+                    row[side]["profile"] = profile_table(fn)
+        set_grad_checkpointing(mini, ref, False)
     return results
 
 
+def step_time_key(args) -> str:
+    """CPU time when single-threaded on a CPU (what the step needed, whatever else ran), else wall time."""
+    return "cpu_median_s" if args.device == "cpu" and args.threads == 1 else "median_s"
+
+
+def gemm_peak_gflops(device, args, n: int = 2048, calls: int = 5) -> float:
+    """Median GFLOP/s of an (n, n) @ (n, n) float32 matmul: the large-GEMM rate this CPU/GPU reaches now, with
+    the same threads as the benchmark (2n³ FLOPs per call)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    rates = []
+    for i in range(calls + 2):
+        synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        synchronize(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if i >= 2:  # two warm-up calls
+            rates.append(2 * n**3 / 1e9 / (cpu if step_time_key(args) == "cpu_median_s" else wall))
+    return statistics.median(rates)
+
+
+def useful_train_flops(mini, batch: dict, method: str) -> float:
+    """FLOPs a train step cannot avoid, counted as issue 12 counts them (elementwise work and norms left out):
+
+        base linears   2·N·P forward + 2·N·P grad-input (+ 2·N·P grad-weight for full fine-tuning)
+        LoRA           3 × 2·N·Σ r·(d_in + d_out)   (forward, grad-input, grad-weight)
+        attention      3 × 2·B·H·T²·D per layer      (QKᵀ and PV over the causal half, forward; twice that backward)
+        vocabulary     2·N_c·C·V forward + 2·N_c·C·V grad-input (+ grad-weight for full), N_c = counted targets
+    """
+    from minilora.lora import LoRALinear, _is_linear
+
+    c = mini.config
+    B, T = batch["input_ids"].shape
+    N = B * T
+    n_counted = int((batch["labels"][:, 1:] != -100).sum())
+    base = lora = 0
+    for module in mini.model.layers.modules():
+        if isinstance(module, LoRALinear):
+            lora += module.r * (module.in_features + module.out_features)
+        elif _is_linear(module):
+            base += module.in_features * module.out_features
+    base -= lora  # lora_A / lora_B are nn.Linear too and were counted above
+    passes = 3 if method == "full" else 2
+    attention = 6 * B * c.num_attention_heads * T * T * c.head_dim * c.num_hidden_layers
+    head = passes * 2 * n_counted * c.hidden_size * c.vocab_size
+    return passes * 2 * N * base + 6 * N * lora + attention + head
+
+
 def bench_inference(mini, ref, args, device, amp) -> list[dict]:
+    """Forward of the training batch; for each decode batch size: prefill (the prompt + 1 token), generate
+    (prompt + new tokens, greedy) and decode per token (the difference, over new_tokens - 1)."""
     from transformers import GenerationConfig
 
     from minilora.generation import generate
@@ -358,43 +453,48 @@ def bench_inference(mini, ref, args, device, amp) -> list[dict]:
     mini.eval(), ref.eval()
     g = torch.Generator().manual_seed(args.seed + 2)
     ids = torch.randint(3, mini.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
-    prompt = torch.randint(3, mini.config.vocab_size, (args.decode_batch, args.prompt_len), generator=g).to(device)
-
-    def hf_generate(n):
-        # eos_token_id=None: no early stop, both sides produce exactly n tokens
-        gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
-
-    fns = {
-        "forward": {"minilora": lambda: mini(ids), "reference": lambda: ref(input_ids=ids, use_cache=False).logits},
-        "generate 1": {"minilora": lambda: generate(mini, prompt, 1, eos_token_ids=[]),
-                       "reference": lambda: hf_generate(1)},
-        "generate": {"minilora": lambda: generate(mini, prompt, args.new_tokens, eos_token_ids=[]),
-                     "reference": lambda: hf_generate(args.new_tokens)},
-    }
-    stats = {}
-    with torch.no_grad(), amp():
-        for name, pair in fns.items():
-            stats[name] = time_interleaved(pair, 1, args.repeats, device)
-        out_m = generate(mini, prompt, args.new_tokens, eos_token_ids=[])[:, args.prompt_len:]
-        out_r = hf_generate(args.new_tokens)[:, args.prompt_len:]
-    same = int((out_m == out_r).sum()) if out_m.shape == out_r.shape else 0
-    n_new = args.decode_batch * args.new_tokens
     sides = ("minilora", "reference")
-    rows = [{"workload": "forward (no grad)", "tokens": ids.numel(),
-             **{s: summarize(stats["forward"][s], ids.numel()) for s in sides}},
-            {"workload": f"generate {args.prompt_len}+{args.new_tokens}", "tokens": n_new,
-             "greedy_tokens_equal": f"{same}/{out_r.numel()}",
-             **{s: summarize(stats["generate"][s], n_new) for s in sides}}]
-    if args.new_tokens > 1:
-        row = {"workload": "decode, per token", "tokens": args.decode_batch}
-        for s in sides:
-            full, one = summarize(stats["generate"][s], 1), summarize(stats["generate 1"][s], 1)
-            wall = (full["median_s"] - one["median_s"]) / (args.new_tokens - 1)
-            cpu = (full["cpu_median_s"] - one["cpu_median_s"]) / (args.new_tokens - 1)
-            row[s] = {"median_s": wall, "cpu_median_s": cpu,
-                      "tokens_per_s": args.decode_batch / wall if wall > 0 else None}
-        rows.append(row)
+    with torch.no_grad(), amp():
+        fwd = time_interleaved({"minilora": lambda: mini(ids),
+                                "reference": lambda: ref(input_ids=ids, use_cache=False).logits}, 1, args.repeats,
+                               device)
+    rows = [{"workload": "forward (no grad)", "tokens": ids.numel(), **{s: summarize(fwd[s], ids.numel()) for s in sides}}]
+    for db in args.decode_batch:
+        prompt = torch.randint(3, mini.config.vocab_size, (db, args.prompt_len), generator=g).to(device)
+        suffix = "" if db == 1 else f", batch {db}"
+
+        def hf_generate(n, prompt=prompt):
+            # eos_token_id=None: no early stop, both sides produce exactly n tokens
+            gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
+
+        fns = {
+            "generate 1": {"minilora": lambda prompt=prompt: generate(mini, prompt, 1, eos_token_ids=[]),
+                           "reference": lambda: hf_generate(1)},
+            "generate": {"minilora": lambda prompt=prompt: generate(mini, prompt, args.new_tokens, eos_token_ids=[]),
+                         "reference": lambda: hf_generate(args.new_tokens)},
+        }
+        stats = {}
+        with torch.no_grad(), amp():
+            for name, pair in fns.items():
+                stats[name] = time_interleaved(pair, 1, args.repeats, device)
+            out_m = generate(mini, prompt, args.new_tokens, eos_token_ids=[])[:, args.prompt_len:]
+            out_r = hf_generate(args.new_tokens)[:, args.prompt_len:]
+        same = int((out_m == out_r).sum()) if out_m.shape == out_r.shape else 0
+        n_new = db * args.new_tokens
+        rows.append({"workload": f"prefill {args.prompt_len}{suffix}", "tokens": db * args.prompt_len,
+                     **{s: summarize(stats["generate 1"][s], db * args.prompt_len) for s in sides}})
+        rows.append({"workload": f"generate {args.prompt_len}+{args.new_tokens}{suffix}", "tokens": n_new,
+                     "greedy_tokens_equal": f"{same}/{out_r.numel()}",
+                     **{s: summarize(stats["generate"][s], n_new) for s in sides}})
+        if args.new_tokens > 1:
+            row = {"workload": "decode, per token" + suffix, "tokens": db}
+            for s in sides:
+                full, one = summarize(stats["generate"][s], 1), summarize(stats["generate 1"][s], 1)
+                wall = (full["median_s"] - one["median_s"]) / (args.new_tokens - 1)
+                cpu = (full["cpu_median_s"] - one["cpu_median_s"]) / (args.new_tokens - 1)
+                row[s] = {"median_s": wall, "cpu_median_s": cpu, "tokens_per_s": db / wall if wall > 0 else None}
+            rows.append(row)
     return rows
 
 
@@ -405,35 +505,50 @@ def mb(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:,.1f}"
 
 
-def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str) -> str:
-    title = ("QLoRA training vs transformers + bitsandbytes + peft" if "bitsandbytes" in info
-             else "LoRA training vs transformers + peft")
+def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str, peaks=None, method="lora") -> str:
+    title = ("QLoRA training vs transformers + bitsandbytes + peft" if method == "qlora"
+             else "Full fine-tuning vs transformers" if method == "full" else "LoRA training vs transformers + peft")
     head = f"# {title} — {info.get('gpu', info['cpu'])} — {info['date']}\n"
     machine = ", ".join(f"{k}={v}" for k, v in info.items())
     lines = [head, f"Machine: {machine}\n", f"Setup: {', '.join(f'{k}={v}' for k, v in setup.items())}\n"]
     if note:
         lines.append(f"Note: {note}\n")
     lines.append(f"Agreement on identical weights before training: loss minilora {check['loss_minilora']:.6f} vs "
-                 f"reference {check['loss_reference']:.6f} (|diff| {check['loss_abs_diff']:.2e}); LoRA gradients "
+                 f"reference {check['loss_reference']:.6f} (|diff| {check['loss_abs_diff']:.2e}); "
+                 f"{'all' if method == 'full' else 'LoRA'} gradients "
                  f"({check['lora_tensors']} tensors) relative error {check['lora_grad_rel_err']:.2e}.\n")
     lines.append("`speed-up` = reference time / minilora time (> 1: minilora faster), from wall time and, on CPU, "
                  "from process CPU time (steadier on a loaded machine when single-threaded); `memory` = minilora / "
-                 "reference peak. ms: median wall time (min-max) over the timed runs; tok/s from it.\n")
+                 "reference peak. ms: median wall time (min-max) over the timed runs; tok/s from it. "
+                 "`CPU spread`: the lowest and highest CPU-time speed-up of the interleaved rounds.\n")
     cpu = info["device"] == "cpu"
     lines.append("| workload | tokens | minilora ms | reference ms | minilora tok/s | reference tok/s | speed-up "
-                 + ("| speed-up (CPU time) " if cpu else "") + "| minilora peak MB | reference peak MB | memory |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|")
+                 + ("| speed-up (CPU time) | CPU spread " if cpu else "") + "| minilora peak MB | reference peak MB | memory |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cpu else "") + "---:|---:|---:|")
     for row in rows:
         m, r = row["minilora"], row["reference"]
         mem_m, mem_r = m.get("peak_total"), r.get("peak_total")
         mem_ratio = f"{mem_m / mem_r:.2f}" if mem_m and mem_r else ""
         speedup = ratio(r["median_s"], m["median_s"])
         if cpu:
-            speedup += f" | {ratio(r['cpu_median_s'], m['cpu_median_s'])}"
+            speedup += f" | {ratio(r['cpu_median_s'], m['cpu_median_s'])} | {spread(m, r)}"
         lines.append(f"| {row['workload']} | {row['tokens']} | {fmt_ms(m)} | {fmt_ms(r)} | {fmt_rate(m)} "
                      f"| {fmt_rate(r)} | {speedup} "
                      f"| {mb(mem_m) if 'peak_total' in m else ''} | {mb(mem_r) if 'peak_total' in r else ''} "
                      f"| {mem_ratio} |")
+    if peaks:
+        lines.append(f"\nCompute: large-GEMM peak (2048³ float32 matmul, same threads, "
+                     f"{'CPU' if cpu else 'wall'} time) {peaks[0]:,.1f} GFLOP/s at the start of the run and "
+                     f"{peaks[1]:,.1f} at the end; the share below is of the higher. Useful FLOPs per step as "
+                     "useful_train_flops() counts them (base forward + grad-input, LoRA x3, attention, head over "
+                     "the counted rows):\n")
+        for row in rows:
+            if "gflops" in row["minilora"]:
+                m, r = row["minilora"], row["reference"]
+                lines.append(f"- {row['workload']}: {row['useful_gflop']:,.1f} GFLOP; minilora {m['gflops']:,.1f} "
+                             f"GFLOP/s = {m['gemm_share']:.0%} of peak, reference {r['gflops']:,.1f} GFLOP/s = "
+                             f"{r['gemm_share']:.0%}")
+    lines += target_lines(rows, method)
     extra = [row for row in rows if "peak_above_resident" in row["minilora"]]
     if extra:
         lines.append("\nPeak memory split: resident (weights + optimizer state) + step (activations, gradients, "
@@ -451,6 +566,37 @@ def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str) 
     return "\n".join(lines) + "\n"
 
 
+def spread(m: dict, r: dict) -> str:
+    pairs = [a / b for a, b in zip(r.get("cpu_times_s", []), m.get("cpu_times_s", [])) if a > 0 and b > 0]
+    return f"{min(pairs):.2f}-{max(pairs):.2f}" if len(pairs) > 1 else ""
+
+
+def target_lines(rows: list[dict], method: str) -> list[str]:
+    """Each issue-12 target against this run's CPU-time (or wall) medians: met, or missed by how much."""
+    def key(side):
+        return "cpu_median_s" if side.get("cpu_median_s") else "median_s"
+
+    out = ["\nTargets (issue 12; benchmark targets, not assertions):\n"]
+    for row in rows:
+        m, r, w = row["minilora"], row["reference"], row["workload"]
+        goal = (TARGETS["qlora"] if method == "qlora" and w.startswith("train step")
+                else TARGETS.get(w.replace(" + grad ckpt", "")) if w.startswith("train step")
+                else TARGETS["decode batch 1"] if w == "decode, per token" else None)
+        if goal and m[key(m)] > 0 and r[key(r)] > 0:
+            got = r[key(r)] / m[key(m)]
+            out.append(f"- {w}: speed-up {got:.2f}x, target {goal}x: "
+                       + ("met" if got >= goal else f"missed by {goal - got:.2f}x ({got / goal - 1:+.0%})"))
+        if m.get("peak_total") and r.get("peak_total"):
+            mem = m["peak_total"] / r["peak_total"]
+            out.append(f"- {w}: memory {mem:.2f}x the reference, target <= {TARGETS['memory']}x: "
+                       + ("met" if mem <= TARGETS["memory"] else f"missed by {mem - TARGETS['memory']:.2f}x"))
+        if "gemm_share" in m:
+            share = m["gemm_share"]
+            out.append(f"- {w}: {share:.0%} of the GEMM peak, target {TARGETS['gemm share']:.0%}: "
+                       + ("met" if share >= TARGETS["gemm share"] else f"missed by {TARGETS['gemm share'] - share:.0%}"))
+    return out
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if a > 0 and b > 0 else "n/a"
 
@@ -466,9 +612,11 @@ def fmt_ms(side: dict) -> str:
     return text
 
 
-def save(report: str, data: dict, out: Path, info: dict) -> Path:
-    method = "qlora_" if "bitsandbytes" in info else ""
-    return harness.save_results(out / f"{method}train_vs_peft_{info['device']}_{info['date']}", report, data)
+def save(report: str, data: dict, out: Path, info: dict, args) -> Path:
+    method = "" if args.method == "lora" else args.method + "_"
+    shape = "smollm2_" if args.shape == "smollm2" and not args.model else ""
+    shape += "inference_" if args.no_train else "train_" if args.no_inference and shape else ""
+    return harness.save_results(out / f"{method}{shape}train_vs_peft_{info['device']}_{info['date']}", report, data)
 
 
 def describe_setup(args, mini, ref, names) -> dict:
@@ -478,13 +626,16 @@ def describe_setup(args, mini, ref, names) -> dict:
     c = mini.config
     trainable_ref = sum(p.numel() for p in ref.parameters() if p.requires_grad)
     return {"model": args.model or f"random Llama C={c.hidden_size} L={c.num_hidden_layers} "
-            f"H={c.num_attention_heads}/{c.num_key_value_heads} I={c.intermediate_size} V={c.vocab_size}",
+            f"H={c.num_attention_heads}/{c.num_key_value_heads} I={c.intermediate_size} V={c.vocab_size}"
+            + (" tied" if c.tie_word_embeddings else "") + (" (SmolLM2-135M's shape)" if args.shape == "smollm2" else ""),
             "lora": f"r={args.r} alpha={args.alpha:g} on {len(names)} linears "
             f"({','.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})",
-            "base": "NF4, double quantization, blocksize 64" if args.method == "qlora" else args.dtype,
+            "base": "NF4, double quantization, blocksize 64" if args.method == "qlora" else args.dtype
+            + (", every weight trains" if args.method == "full" else ""),
             "trainable": f"{count_parameters(mini)[0]:,} vs {trainable_ref:,}",
             "batch": f"B={args.batch} T={args.seq}", "steps": f"{args.warmup} warm-up + {args.steps} timed",
-            "decode": f"batch {args.decode_batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens"}
+            "decode": f"batch {','.join(map(str, args.decode_batch))}, prompt {args.prompt_len}, "
+            f"{args.new_tokens} new tokens, greedy"}
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -513,29 +664,38 @@ def main(argv=None) -> int:
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bfloat16" else nullcontext
     # The trainer's own configuration: constant lr, clip at 1.0, autocast in args.dtype (see minilora/trainer.py).
     cfg = TrainConfig(r=args.r, alpha=args.alpha, dropout=0.0, lr=1e-4, warmup_steps=0, schedule="constant",
-                      max_grad_norm=1.0, dtype=args.dtype, device=args.device)
+                      max_grad_norm=1.0, dtype=args.dtype, device=args.device,
+                      method="full" if args.method == "full" else "lora")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model) if args.model else build_llama(Path(tmp), args)
         mini, ref, names = load_both(path, args, device)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, mini.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
-    batch = {"input_ids": ids, "labels": ids}
+    batches = workload_batches(ids, args.workloads)
     setup = describe_setup(args, mini, ref, names)
 
-    check = check_agreement(mini, ref, batch, cfg, device, amp)
+    check = check_agreement(mini, ref, next(iter(batches.values())), cfg, device, amp)
     print(f"step-0 loss: minilora {check['loss_minilora']:.6f}, reference {check['loss_reference']:.6f}, "
           f"|diff| {check['loss_abs_diff']:.2e}; LoRA grad rel err {check['lora_grad_rel_err']:.2e}", flush=True)
-    rows = bench_training(mini, ref, batch, cfg, args, device, amp)
+    peak_start = gemm_peak_gflops(device, args)
+    print(f"large-GEMM peak: {peak_start:,.1f} GFLOP/s", flush=True)
+    rows = [] if args.no_train else bench_training(mini, ref, batches, cfg, args, device, amp, peak_start)
     if not args.no_inference:
         rows += bench_inference(mini, ref, args, device, amp)
+    peak_end = gemm_peak_gflops(device, args)
+    for row in rows:  # the share of the higher of the two peaks (the machine's load moves them)
+        for side in ("minilora", "reference"):
+            if "gflops" in row[side]:
+                row[side]["gemm_share"] = row[side]["gflops"] / max(peak_start, peak_end)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["gemm_peak_gflops"] = [round(peak_start, 1), round(peak_end, 1)]
 
-    report = markdown(info, setup, check, rows, args.note)
+    report = markdown(info, setup, check, rows, args.note, (peak_start, peak_end), args.method)
     print(report)
     if not args.no_save:
         data = {"machine": info, "setup": setup, "args": {k: str(v) for k, v in vars(args).items()},
                 "agreement": check, "rows": rows}
-        print(f"wrote {save(report, data, args.out, info)} (+ .json)")
+        print(f"wrote {save(report, data, args.out, info, args)} (+ .json)")
     return 0
 
 

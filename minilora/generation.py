@@ -53,7 +53,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
 
-    cache = KVCache()
+    cache = KVCache(max_len=ids.shape[1] + max_new_tokens)  # buffers sized once: no step copies the past
     logits = prefill(model, ids, mask, cache)  # (B, V)
     rope_switches = longrope_switch_lengths(model.config)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -69,7 +69,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
             break
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)  # (B, S + 1)
         if any(cache.seq_len <= n < mask.shape[1] for n in rope_switches):  # the sequence just outgrew n tokens
-            cache = KVCache()
+            cache = KVCache(max_len=ids.shape[1] + max_new_tokens)
             logits = prefill(model, torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1), mask, cache)
         else:
             logits = model(token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # one token per row

@@ -63,9 +63,15 @@ class LoRALinear(nn.Module):
         y = self.base(x)  # (..., d_out)
         if self.merged:  # W0 already holds W0 + scale·B·A
             return y
-        x = self.dropout(x).to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(x)) * self.scale  # (..., d_in) -> (..., r) -> (..., d_out)
-        return (y + update).to(y.dtype)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmuls cast for themselves; casting x to float32 here would only make autocast
+            # cast it back (2 conversions of the activation forward, 2 backward, per LoRA linear).
+            x = x.to(self.lora_A.weight.dtype)
+        xa = self.lora_A(x).flatten(0, -2)  # (N, r), N = all leading dims
+        # y + scale · (x Aᵀ) Bᵀ in one addmm: no separate pass for × scale and for + y.
+        out = torch.addmm(y.flatten(0, -2).to(xa.dtype), xa, self.lora_B.weight.T, alpha=self.scale)  # (N, d_out)
+        return out.view(y.shape).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scale · B A, shape (d_out, d_in), in float32."""

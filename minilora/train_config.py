@@ -79,6 +79,7 @@ class TrainConfig:
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast for compute; LoRA weights stay float32)
     device: str = "auto"  # "cpu", "cuda" or "auto"
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 (per block) instead of DDP (distributed.py)
+    threads: int | None = None  # torch CPU threads (torch.set_num_threads); unset: torch's default / OMP_NUM_THREADS
     log_every: int = 1  # steps between progress lines / metrics records
     sample_prompts: str = ""  # prompts (separated by "|") generated before and after training
     sample_tokens: int = 40  # tokens generated per sample prompt
@@ -98,6 +99,8 @@ class TrainConfig:
             raise MiniloraError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             raise MiniloraError(f"--lr must be positive, got {self.lr}")
+        if self.threads is not None and self.threads < 1:
+            raise MiniloraError(f"--threads must be at least 1, got {self.threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise MiniloraError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.epochs <= 0:

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from minilora.errors import MiniloraError
 from minilora.lora import (LoRALinear, add_lora, apply_lora, count_parameters, linear_names, merge_lora,
@@ -370,3 +372,42 @@ def test_injected_layers_follow_the_models_train_or_eval_mode():
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
     model.train()
     assert not torch.equal(model(x), model(x))  # dropout active in training
+
+
+class ActivationOps(TorchDispatchMode):
+    """The aten ops that take or make a tensor with the activation's leading dims `lead` (N tokens, any width)."""
+
+    def __init__(self, lead):
+        super().__init__()
+        self.lead, self.ops = lead, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, out))[0] if isinstance(t, torch.Tensor)]
+        if any(t.shape[:-1] == self.lead or t.shape[:1] == (self.lead.numel(),) for t in tensors):
+            self.ops.append(func.__name__)
+        return out
+
+
+def test_autocast_lora_forward_has_no_dtype_round_trip_and_one_fused_addmm():
+    """bf16 base under bf16 autocast (the GPU set-up, run here on CPU): the activation is never converted (casting
+    it to float32 made autocast cast it back: 2 conversions forward + 2 backward), × scale and + y are one addmm.
+    The result equals the float32 computation up to bf16 rounding."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96, bias=False).to(torch.bfloat16)  # no bias: the base is a plain mm, not an addmm
+    lora = LoRALinear(base, r=8, alpha=16)
+    nn.init.normal_(lora.lora_B.weight, std=0.1)
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    lead = torch.Size((4, 16))
+    with ActivationOps(lead) as forward:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lora(x)
+    with ActivationOps(lead) as backward:
+        y.sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert "_to_copy.default" not in forward.ops + backward.ops, (forward.ops, backward.ops)
+    assert forward.ops.count("addmm.default") == 1
+    assert "mul.Tensor" not in forward.ops and "add.Tensor" not in forward.ops, forward.ops
+    xf = x.detach().float()
+    expected = base.float()(xf) + 2.0 * xf @ lora.lora_A.weight.T @ lora.lora_B.weight.T
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)

@@ -314,3 +314,70 @@ def test_accumulation_over_unequal_micro_batches_equals_one_big_batch():
     for mid, my in micro:
         (next_token_loss(model(mid), my)[0] / len(micro)).backward()
     assert max((p.grad - e).abs().max().item() for p, e in zip(model.parameters(), expected)) > 1e-3
+
+
+# ---------------------------------------------------------------- only counted rows are projected
+
+
+def oracle(hidden, weight, labels, softcap=None):
+    """F.cross_entropy (sum) over the full (B·T, V) logits of the shifted targets: nothing skipped."""
+    logits = hidden.float() @ weight.float().T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    V = weight.shape[0]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def masked_labels(B, T, V, case):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    if case == "half masked":  # an SFT batch: the first half of every row is prompt
+        labels[:, :T // 2] = -100
+    elif case == "a chunk all masked":  # rows 0 and 1 (the first chunks of B·T positions) entirely ignored
+        labels[:2] = -100
+    return labels  # "none masked": every target counted (only each row's last position predicts nothing)
+
+
+@pytest.mark.parametrize("case", ["half masked", "a chunk all masked", "none masked"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_counted_rows_only_equals_cross_entropy(case, softcap):
+    torch.manual_seed(0)
+    B, T, C, V, chunk = 4, 12, 16, 301, 5  # chunk does not divide the number of counted rows
+    hidden = torch.randn(B, T, C, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(V, C) / C**0.5).requires_grad_()
+    labels = masked_labels(B, T, V, case)
+    loss, n = chunked_next_token_loss(hidden, weight, labels, chunk_size=chunk, softcap=softcap)
+    ref = oracle(hidden, weight, labels, softcap)
+    assert n.item() == (labels[:, 1:] != -100).sum().item()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    g_h, g_w = torch.autograd.grad(loss * 0.3, (hidden, weight))
+    r_h, r_w = torch.autograd.grad(ref * 0.3, (hidden, weight))
+    torch.testing.assert_close(g_h, r_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-5, atol=1e-6)
+    ignored = torch.cat([labels[:, 1:] == -100, torch.ones(B, 1, dtype=torch.bool)], 1)  # (B, T) targets ignored
+    assert torch.all(g_h[ignored] == 0) and torch.any(g_h[~ignored] != 0)
+
+
+class MatmulRows(TorchDispatchMode):
+    """Records the rows M of every (M, K) @ (K, N) product whose N is the vocabulary size."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.rows = V, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and args[1].shape[-1] == self.V:
+            self.rows.append(args[0].shape[0])
+        return out
+
+
+def test_masked_rows_are_not_projected():
+    """Half the targets masked -> the vocabulary matmuls see only the counted rows (hand count: 4 × 6)."""
+    B, T, C, V = 4, 12, 8, 97
+    hidden = torch.randn(B, T, C, requires_grad=True)
+    labels = masked_labels(B, T, V, "half masked")  # labels 6..11 of each row: 6 targets
+    with MatmulRows(V) as seen:
+        loss, n = chunked_next_token_loss(hidden, torch.randn(V, C), labels, chunk_size=7)
+    assert n.item() == 24 and sum(seen.rows) == 24 and max(seen.rows) == 7

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from minilora.formats.safetensors_folder import load_model
@@ -140,6 +141,59 @@ def test_kv_cache_decoding_equals_full_forward(models, family):
         assert min(kept) == 7
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("max_len", [None, 40])
+def test_preallocated_cache_decodes_across_windows_without_copying_the_past(models, family, max_len):
+    """40 tokens (5 windows of 8): prefill 11 (more than a window), then steps of 1, 3 and 2 tokens. The logits
+    equal the full forward's; with max_len every layer writes into the buffer it got at prefill (same storage to
+    the end: no step reallocates or concatenates), and a sliding layer's buffer stays at two windows (16)."""
+    ours, _ = models(family)
+    ids = random_ids(2, 40, seed=5)
+    cuts = [0, 11] + list(range(12, 20)) + list(range(20, 32, 3)) + list(range(32, 41, 2))
+    with torch.no_grad():
+        full = ours(ids)
+        cache = KVCache(max_len=max_len)
+        steps, storages = [], None
+        for a, b in zip(cuts, cuts[1:]):
+            steps.append(ours(ids[:, a:b], kv_cache=cache))
+            if storages is None:
+                storages = [k.untyped_storage().data_ptr() for k in cache.keys]
+    assert cache.seq_len == 40
+    assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+    cfg = ours.config
+    kept = [40 if lt == "full_attention" else cfg.sliding_window - 1 for lt in cfg.layer_types]
+    assert [k.shape[2] for k in cache.keys] == kept == [v.shape[2] for v in cache.values]
+    if max_len is not None:
+        assert [k.untyped_storage().data_ptr() for k in cache.keys] == storages
+        capacity = [40 if lt == "full_attention" else 2 * cfg.sliding_window for lt in cfg.layer_types]
+        assert [buf.shape[2] for buf in cache._k] == capacity
+
+
+class OpNames(TorchDispatchMode):
+    """Names of the aten ops run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # SDPA's enable_gqa; gemma2: the soft-capped path
+def test_grouped_query_attention_never_repeats_keys(models, family):
+    ours, _ = models(family)
+    assert ours.config.num_attention_heads > ours.config.num_key_value_heads
+    ids = random_ids(1, 6)
+    with torch.no_grad(), OpNames() as ops:
+        cache = KVCache()
+        ours(ids[:, :5], kv_cache=cache)
+        ours(ids[:, 5:], kv_cache=cache)
+    assert "_scaled_dot_product_flash_attention_for_cpu.default" in ops.names or family == "gemma2"
+    assert not [n for n in ops.names if "repeat" in n]  # repeat_interleave / repeat: copies of the K/V heads
+
+
 @pytest.mark.parametrize("T", [8, 16, 17, 24])
 def test_longrope_logits_match_transformers_on_both_sides_of_original_max(models, T):
     """phi3_longrope pre-trained on 16 tokens: up to 16 the short factors rotate, from 17 on the long ones."""
@@ -208,6 +262,55 @@ def test_segment_ids_keep_packed_samples_apart(models, family):
         # explicit restarted position_ids give the same result as the default derived from segment_ids
         positions = torch.tensor([list(range(9)) + list(range(13)) + [0, 1]])
         assert (ours(packed, segment_ids=segments, position_ids=positions) - got).abs().max() < TOL
+
+
+class BoolMasks(TorchDispatchMode):
+    """Shapes of the boolean tensors with two trailing dims of T (attention masks) created inside the mode."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T, self.shapes = T, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.shape[-2:] == (self.T, self.T):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "gemma3_text"])  # qwen2, gemma3: mixed layers
+def test_per_segment_attention_equals_the_dense_mask(models, family):
+    """The CUDA path for packed rows, forced on CPU tensors: segments of 1, 15, 16, 17, 40 and padding tokens
+    (buckets 16, 32 and 64) give the same logits and gradients as the dense (B, 1, T, T) mask, which is not built
+    for full-attention layers (sliding layers keep the mask: is_causal cannot express a window)."""
+    ours, _ = models(family)
+    T = 58
+    ids = random_ids(2, T, seed=8)
+    segments = torch.tensor([[1] * 17 + [2] * 40 + [0],
+                             [1] * 1 + [2] * 15 + [3] * 16 + [4] * 21 + [0] * 5])
+    mask = (segments > 0).long()
+    results = {}
+    embeddings = ours.model.embed_tokens.weight
+    was_trainable = embeddings.requires_grad  # the model is shared by the module's tests: leave it as found
+    for per_segment in (False, True):
+        ours.per_segment_attention = per_segment
+        ours.zero_grad(set_to_none=True)
+        embeddings.requires_grad_(True)
+        try:
+            with BoolMasks(T) as seen:
+                logits = ours(ids, attention_mask=mask, segment_ids=segments)
+            (logits[mask.bool()].square().mean()).backward()
+            results[per_segment] = (logits.detach(), embeddings.grad.clone(), seen.shapes)
+        finally:
+            ours.per_segment_attention = None
+            embeddings.requires_grad_(was_trainable)
+            ours.zero_grad(set_to_none=True)
+    real = mask.bool()
+    assert (results[True][0][real] - results[False][0][real]).abs().max() < TOL
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    assert (2, 1, T, T) in results[False][2]  # the dense path builds it ...
+    if "sliding_attention" not in ours.config.layer_types:
+        assert results[True][2] == []  # ... the per-segment path does not
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])  # untied, tied, tied + final soft-capping

@@ -268,3 +268,61 @@ def test_epochs_set_the_number_of_steps(tiny, tmp_path):
     train(config(tiny, tmp_path, max_steps=None, epochs=2, batch_size=2, grad_accum=2, eval_every=0))
     expected = 2 * ((len(blocks) // 2) // 2)
     assert max(losses(tmp_path)) == expected and expected >= 4
+
+
+def test_fused_adamw_exactly_when_every_parameter_is_on_cuda(tiny):
+    from types import SimpleNamespace
+
+    from minilora.formats.safetensors_folder import load_model
+    from minilora.trainer import make_optimizer, use_fused_adamw
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    assert use_fused_adamw([cuda, cuda]) and not use_fused_adamw([cuda, cpu]) and not use_fused_adamw([])
+    model_dir, _ = tiny
+    optimizer = make_optimizer(load_model(model_dir).requires_grad_(True), TrainConfig(model=str(model_dir)))
+    assert not optimizer.defaults["fused"]  # CPU: torch's default
+
+
+def test_train_step_syncs_with_the_host_a_fixed_number_of_times(tiny):
+    """.item() / int() / float() on a tensor run aten._local_scalar_dense (on a GPU: wait for all queued work).
+    Their number per step does not grow with the micro-batches (the loss is summed on the device); the CPU's
+    AdamW reads its step counters this way too, which is why the count is compared, not hard-coded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minilora.formats.safetensors_folder import load_model
+    from minilora.lora import apply_lora
+    from minilora.trainer import make_optimizer, train_step
+
+    class HostSyncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    model_dir, _ = tiny
+    cfg = TrainConfig(model=str(model_dir), lr=1e-2, warmup_steps=0, max_grad_norm=1.0)
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(2))
+    counts = []
+    for n_micro in (1, 4):
+        model = load_model(model_dir)
+        apply_lora(model, r=4, alpha=8)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        batches = [{"input_ids": ids, "labels": ids.clone()} for _ in range(n_micro)]
+        with HostSyncs() as syncs:
+            stats = train_step(model, optimizer, scheduler, batches, cfg, torch.device("cpu"))
+        assert stats["tokens"] == 18 * n_micro and math.isfinite(stats["loss"])
+        counts.append(syncs.n)
+    assert counts[0] == counts[1]
+
+
+def test_threads_flag_and_nothing_else_caps_torch_threads():
+    assert parse_args(["--threads", "3"]).threads == 3 and parse_args([]).threads is None
+    with pytest.raises(MiniloraError, match="--threads"):
+        TrainConfig(threads=0)
+    root = Path(__file__).resolve().parents[1]
+    callers = [p.relative_to(root).as_posix() for folder in ("minilora", "tutorials")
+               for p in sorted((root / folder).rglob("*.py")) if "set_num_threads(" in p.read_text(encoding="utf-8")]
+    assert callers == ["minilora/trainer.py"]  # applying --threads, only when set
+    assert "if cfg.threads:" in (root / "minilora" / "trainer.py").read_text(encoding="utf-8")

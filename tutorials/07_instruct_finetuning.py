@@ -26,7 +26,6 @@
 # %%
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -48,7 +47,6 @@ from minilora.train import train
 from minilora.train_config import TrainConfig
 
 torch.manual_seed(0)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 T0 = time.time()
 FAST = _course.FAST
 

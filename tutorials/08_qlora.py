@@ -70,7 +70,6 @@ from minilora.train import train
 from minilora.train_config import TrainConfig
 
 torch.manual_seed(0)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 T0 = time.time()
 FAST = _course.FAST
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
