@@ -91,3 +91,26 @@ def test_tutorial_is_a_bilingual_notebook(path: Path):
         assert 0 <= korean < english, (f"{path.name}, markdown cell {i}: expected a **한국어** paragraph followed by an "
                                        f"**English** one:\n{text[:300]}")
         assert re.search("[가-힣]", text[korean:english]), f"{path.name}, markdown cell {i}: the Korean part is empty"
+
+
+def test_a_chapter_runs_as_a_notebook(model_cache: Path, tmp_path: Path, monkeypatch):
+    """Chapter 2 converted with jupytext and executed in a Jupyter kernel (as a student opens it): every cell runs,
+    its figure is displayed inline as SVG (_course.show_figure in a kernel), and its exercise cell prints."""
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    out = tmp_path / "figures"
+    for key, value in _env(model_cache, out).items():
+        monkeypatch.setenv(key, value)
+    root = str(TUTORIALS.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))  # this checkout
+    notebook = jupytext.read(TUTORIALS / "02_full_vs_peft.py")
+    assert sum(cell.cell_type == "markdown" for cell in notebook.cells) >= 3
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(TUTORIALS)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    svgs = [o for o in outputs if "image/svg+xml" in o.get("data", {})]
+    assert svgs and all("<svg" in o["data"]["image/svg+xml"] for o in svgs), "no figure displayed inline"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "[figure] " in text and "[exercise] 2.1" in text

@@ -343,3 +343,43 @@ print(f"\nLoRA keeps {lora['Adam bytes'] / full['Adam bytes']:.2%} of full fine-
 #   precision a master weight), several times the memory of inference.
 # - LoRA cuts the trainable parameters to Σ r·(d_in + d_out), so gradients and optimizer states almost vanish. What
 #   remains large is the frozen weights themselves — exactly what chapter 5's 4-bit quantization shrinks.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/02_full_vs_peft.py`).
+#
+# 1. **r을 바꾸면 학습 파라미터는?** `lora_trainable(d_in, d_out, r)`: LoRA 층 하나의 학습 파라미터 수를 종이 위에서
+#    예측하세요. 검사는 실제 `LoRALinear`의 파라미터를 셉니다.
+# 2. **전체 파인튜닝의 바이트.** `full_ft_bytes(n)`: fp32 가중치, 기울기, AdamW의 두 모멘트를 합한 바이트. 검사는
+#    AdamW 한 스텝 뒤의 텐서를 실제로 잽니다.
+# 3. **모델 전체의 예측.** `predict_trainable(model, r, targets)`: LoRA를 붙이기 **전에** 학습 파라미터 수를
+#    예측하세요(`minilora.lora.select_targets`가 감쌀 층의 이름을 알려 줍니다). 모델을 바꾸면 안 됩니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/02_full_vs_peft.py`).
+#
+# 1. **Change r, predict the trainable count.** `lora_trainable(d_in, d_out, r)`: predict one LoRA layer's trainable
+#    parameters on paper; the check counts a real `LoRALinear`'s.
+# 2. **Full fine-tuning's bytes.** `full_ft_bytes(n)`: fp32 weights, gradients and AdamW's two moments together; the
+#    check measures the tensors after one AdamW step.
+# 3. **A whole model.** `predict_trainable(model, r, targets)`: predict the trainable count **before** applying LoRA
+#    (`minilora.lora.select_targets` names the layers it would wrap), without changing the model.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def lora_trainable(d_in: int, d_out: int, r: int) -> int:
+    raise NotImplementedError  # your code here
+
+
+def full_ft_bytes(n_params: int) -> int:
+    raise NotImplementedError  # your code here
+
+
+def predict_trainable(model, r: int, targets) -> int:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["2.1"], lora_trainable)
+_exercises.try_it(_exercises.EXERCISES["2.2"], full_ft_bytes)
+_exercises.try_it(_exercises.EXERCISES["2.3"], predict_trainable)

@@ -244,3 +244,43 @@ assert (grad_norm[ignored] == 0).all() and (grad_norm[~ignored] > 0).all()
 #   `labels` keeps the loss from counting it.
 # - The cells above checked that the masked batch loss equals the per-sentence loss and that positions with
 #   target `-100` get exactly zero gradient.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/03_tokens.py`).
+#
+# 1. **패딩을 손으로.** `pad_batch(rows, pad_id)`: `pad_collate`처럼 오른쪽을 채운 `(input_ids, attention_mask,
+#    labels)`를 만드세요.
+# 2. **`-100` 마스크를 직접.** `mask_prompt(input_ids, prompt_len)`: 앞의 `prompt_len`개 토큰의 라벨을 `-100`으로
+#    바꾼 새 목록을 돌려주세요. 인스트럭트 파인튜닝에서 프롬프트를 학습하지 않는 방법이 바로 이것입니다.
+# 3. **마스킹한 손실.** `masked_loss(logits, labels)`: 한 칸 밀어서 `-100`을 뺀 교차 엔트로피의 평균
+#    (`F.cross_entropy(..., ignore_index=-100)`이 도와줍니다). 검사는 `next_token_loss`와 비교합니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/03_tokens.py`).
+#
+# 1. **Padding by hand.** `pad_batch(rows, pad_id)`: build right-padded `(input_ids, attention_mask, labels)` as
+#    `pad_collate` does.
+# 2. **Write the `-100` mask yourself.** `mask_prompt(input_ids, prompt_len)`: return a new list with the first
+#    `prompt_len` labels set to `-100` — how instruct fine-tuning leaves the prompt untrained.
+# 3. **The masked loss.** `masked_loss(logits, labels)`: the shifted cross-entropy averaged over targets that are not
+#    `-100` (`F.cross_entropy(..., ignore_index=-100)` helps); the check compares with `next_token_loss`.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def pad_batch(rows: list[list[int]], pad_id: int):
+    raise NotImplementedError  # your code here
+
+
+def mask_prompt(input_ids: list[int], prompt_len: int) -> list[int]:
+    raise NotImplementedError  # your code here
+
+
+def masked_loss(logits, labels):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["3.1"], pad_batch)
+_exercises.try_it(_exercises.EXERCISES["3.2"], mask_prompt)
+_exercises.try_it(_exercises.EXERCISES["3.3"], masked_loss)

@@ -438,3 +438,41 @@ _course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss
 # - `scale = alpha/r` (alpha/√r with rsLoRA) sets the size of the update.
 # - A model merged with `merge()`/`merge_lora` gives the same outputs as before merging.
 # - DoRA splits W' into a magnitude m (trained directly) and a direction (trained with LoRA): `DoRALinear`.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/04_lora.py`).
+#
+# 1. **LoRA의 순전파.** `lora_forward(x, W0, A, B, alpha, r)`: 행 벡터 `x`에 대해 `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ`.
+#    "A가 압축하고(d_in → r) B가 펼칩니다(r → d_out)".
+# 2. **초기화.** `init_lora(d_in, d_out, r)`: `(A, B)`를 만드세요. 검사는 첫 스텝의 모델이 원래 모델과 같은지(B = 0),
+#    그리고 B가 실제로 기울기를 받는지 봅니다. A도 0이면 어떻게 되는지 먼저 예측해 보세요.
+# 3. **병합.** `merged_weight(W0, A, B, alpha, r)`: `merge_lora`가 쓰는 가중치.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/04_lora.py`).
+#
+# 1. **LoRA's forward.** `lora_forward(x, W0, A, B, alpha, r)`: for row vectors `x`,
+#    `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ` — "A compresses (d_in → r), B expands (r → d_out)".
+# 2. **Initialisation.** `init_lora(d_in, d_out, r)`: make `(A, B)`. The check tests that the model at step 0 is the
+#    original one (B = 0) and that B really gets a gradient. Predict first what happens if A is zero too.
+# 3. **Merging.** `merged_weight(W0, A, B, alpha, r)`: the weight `merge_lora` writes.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def lora_forward(x, W0, A, B, alpha, r):
+    raise NotImplementedError  # your code here
+
+
+def init_lora(d_in: int, d_out: int, r: int):
+    raise NotImplementedError  # your code here
+
+
+def merged_weight(W0, A, B, alpha, r):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["4.1"], lora_forward)
+_exercises.try_it(_exercises.EXERCISES["4.2"], init_lora)
+_exercises.try_it(_exercises.EXERCISES["4.3"], merged_weight)

@@ -406,3 +406,35 @@ for name, shape in _course.REAL_MODELS.items():
 # - Double quantization re-quantizes the absmax values to 8 bits, saving bits per weight at almost no error.
 # - Chapter 8 trains LoRA on top of these frozen 4-bit weights (QLoRA) and walks through the Triton kernel that
 #   dequantizes and multiplies in one pass.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/05_quantization.py`).
+#
+# 1. **NF4 왕복.** `nf4_roundtrip(x)`: 64개 값의 블록 하나를 absmax로 나누고, `NF4_CODE`의 16개 값 중 가장 가까운
+#    값으로 바꾼 뒤 다시 absmax를 곱하세요. 검사는 `quantize_nf4`/`dequantize_nf4`와 비교합니다.
+# 2. **파라미터당 비트.** `bits_per_parameter(double_quant)`: 큰 가중치에서 NF4가 쓰는 비트(코드 4비트 + 블록
+#    스케일). 이중 양자화가 있을 때와 없을 때를 종이 위에서 계산하세요.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/05_quantization.py`).
+#
+# 1. **An NF4 round trip.** `nf4_roundtrip(x)`: divide one block of 64 values by its absmax, replace each by the
+#    nearest of `NF4_CODE`'s 16 values, multiply by absmax again; the check compares with
+#    `quantize_nf4`/`dequantize_nf4`.
+# 2. **Bits per parameter.** `bits_per_parameter(double_quant)`: what NF4 stores per weight of a large matrix (the
+#    4-bit code plus the block scales), with and without double quantization, worked out on paper.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def nf4_roundtrip(x):
+    raise NotImplementedError  # your code here
+
+
+def bits_per_parameter(double_quant: bool) -> float:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["5.1"], nf4_roundtrip)
+_exercises.try_it(_exercises.EXERCISES["5.2"], bits_per_parameter)

@@ -386,7 +386,7 @@ config = TrainConfig(
     r=R, alpha=ALPHA, dropout=0.05, targets="all-linear",
     block_size=BLOCK_SIZE, val_fraction=VAL_FRACTION, batch_size=8, lr=2e-3, warmup_steps=_course.steps(10, 1),
     max_steps=_course.steps(80, 4), eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1),
-    output=str(RUN), seed=0, device="cpu",
+    output=str(RUN), seed=0, device="auto",
 )
 print(config.to_toml())
 
@@ -498,3 +498,38 @@ for f in FACTS:
 # %%
 print(f"adapter: {RUN / 'adapter'}")
 print(f"chapter 6 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/06_base_finetuning.py`).
+#
+# 1. **패킹.** `pack(docs, block_size, eos_id)`: 문서마다 뒤에 EOS를 붙여 하나로 잇고 `block_size`마다 자르세요
+#    (2토큰보다 짧은 마지막 블록은 버립니다). 검사는 `pack_into_blocks`와 비교합니다.
+# 2. **pad == eos의 함정.** `lm_labels(input_ids, attention_mask)`: 패딩에만 `-100`을 주는 라벨. 허깅페이스의
+#    `DataCollatorForLanguageModeling(mlm=False)`는 `input_ids == pad_token_id`인 곳을 `-100`으로 바꾸므로, 흔히
+#    하듯 `pad_token = eos_token`으로 두면 진짜 EOS까지 지워져 모델이 멈추는 법을 배우지 못합니다. 검사의 배치가
+#    바로 그 경우입니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/06_base_finetuning.py`).
+#
+# 1. **Packing.** `pack(docs, block_size, eos_id)`: join the documents with EOS after each and cut every
+#    `block_size` tokens (dropping a last block shorter than 2 tokens); the check compares with `pack_into_blocks`.
+# 2. **The pad == eos pitfall.** `lm_labels(input_ids, attention_mask)`: labels with `-100` on padding only. Hugging
+#    Face's `DataCollatorForLanguageModeling(mlm=False)` sets `-100` wherever `input_ids == pad_token_id`, so the common
+#    `pad_token = eos_token` also erases the real EOS, and the model never learns to stop. The check's batch is that
+#    case.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def pack(docs: list[list[int]], block_size: int, eos_id: int) -> list[list[int]]:
+    raise NotImplementedError  # your code here
+
+
+def lm_labels(input_ids, attention_mask):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["6.1"], pack)
+_exercises.try_it(_exercises.EXERCISES["6.2"], lm_labels)

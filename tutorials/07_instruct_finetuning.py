@@ -363,7 +363,7 @@ config = TrainConfig(
     r=16, alpha=32.0, dropout=0.05, targets="all-linear",
     block_size=MAX_LEN, val_fraction=VAL_FRACTION, batch_size=4, lr=2e-3, warmup_steps=_course.steps(10, 1),
     max_steps=_course.steps(100, 4), eval_every=_course.steps(20, 0), log_every=_course.steps(20, 1),
-    output=str(RUN), seed=0, device="cpu",
+    output=str(RUN), seed=0, device="auto",
 )
 print(config.to_toml())
 t_train = time.time()
@@ -476,3 +476,44 @@ dialogue += [{"role": "assistant", "content": reply}, {"role": "user", "content"
 reply2, _ = chat(tuned, dialogue)
 print(tokenizer.render_chat(dialogue + [{"role": "assistant", "content": reply2}]))
 print(f"chapter 7 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/07_instruct_finetuning.py`).
+#
+# 1. **응답만 학습하기.** `response_only(prompt_ids, reply_ids)`: `input_ids`와, 프롬프트에 `-100`을 준 `labels`.
+# 2. **가장 좋은 체크포인트.** `best_step(history)`: `(step, 검증 손실)` 목록에서 남길 스텝. 검증 손실이 내려가다
+#    다시 오르면(과적합) 마지막 스텝이 아니라 가장 낮은 곳을 남깁니다(트레이너의 `--save-best`가 하는 일).
+# 3. **새어 나감 없는 패킹.** `packed_row(lengths)`: 한 행에 이어 붙인 샘플들의 `segment_ids`(1, 2, …)와 샘플마다
+#    0부터 다시 세는 `position_ids`. 검사는 `pack_samples`와 비교합니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions:
+# `tutorials/solutions/07_instruct_finetuning.py`).
+#
+# 1. **Train on the response only.** `response_only(prompt_ids, reply_ids)`: `input_ids` and `labels` with `-100` on
+#    the prompt.
+# 2. **The best checkpoint.** `best_step(history)`: from `(step, validation loss)` pairs, the step to keep. When the
+#    validation loss falls and then rises again (overfitting), keep the lowest point, not the last step (what the
+#    trainer's `--save-best` does).
+# 3. **Packing without leakage.** `packed_row(lengths)`: the `segment_ids` (1, 2, ...) of samples packed into one row
+#    and `position_ids` restarting at 0 in each; the check compares with `pack_samples`.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def response_only(prompt_ids: list[int], reply_ids: list[int]) -> dict:
+    raise NotImplementedError  # your code here
+
+
+def best_step(history: list[tuple[int, float]]) -> int:
+    raise NotImplementedError  # your code here
+
+
+def packed_row(lengths: list[int]):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["7.1"], response_only)
+_exercises.try_it(_exercises.EXERCISES["7.2"], best_step)
+_exercises.try_it(_exercises.EXERCISES["7.3"], packed_row)

@@ -298,7 +298,7 @@ for method in ("lora", "qlora"):
         model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method=method, r=R, alpha=ALPHA, dropout=0.0,
         targets="all-linear", block_size=BLOCK_SIZE, batch_size=8, lr=2e-3, warmup_steps=_course.steps(5, 1),
         max_steps=_course.steps(60, 3), eval_every=_course.steps(10, 0), log_every=_course.steps(20, 1),
-        output=str(out), seed=0, device="cpu",
+        output=str(out), seed=0, device="auto",
     )
     print(f"\n=== method={method} ===")
     t = time.time()
@@ -534,3 +534,35 @@ assert max(diffs) < 1e-4
 
 # %%
 print(f"chapter 8 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/08_qlora.py`).
+#
+# 1. **QLoRA 층의 순전파.** `qlora_forward(x, q, A, B, scale)`: NF4 가중치 `q`를 역양자화해(`dequantize_nf4`) 얼린
+#    베이스로 쓰고, float32 LoRA 경로를 더하세요.
+# 2. **얼린 베이스의 메모리.** `base_bytes(n_params, method)`: `"bf16"`이면 파라미터당 2바이트, `"nf4"`면 4비트 코드
+#    + 64개마다 8비트 스케일 + 256블록마다 fp32 스케일(이중 양자화). 검사는 `quantize_nf4`의 텐서를 잽니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/08_qlora.py`).
+#
+# 1. **A QLoRA layer's forward.** `qlora_forward(x, q, A, B, scale)`: dequantize the NF4 weight `q`
+#    (`dequantize_nf4`) as the frozen base and add the float32 LoRA path.
+# 2. **The frozen base's memory.** `base_bytes(n_params, method)`: 2 bytes per parameter for `"bf16"`; for `"nf4"`
+#    the 4-bit codes + an 8-bit scale per 64 + an fp32 scale per 256 blocks (double quantization). The check
+#    measures `quantize_nf4`'s tensors.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def qlora_forward(x, q, A, B, scale):
+    raise NotImplementedError  # your code here
+
+
+def base_bytes(n_params: int, method: str) -> float:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["8.1"], qlora_forward)
+_exercises.try_it(_exercises.EXERCISES["8.2"], base_bytes)

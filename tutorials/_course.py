@@ -6,7 +6,8 @@ would otherwise be repeated nine times:
 - `FAST`: True when the environment sets MINILORA_TUTORIAL_FAST=1 (the test suite does), so chapters that
   train can take a few steps instead of a few hundred. `steps(normal, fast)` picks one.
 - `figure_path(name)`: tutorials/figures/<name>, or $MINILORA_TUTORIAL_OUT/<name> when that is set.
-  `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is.
+  `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is, and in
+  a notebook kernel also displays the SVG inline.
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -37,9 +38,26 @@ def figure_path(name: str) -> Path:
     return folder / name
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter/IPython kernel (where a figure can be shown inline), False in a plain `python` run."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def show_figure(path) -> None:
-    """Announce a saved figure: open the SVG file in a browser, VS Code or Jupyter's file browser."""
+    """Announce a saved figure ("[figure] <path>"), and in a notebook kernel also draw it inline.
+
+    In a plain run, open the SVG file in a browser or VS Code; in Jupyter (or VS Code's notebook view) the picture
+    appears under the cell through IPython's display."""
     print(f"[figure] {path}")
+    if in_notebook():
+        from IPython.display import SVG, display
+
+        display(SVG(filename=str(path)))
 
 
 def run_dir(name: str) -> Path:
