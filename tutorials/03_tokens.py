@@ -228,6 +228,75 @@ print(f"positions that count      : {int((~ignored).sum())}, smallest gradient t
 assert (grad_norm[ignored] == 0).all() and (grad_norm[~ignored] > 0).all()
 
 # %% [markdown]
+# ## 3.5 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — 허깅페이스 `transformers`로 같은 일을 하면 다음과 같습니다.
+#
+# ```python
+# from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+# tok = AutoTokenizer.from_pretrained(model_dir)
+# enc = tok(text, return_tensors="pt")                       # input_ids, attention_mask: (1, T)
+# collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+# batch = collator([{"input_ids": ids} for ids in rows])    # 오른쪽 패딩, labels = input_ids, 패딩은 -100
+# loss = hf_model(**batch).loss                             # 한 칸 밀어서 -100을 뺀 평균 교차 엔트로피
+# ```
+#
+# `transformers`가 설치되어 있으면 아래 셀이 두 쪽을 나란히 실행해 `input_ids`, 라벨, 손실이 같은지 확인합니다.
+# **함정 하나:** 콜레이터는 라벨을 `input_ids == pad_token_id`인 곳에서 `-100`으로 바꿉니다. 패딩 토큰이 없는
+# 모델에서 흔히 하듯 `tok.pad_token = tok.eos_token`으로 두면 **진짜 EOS도 지워져** 모델이 글을 끝내는 법을 배우지
+# 못합니다. minilora의 `pad_collate`는 토큰 ID가 아니라 **각 샘플의 길이**로 패딩을 알아내므로 이 문제가 없습니다.
+# 아래 셀이 두 경우에 학습되는 EOS의 수를 셉니다.
+#
+# **English** — With Hugging Face `transformers` the same steps read:
+#
+# ```python
+# from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+# tok = AutoTokenizer.from_pretrained(model_dir)
+# enc = tok(text, return_tensors="pt")                       # input_ids, attention_mask: (1, T)
+# collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+# batch = collator([{"input_ids": ids} for ids in rows])    # right padding, labels = input_ids, -100 on padding
+# loss = hf_model(**batch).loss                             # the shifted mean cross-entropy without -100
+# ```
+#
+# When `transformers` is installed, the cell below runs both side by side and checks that `input_ids`, labels and
+# loss agree. **One pitfall:** the collator sets a label to `-100` wherever `input_ids == pad_token_id`. With the
+# common `tok.pad_token = tok.eos_token` (for models that have no pad token) **the real EOS is erased too**, and the
+# model never learns to end a text. minilora's `pad_collate` finds padding from **each sample's length**, not from
+# token ids, so it cannot make that mistake. The cell counts the EOS tokens trained in both cases.
+
+# %%
+if _course.has("transformers"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = hf_tok(sentence, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == tokenizer.encode(sentence)
+    print("tok(text, return_tensors='pt')['input_ids'] == tokenizer.encode(text): True")
+
+    rows = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in (sentence, english)]  # each text ends in EOS
+    ours = pad_collate([{"input_ids": ids} for ids in rows], pad_id(tokenizer))
+    hf_tok.padding_side = "right"
+    theirs = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm=False)([{"input_ids": ids} for ids in rows])
+    assert torch.equal(theirs["input_ids"], ours["input_ids"]) and torch.equal(theirs["labels"], ours["labels"])
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hf_loss = hf_model(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"],
+                           labels=theirs["labels"]).loss
+        our_loss, _ = next_token_loss(model(ours["input_ids"], attention_mask=ours["attention_mask"]), ours["labels"])
+    print(f"labels equal; loss: transformers {hf_loss.item():.6f}, minilora {our_loss.item():.6f}")
+    assert abs(hf_loss.item() - our_loss.item()) < 1e-4
+
+    hf_tok.pad_token = hf_tok.eos_token  # the common recipe when a model has no pad token
+    pad_is_eos = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm=False)([{"input_ids": ids} for ids in rows])
+    ours_eos = pad_collate([{"input_ids": ids} for ids in rows], tokenizer.eos_token_id)
+    trained_eos = lambda b: int(((b["labels"] == tokenizer.eos_token_id)).sum())  # noqa: E731
+    print(f"pad = eos: EOS tokens trained: DataCollatorForLanguageModeling {trained_eos(pad_is_eos)}, "
+          f"pad_collate {trained_eos(ours_eos)} (of {len(rows)} texts)")
+    assert trained_eos(pad_is_eos) == 0 and trained_eos(ours_eos) == len(rows)
+else:
+    print("transformers is not installed: the side-by-side comparison is skipped (pip install transformers)")
+
+# %% [markdown]
 # ## 정리 · Summary
 #
 # **한국어**

@@ -4,7 +4,7 @@
 # **한국어** — LoRA(Low-Rank Adaptation, Hu et al. 2021)는 사전학습된 선형층의 가중치 `W0`(d_out × d_in)를
 # 얼려 두고, 그 옆에 **낮은 랭크의 업데이트** 하나만 학습합니다.
 #
-#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\; B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # 학습하는 것은 `A`와 `B`뿐이고, 그 곱 `ΔW = (alpha/r)·B·A`는 `W0`와 같은 모양이지만 랭크가 최대 r인 행렬입니다.
 # `B`는 0으로 시작하므로 학습 첫 스텝의 모델은 원래 모델과 정확히 같습니다. 학습이 끝나면 `W0 + ΔW`를 계산해
@@ -17,7 +17,7 @@
 # **English** — LoRA (Low-Rank Adaptation, Hu et al. 2021) freezes a pre-trained linear layer's weight `W0`
 # (d_out × d_in) and learns a **low-rank update** beside it:
 #
-#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\; B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # Only `A` and `B` train; their product `ΔW = (alpha/r)·B·A` has the shape of `W0` but rank at most r. `B` starts at
 # zero, so at step 0 the model is exactly the original one. After training `W0 + ΔW` can be computed and merged into
@@ -70,6 +70,62 @@ assert trainable == r * (d_in + d_out) and total - trainable == d_in * d_out
 x = torch.randn(16, d_in)  # (N, d_in)
 assert torch.equal(layer(x), base(x))  # B = 0: the LoRA path adds exactly nothing at step 0
 print("at initialisation B is all zeros and the output equals the base layer's exactly")
+
+# %% [markdown]
+# ### 표기법: W + A×B와 코드의 B·A · Notation: W + A×B and the code's B·A
+#
+# **한국어** — 강의 자료는 LoRA를 흔히 $h = xW + x\,A\times B$로 씁니다. 여기서 $x$는 행 벡터, $A$는 $d_{in}\times r$
+# ("A가 압축한다"), $B$는 $r\times d_{out}$("B가 펼친다")입니다. PyTorch의 `nn.Linear`는 가중치를 (d_out, d_in)으로
+# 저장하고 $y = xW_0^\top$을 계산하므로, 코드(와 PEFT)의 `lora_A.weight`는 $A^\top$ (r × d_in), `lora_B.weight`는
+# $B^\top$ (d_out × r)이고
+#
+# $$\Delta W_{\text{code}} = \tfrac{\alpha}{r}\,B_{\text{code}}A_{\text{code}} = \tfrac{\alpha}{r}\,(A\times B)^\top$$
+#
+# 입니다. 이름은 같고 모양만 전치된 것입니다. 두 경우 모두 A가 입력을 r차원으로 줄이고 B가 d_out으로 펼칩니다.
+#
+# **왜 A는 Kaiming, B는 0인가.** B = 0이면 첫 스텝의 모델은 원래 모델과 같습니다(위에서 확인). 그런데 A까지 0이면
+# 학습이 시작되지 않습니다. B의 기울기는 $\partial L/\partial B_{\text{code}} = g^\top (xA_{\text{code}}^\top)$
+# ($g = \partial L/\partial y$)라서 A = 0이면 0이고, A의 기울기는 B에 비례하므로 B = 0이면 역시 0입니다. 둘 다 0이면
+# 영원히 0에 머뭅니다. 그래서 A를 `nn.Linear`의 기본값(Kaiming 균등 분포, a = √5, 즉 $U(-1/\sqrt{d_{in}},
+# 1/\sqrt{d_{in}})$)으로 두어 첫 스텝부터 B가 움직이게 합니다. 아래 셀이 세 가지 초기화의 기울기를 잽니다.
+#
+# **English** — Course material often writes LoRA as $h = xW + x\,A\times B$ with a row vector $x$, $A$ of shape
+# $d_{in}\times r$ ("A compresses") and $B$ of shape $r\times d_{out}$ ("B expands"). PyTorch's `nn.Linear` stores its
+# weight as (d_out, d_in) and computes $y = xW_0^\top$, so the code's (and PEFT's) `lora_A.weight` is $A^\top$
+# (r × d_in) and `lora_B.weight` is $B^\top$ (d_out × r), and
+#
+# $$\Delta W_{\text{code}} = \tfrac{\alpha}{r}\,B_{\text{code}}A_{\text{code}} = \tfrac{\alpha}{r}\,(A\times B)^\top .$$
+#
+# Same names, transposed shapes: in both, A brings the input down to r dimensions and B expands it to d_out.
+#
+# **Why A is Kaiming and B is zero.** B = 0 makes the model at step 0 the original one (checked above). But if A
+# were zero too, training would never start: B's gradient $g^\top (xA_{\text{code}}^\top)$ (with
+# $g = \partial L/\partial y$) vanishes when A = 0, and A's gradient is proportional to B, so it vanishes when B = 0;
+# both stay at zero forever. So A starts as `nn.Linear`'s default (Kaiming-uniform with a = √5, i.e.
+# $U(-1/\sqrt{d_{in}}, 1/\sqrt{d_{in}})$), and B moves from the first step. The cell below measures the gradients
+# for three initialisations.
+
+# %%
+A_seed, B_seed = layer.lora_A.weight.detach().T, torch.randn(r, d_out)  # the seed's A (d_in × r), B (r × d_out)
+x = torch.randn(16, d_in)  # (N, d_in)
+A_code, B_code = A_seed.T, B_seed.T  # lora_A.weight (r × d_in), lora_B.weight (d_out × r)
+code_update = (alpha / r) * (x @ A_code.T) @ B_code.T  # LoRALinear: scale · lora_B(lora_A(x))
+assert torch.allclose((alpha / r) * x @ (A_seed @ B_seed), code_update, atol=1e-5)
+assert torch.allclose(B_code @ A_code, (A_seed @ B_seed).T)
+print("seed's x·(A×B) equals the code's scale·lora_B(lora_A(x)); B_code·A_code = (A×B)ᵀ")
+
+target_y = torch.randn(16, d_out)
+print(f"{'init (A, B)':24}{'|grad A|':>10}{'|grad B|':>10}")
+for label, A0, B0 in (("Kaiming A, B = 0", layer.lora_A.weight.detach(), torch.zeros(d_out, r)),
+                      ("A = 0, B = 0", torch.zeros(r, d_in), torch.zeros(d_out, r)),
+                      ("A = 0, random B", torch.zeros(r, d_in), torch.randn(d_out, r))):
+    A_, B_ = A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
+    (x @ base.weight.detach().T + (alpha / r) * x @ A_.T @ B_.T - target_y).pow(2).mean().backward()
+    print(f"{label:24}{A_.grad.norm().item():>10.2e}{B_.grad.norm().item():>10.2e}")
+    if label == "A = 0, B = 0":
+        assert A_.grad.abs().max() == 0 and B_.grad.abs().max() == 0  # stuck: nothing ever moves
+    if label == "Kaiming A, B = 0":
+        assert A_.grad.abs().max() == 0 and B_.grad.norm() > 0  # B moves first, then A follows
 
 # %% [markdown]
 # **한국어** — 이제 이 층을 조금 학습시킵니다. 목표는 `W0`에 랭크 2짜리 변화를 더한 층을 흉내 내는 것입니다
@@ -313,7 +369,9 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # **한국어** — 가중치 행렬의 각 행(출력 특징 하나)은 **크기**(행의 L2 노름)와 **방향**(길이 1인 행 벡터)의 곱입니다:
 # `W0 = m0 · V`, `m0 = ‖W0‖`(행마다), `V = W0 / ‖W0‖`. DoRA(Liu et al. 2024)는 방향을 LoRA로, 크기를 직접 학습합니다.
 #
-#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) 학습, 처음엔 ‖W0‖;  s = alpha / r
+# $$W' = m \cdot \frac{W_0 + sBA}{\lVert W_0 + sBA \rVert}, \qquad s = \alpha / r$$
+#
+#     m: (d_out,) 학습, 처음엔 ‖W0‖
 #
 # B = 0에서 시작하면 `W' = W0`이므로 첫 스텝은 LoRA처럼 원래 모델 그대로입니다. 논문(4.3절)은 역전파에서
 # 노름 `‖W0 + s·B·A‖`을 상수로 취급(detach)하라고 권합니다. 그러면 (d_out × d_in) 행렬의 노름을 거쳐 기울기를 보낼
@@ -325,7 +383,9 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # **direction** (a row vector of length 1): `W0 = m0 · V` with `m0 = ‖W0‖` per row and `V = W0 / ‖W0‖`. DoRA
 # (Liu et al. 2024) learns the direction with LoRA and the magnitude directly:
 #
-#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) trained, starting at ‖W0‖;  s = alpha / r
+# $$W' = m \cdot \frac{W_0 + sBA}{\lVert W_0 + sBA \rVert}, \qquad s = \alpha / r$$
+#
+#     m: (d_out,) trained, starting at ‖W0‖
 #
 # Starting from B = 0 gives `W' = W0`, so step 0 is the original model, as with LoRA. The paper (§4.3) treats the
 # norm `‖W0 + s·B·A‖` as a constant in backward (detached): no gradient then has to flow through the norm of a

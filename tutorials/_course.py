@@ -8,6 +8,7 @@ would otherwise be repeated nine times:
 - `figure_path(name)`: tutorials/figures/<name>, or $MINILORA_TUTORIAL_OUT/<name> when that is set.
   `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is, and in
   a notebook kernel also displays the SVG inline.
+- `has(*modules)`: whether transformers / peft / trl are importable, for the Hugging Face side-by-side cells.
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -58,6 +59,14 @@ def show_figure(path) -> None:
         from IPython.display import SVG, display
 
         display(SVG(filename=str(path)))
+
+
+def has(*modules: str) -> bool:
+    """True when every named package is importable (transformers, peft, trl, bitsandbytes): the Hugging Face side
+    of a chapter's side-by-side comparison runs only then; minilora never needs them."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def run_dir(name: str) -> Path:
