@@ -277,6 +277,75 @@ for targets in (("q_proj", "v_proj"), "all-linear"):
 print("\none attention block after apply_lora:\n", m.model.layers[0].self_attn)
 
 # %% [markdown]
+# ### 허깅페이스 PEFT에서는 · The same with Hugging Face PEFT
+#
+# **한국어** — PEFT로 같은 일을 하면 다음과 같습니다. `r`, `lora_alpha`, `target_modules`가 minilora의 `r`, `alpha`,
+# `targets`에 해당하고, 어댑터 파일의 형식도 같습니다(9장).
+#
+# ```python
+# from peft import LoraConfig, get_peft_model
+# config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+#                     task_type="CAUSAL_LM")
+# peft_model = get_peft_model(hf_model, config)
+# peft_model.print_trainable_parameters()
+# ```
+#
+# `transformers`와 `peft`가 설치되어 있으면 아래 셀이 같은 기본 모델에 두 라이브러리로 LoRA를 붙여 학습 파라미터
+# 수를 비교하고, PEFT 어댑터(B를 무작위로 채운 것)를 저장해 minilora로 불러온 뒤 두 모델의 출력이 같은지 잽니다.
+#
+# **English** — With PEFT the same step reads as below; `r`, `lora_alpha` and `target_modules` are minilora's `r`,
+# `alpha` and `targets`, and the adapter files have the same format (chapter 9).
+#
+# ```python
+# from peft import LoraConfig, get_peft_model
+# config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+#                     task_type="CAUSAL_LM")
+# peft_model = get_peft_model(hf_model, config)
+# peft_model.print_trainable_parameters()
+# ```
+#
+# When `transformers` and `peft` are installed, the cell below puts LoRA on the same default model with both
+# libraries and compares the trainable counts, then saves a PEFT adapter (B filled at random), loads it into
+# minilora and measures how far the two models' outputs are apart.
+
+# %%
+if _course.has("transformers", "peft"):
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from minilora.adapter import load_adapter
+
+    for targets in (["q_proj", "v_proj"], "all-linear"):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                    LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                               task_type="CAUSAL_LM"))
+        m = load_model(model_dir)
+        apply_lora(m, r=8, alpha=16, targets=targets)
+        peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        print(f"targets={targets!r}: trainable PEFT {peft_trainable:,}, minilora {count_parameters(m)[0]:,}")
+        assert peft_trainable == count_parameters(m)[0]
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # a "trained" adapter, so that the comparison means something
+    ids = torch.tensor([load_tokenizer(model_dir).encode("Haneul Tea Garden is on")])  # (1, T)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder)
+        ours = load_model(model_dir)
+        load_adapter(ours, folder)
+        with torch.no_grad():
+            gap = (peft_model.eval()(ids).logits - ours.eval()(ids)).abs().max().item()
+            effect = (ours(ids) - load_model(model_dir).eval()(ids)).abs().max().item()
+    print(f"PEFT adapter loaded into minilora: max |logits difference| = {gap:.1e} "
+          f"(the adapter itself moves the logits by up to {effect:.2f})")
+    assert gap < 1e-4 and effect > 1e-3
+else:
+    print("transformers/peft are not installed: the side-by-side comparison is skipped")
+
+# %% [markdown]
 # ## 4.5 합쳐도 변하지 않는다 · Merging changes nothing
 #
 # **한국어** — 합치기를 의미 있게 시험하려면 B가 0이 아니어야 하므로, 먼저 기본 모델(all-linear, r = 8)을 도메인
