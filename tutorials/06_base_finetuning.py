@@ -3,7 +3,7 @@
 #
 # **한국어**
 #
-# 베이스 파인튜닝(연속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
+# 베이스 파인튜닝(계속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
 # 새 분야의 날것 그대로의 글을 읽히고, 매 위치에서 다음 토큰을 맞히게 합니다. 질문과 답의 형식은 없습니다.
 # 그래서 베이스 파인튜닝은 **형식이 아니라 지식**을 가르칩니다. 이 장에서는 minilora에 들어 있는 작은
 # 한국어·영어 모델에게, 지어낸 차 농장 "하늘 차밭(Haneul Tea Garden)"에 관한 글을 LoRA로 학습시킵니다.
@@ -137,6 +137,12 @@ assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
 # 있습니다. 각 블록의 `labels`는 `input_ids`와 똑같습니다. 한 칸 밀어서 맞추는 일(위치 t가 t+1번째 토큰을
 # 예측)은 손실 함수가 합니다.
 #
+# 한 블록 안에서는 뒤 문서의 토큰이 `<eos>` 너머 앞 문서를 **볼 수 있습니다**(블록 전체에 보통의 인과 마스크).
+# 7장은 대화를 패킹할 때 같은 일을 "누출(leakage)"이라 부르고 `segment_ids`로 막습니다. 둘은 모순이 아니라
+# 선택입니다. 베이스 파인튜닝의 문서는 같은 도메인의 이어지는 글이고, 사전학습도 보통 이렇게 하며, `<eos>`가
+# 경계를 알려 줍니다. 반면 인스트럭트 파인튜닝의 각 샘플은 독립된 대화이고, 배포할 때 모델은 대화를 하나씩만
+# 봅니다. 그래서 7장은 패킹한 행의 손실이 샘플 하나씩 계산한 손실과 정확히 같도록 경계를 막습니다.
+#
 # **English**
 #
 # Documents have all sorts of lengths. As in pre-training, we join all of them into one long stream of tokens,
@@ -144,6 +150,13 @@ assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
 # tokens. A document may run across two blocks; almost nothing is padding, so no compute is wasted. Only the last
 # block may be short. Each block's `labels` equal its `input_ids`: the loss function does the shift by one
 # (position t predicts token t+1).
+#
+# Inside a block, a later document's tokens **can attend** to the earlier document across the `<eos>` (one ordinary
+# causal mask over the whole block). Chapter 7 calls the same thing "leakage" when it packs conversations, and blocks
+# it with `segment_ids`. That is a choice, not a contradiction: base FT documents are running text of one domain,
+# pre-training usually does exactly this, and `<eos>` marks the boundary; each instruct sample, in contrast, is an
+# independent conversation, and a deployed model sees one conversation at a time, so chapter 7 keeps the loss of a
+# packed row exactly equal to the loss of its samples taken one by one.
 
 # %%
 BLOCK_SIZE = 128

@@ -9,7 +9,7 @@
 # 읽습니다. 그리고 손실은 **답변 토큰에서만** 계산합니다.
 #
 # 이 장의 순서: 채팅 템플릿(Gemma의 `<start_of_turn>user … <end_of_turn>` 형식) → instruction/input/output을
-# 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 새어 나감 없는 패킹(segment id,
+# 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 경계를 지키는 패킹(segment id,
 # position id) → `TrainConfig(mode="sft")`로 학습 → 학습된 모델과 대화하기.
 #
 # **English**
@@ -267,15 +267,17 @@ assert int(n_reply) == sum(label != IGNORE_INDEX for label in labels[1:])
 assert int(n_all) == len(ids) - 1
 
 # %% [markdown]
-# ## 7.5 새어 나감 없는 패킹 · Packing without leakage
+# ## 7.5 경계를 지키는 패킹 · Packing without leakage
 #
 # **한국어**
 #
 # 대화는 짧고 길이가 제각각입니다. 하나씩 배치로 묶으면 패딩이 많이 생깁니다. **패킹**은 여러 샘플을 한 행에
-# 채워 넣습니다. 그런데 그냥 이어 붙이면 두 번째 샘플의 토큰이 첫 번째 샘플을 "볼" 수 있습니다(새어 나감,
-# leakage). 그래서 샘플마다 `segment_ids`(1, 2, 3, …)를 주고, 모델은 같은 세그먼트 안의 앞 토큰만 보게 합니다.
+# 채워 넣습니다. 그런데 그냥 이어 붙이면 두 번째 샘플의 토큰이 첫 번째 샘플을 "볼" 수 있습니다(샘플 간
+# 누출, leakage). 그래서 샘플마다 `segment_ids`(1, 2, 3, …)를 주고, 모델은 같은 세그먼트 안의 앞 토큰만 보게 합니다.
 # `position_ids`도 샘플마다 0부터 다시 셉니다. 각 샘플의 첫 라벨은 -100입니다: 앞 샘플의 마지막 위치에서
 # 다음 샘플의 첫 토큰을 예측하지 않도록.
+# (6장의 블록은 문서 경계를 넘어 주의를 허용했습니다. 이어지는 도메인 글에는 흔한 선택이지만, 독립된 대화에는
+# 맞지 않습니다. 그 이유는 6.4절에 있습니다.)
 #
 # **English**
 #
@@ -284,6 +286,8 @@ assert int(n_all) == len(ids) - 1
 # (leakage). So each sample gets a `segment_ids` value (1, 2, 3, …) and the model attends only to earlier tokens of
 # the same segment; `position_ids` restart at 0 for each sample. Each sample's first label is -100, so the last
 # position of one sample never predicts the first token of the next.
+# (Chapter 6's blocks let attention cross document boundaries: a common choice for running domain text, wrong for
+# independent conversations; section 6.4 says why.)
 
 # %%
 MAX_LEN = 256
@@ -308,7 +312,7 @@ for seg in segments:
 # %% [markdown]
 # **한국어**
 #
-# 정말 새어 나가지 않는지 숫자로 확인합니다: 패킹된 행 안의 두 번째 샘플의 로짓이, 그 샘플을 혼자 넣었을 때의
+# 정말 누출이 없는지 숫자로 확인합니다: 패킹된 행 안의 두 번째 샘플의 로짓이, 그 샘플을 혼자 넣었을 때의
 # 로짓과 같아야 합니다. `segment_ids`를 빼고 그냥 이어 붙이면 어떻게 되는지도 봅니다.
 #
 # **English**
@@ -485,7 +489,7 @@ print(f"chapter 7 ran in {time.time() - T0:.1f} s")
 # 1. **응답만 학습하기.** `response_only(prompt_ids, reply_ids)`: `input_ids`와, 프롬프트에 `-100`을 준 `labels`.
 # 2. **가장 좋은 체크포인트.** `best_step(history)`: `(step, 검증 손실)` 목록에서 남길 스텝. 검증 손실이 내려가다
 #    다시 오르면(과적합) 마지막 스텝이 아니라 가장 낮은 곳을 남깁니다(트레이너의 `--save-best`가 하는 일).
-# 3. **새어 나감 없는 패킹.** `packed_row(lengths)`: 한 행에 이어 붙인 샘플들의 `segment_ids`(1, 2, …)와 샘플마다
+# 3. **경계를 지키는 패킹.** `packed_row(lengths)`: 한 행에 이어 붙인 샘플들의 `segment_ids`(1, 2, …)와 샘플마다
 #    0부터 다시 세는 `position_ids`. 검사는 `pack_samples`와 비교합니다.
 #
 # **English** — Fill in the functions and run the cell again (solutions:
