@@ -130,6 +130,59 @@ gemma_style = [{"role": "user", "content": system["content"] + "\n\n" + conversa
 print(tokenizer.render_chat(gemma_style))
 
 # %% [markdown]
+# ### 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — `transformers`에서 같은 렌더링은 `tok.apply_chat_template(messages, tokenize=False)`이고, 학습은 보통
+# TRL의 `SFTTrainer`가 맡습니다.
+#
+# ```python
+# from trl import SFTConfig, SFTTrainer
+# config = SFTConfig(output_dir="out", max_length=256, packing=True, assistant_only_loss=True,
+#                    num_train_epochs=1, learning_rate=2e-4)
+# trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset,   # {"messages": [...]} 레코드
+#                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+# trainer.train()
+# ```
+#
+# 차이 두 가지: TRL의 `assistant_only_loss=True`는 답변 위치를 템플릿 안의 `{% generation %}` … `{% endgeneration %}`
+# 표시에서 얻으므로, 그 표시가 없는 템플릿(대부분의 모델)에는 쓸 수 없습니다. minilora는 프롬프트만 렌더링한 글과
+# 답변까지 렌더링한 글을 비교해 답변을 찾으므로(7.4절) 어떤 템플릿에도 표시가 필요 없습니다. 또 패킹할 때
+# minilora는 `segment_ids`로 샘플 경계를 막습니다(7.5절). `transformers`가 설치되어 있으면 아래 셀이 두 렌더링이
+# 같은지(텍스트와 토큰) 확인합니다.
+#
+# **English** — In `transformers` the same rendering is `tok.apply_chat_template(messages, tokenize=False)`, and
+# training is usually TRL's `SFTTrainer`:
+#
+# ```python
+# from trl import SFTConfig, SFTTrainer
+# config = SFTConfig(output_dir="out", max_length=256, packing=True, assistant_only_loss=True,
+#                    num_train_epochs=1, learning_rate=2e-4)
+# trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset,   # {"messages": [...]} records
+#                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+# trainer.train()
+# ```
+#
+# Two differences: TRL's `assistant_only_loss=True` finds the reply from `{% generation %}` … `{% endgeneration %}`
+# markers inside the template, so it cannot be used with templates that lack them (most models'). minilora finds
+# the reply by comparing the text rendered with the prompt only and with the reply (section 7.4), so no template
+# needs markers. And when packing, minilora keeps samples apart with `segment_ids` (section 7.5). When
+# `transformers` is installed, the cell below checks that both renderings agree (text and tokens).
+
+# %%
+if _course.has("transformers"):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    for messages, gen in ((conversation, False), (conversation[:1], True), ([system] + conversation, False)):
+        hf_text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert hf_text == tokenizer.render_chat(messages, add_generation_prompt=gen)
+        hf_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)
+        assert list(hf_ids["input_ids"]) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen)
+    print("apply_chat_template: transformers and minilora give the same text and ids on 3 conversations")
+else:
+    print("transformers is not installed: the side-by-side comparison is skipped")
+
+# %% [markdown]
 # ## 7.2 instruction/input/output을 대화로 · Instruction/input/output into conversations
 #
 # **한국어**
