@@ -51,6 +51,8 @@ if not torch.cuda.is_available():
                            "this chapter from the top")
     os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors, in the interpreter
 
+import copy
+import dataclasses
 import inspect
 import json
 import shutil
@@ -233,6 +235,38 @@ print(f"validation loss: float32 {loss_fp:.4f}, NF4 {loss_nf4:.4f} (difference {
 assert abs(loss_nf4 - loss_fp) < 0.5  # 4 bits cost a little, not everything
 
 # %% [markdown]
+# **한국어** — 4비트는 정보를 잃는데, 위의 NF4 손실이 float32보다 **낮게** 나올 수도 있습니다. 정보가 늘어난 것이
+# 아닙니다. 가중치를 조금 흔들면 손실은 어느 쪽으로든 조금 움직이고, 이 작은 모델과 작은 검증 세트에서는 그 움직임이
+# 양자화의 평균적인 손해보다 클 수 있습니다. 아래 셀이 이것을 잽니다. 층마다 NF4 오차 `deq(W) − W`의 값들을 무작위로
+# 섞어서(크기의 분포는 같고 방향만 다름) 다섯 번 더한 모델의 검증 손실을 재고, NF4의 차이가 그 퍼짐 안에 있는지
+# 출력합니다. 퍼짐 안이라면 부호는 잡음이고, 이 측정으로는 NF4가 손실을 바꾼다고 말할 수 없습니다.
+#
+# **English** — Four bits lose information, yet the NF4 loss above may come out **lower** than float32's. No
+# information was gained: nudging the weights moves the loss a little in either direction, and on this small model
+# and small validation set that movement can exceed quantization's average cost. The cell below measures it: per
+# layer it shuffles the values of the NF4 error `deq(W) − W` (same distribution of sizes, different directions),
+# adds them to the float32 weights five times, measures each model's validation loss and prints whether NF4's
+# difference lies inside that spread. If it does, its sign is noise: this measurement cannot tell NF4 from float32.
+
+# %%
+shuffled = []
+for seed in range(5):
+    g = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            w = noisy.get_submodule(name).weight
+            err = (qmodel.get_submodule(name).dequantize() - w).flatten()
+            w += err[torch.randperm(err.numel(), generator=g)].view_as(w)
+    shuffled.append(validation_loss(noisy, val_blocks) - loss_fp)
+del noisy
+lo, hi = min(shuffled), max(shuffled)
+inside = lo <= loss_nf4 - loss_fp <= hi
+print(f"loss change, NF4 error: {loss_nf4 - loss_fp:+.4f}; same-size shuffled errors (5 seeds): "
+      f"{lo:+.4f} .. {hi:+.4f}")
+print(f"NF4's change is {'inside' if inside else 'outside'} the spread of same-size random perturbations")
+
+# %% [markdown]
 # ## 8.4 NF4 위에 LoRA · LoRA on top of NF4
 #
 # **한국어**
@@ -317,6 +351,38 @@ figure = line_chart(curves, _course.figure_path("08_qlora_vs_lora.svg"),
                     title="LoRA (float32 base) vs QLoRA (NF4 base)", xlabel="optimizer step",
                     ylabel="loss (nats/token)")
 _course.show_figure(figure)
+
+# %% [markdown]
+# **한국어** — QLoRA의 최종 검증 손실이 LoRA보다 낮게 끝날 수도 있습니다. 한 번의 실행으로는 그것이 NF4의 효과인지
+# 시드(데이터 순서, A의 초기값)의 잡음인지 알 수 없습니다. 아래 셀은 같은 설정을 다른 시드로 더 돌려(빠른 모드에서는
+# 위의 시드 0만) 시드마다 `QLoRA − LoRA`를 출력하고, 그 부호가 시드마다 같은지 봅니다. 부호가 바뀌면 차이는 잡음
+# 수준이라는 뜻입니다. 어느 쪽이든 차이의 크기를 학습이 줄인 손실(마지막 줄)과 비교해 보세요.
+#
+# **English** — QLoRA may end with a lower validation loss than LoRA. One run cannot tell an effect of NF4 from the
+# noise of the seed (data order, A's initial values). The cell below repeats the same settings with other seeds (in
+# fast mode only seed 0 above), prints `QLoRA − LoRA` per seed and checks whether its sign stays the same. A sign
+# that flips means the difference is at noise level. Either way, compare its size with the loss that training
+# removed (the last line).
+
+# %%
+gaps = {0: finals["qlora"]["val_loss"] - finals["lora"]["val_loss"]}
+for seed in ([] if FAST else [1, 2]):
+    seed_finals = {}
+    for method in ("lora", "qlora"):
+        out = run_dir(f"08_qlora_{method}_seed{seed}")
+        shutil.rmtree(out, ignore_errors=True)
+        seed_config = dataclasses.replace(config, method=method, seed=seed, output=str(out), eval_every=0,
+                                          log_every=0)
+        seed_finals[method] = train(seed_config)["val_loss"]
+    gaps[seed] = seed_finals["qlora"] - seed_finals["lora"]
+print("final validation loss, QLoRA − LoRA, per seed:", {s: round(g, 4) for s, g in gaps.items()})
+signs = {g > 0 for g in gaps.values()}
+if len(gaps) == 1:
+    print("one seed only (fast mode): no verdict on the sign")
+else:
+    print(f"the sign is the same for all {len(gaps)} seeds" if len(signs) == 1 else
+          "the sign changes with the seed: the difference is noise at this scale")
+print(f"for scale: training moved LoRA's validation loss by {curves['lora validation'][-1][1] - curves['lora validation'][0][1]:+.4f}")
 
 # %% [markdown]
 # ## 8.6 실제 모델 크기의 메모리 · Memory at a real model size
