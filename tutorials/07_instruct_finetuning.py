@@ -442,6 +442,32 @@ figure = line_chart({"train loss": train_curve, "validation loss": val_curve},
 _course.show_figure(figure)
 
 # %% [markdown]
+# ### 과적합과 가장 좋은 체크포인트 · Overfitting and the best checkpoint
+#
+# **한국어** — 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시 오른다면, 모델이 108개의 학습 대화를
+# 외우기 시작한 것입니다(**과적합**). 데이터가 작고 LoRA(r = 16, all-linear)가 그것을 외우기에 충분히 크기 때문에
+# 흔히 생깁니다. 고치는 방법은 두 가지입니다. 검증 손실이 가장 낮았던 스텝까지만 학습하거나(`max_steps`를 줄이기),
+# 주기적으로 검증하면서 **가장 낮은 검증 손실의 체크포인트**를 남기는 것입니다(연습 7.2). 아래 셀은 그 스텝을 곡선에서
+# 계산하고, 마지막 스텝과 비교합니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이 없습니다.
+#
+# **English** — If the training loss keeps falling while the validation loss turns up from some step on, the model
+# has begun to memorise its 108 training conversations (**overfitting**): common here, because the data is small and
+# LoRA (r = 16, all-linear) has room enough to memorise it. Two fixes: train only up to the step of the lowest
+# validation loss (a smaller `max_steps`), or evaluate periodically and **keep the checkpoint with the lowest
+# validation loss** (exercise 7.2). The cell below computes that step from the curve and compares it with the last
+# step. In fast mode validation runs once, at the end, so there is no curve to compare.
+
+# %%
+best_at, best_val = min(val_curve, key=lambda step_loss: step_loss[1])
+last_at, last_val = val_curve[-1]
+print(f"lowest validation loss {best_val:.4f} at step {best_at}; last {last_val:.4f} at step {last_at}")
+if best_at < last_at:
+    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at}: overfitting; "
+          f"max_steps={best_at} (or keeping the step-{best_at} checkpoint) gives the better adapter")
+else:
+    print("no rise: the lowest validation loss is the last one (no overfitting within this run)")
+
+# %% [markdown]
 # ## 7.7 학습된 모델과 대화하기 · Chatting with the result
 #
 # **한국어**
