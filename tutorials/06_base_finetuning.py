@@ -391,6 +391,43 @@ del step_model, optimizer, logits, hidden
 # measures the validation loss every `eval_every` steps and writes the run folder: `metrics.jsonl`, `loss.svg`,
 # `checkpoints/` and the PEFT-format `adapter/`.
 
+# %% [markdown]
+# ### 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — `transformers`의 `Trainer`로 쓰면 다음과 같습니다. 필드 이름만 다를 뿐 같은 설정입니다.
+#
+# ```python
+# from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+# args = TrainingArguments(output_dir="out", per_device_train_batch_size=8, learning_rate=2e-3,
+#                          warmup_steps=10, lr_scheduler_type="cosine", max_steps=200,
+#                          eval_strategy="steps", eval_steps=20, logging_steps=20, seed=0)
+# trainer = Trainer(model=get_peft_model(hf_model, lora_config), args=args,
+#                   train_dataset=train_blocks, eval_dataset=val_blocks,
+#                   data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False))
+# trainer.train()
+# ```
+#
+# 3.5절에서 본 함정이 여기서 생깁니다. 패딩 토큰이 없는 모델에 `tok.pad_token = tok.eos_token`을 두면 이
+# 콜레이터는 블록 안의 진짜 `<eos>`까지 `-100`으로 바꿉니다. 그러면 모델은 문서가 끝나는 곳을 배우지 못합니다(연습
+# 6.2). minilora의 `pad_collate`는 길이로 패딩을 찾으므로 `<eos>`가 그대로 학습됩니다.
+#
+# **English** — With `transformers`' `Trainer` it reads as below: the same settings under other field names.
+#
+# ```python
+# from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+# args = TrainingArguments(output_dir="out", per_device_train_batch_size=8, learning_rate=2e-3,
+#                          warmup_steps=10, lr_scheduler_type="cosine", max_steps=200,
+#                          eval_strategy="steps", eval_steps=20, logging_steps=20, seed=0)
+# trainer = Trainer(model=get_peft_model(hf_model, lora_config), args=args,
+#                   train_dataset=train_blocks, eval_dataset=val_blocks,
+#                   data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False))
+# trainer.train()
+# ```
+#
+# Section 3.5's pitfall bites here: with `tok.pad_token = tok.eos_token` (for a model without a pad token) this
+# collator turns the real `<eos>` inside the blocks into `-100` too, and the model never learns where a document
+# ends (exercise 6.2). minilora's `pad_collate` finds padding by length, so `<eos>` is trained.
+
 # %%
 RUN = run_dir("06_base_finetuning")
 shutil.rmtree(RUN, ignore_errors=True)

@@ -385,6 +385,69 @@ else:
 print(f"for scale: training moved LoRA's validation loss by {curves['lora validation'][-1][1] - curves['lora validation'][0][1]:+.4f}")
 
 # %% [markdown]
+# ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
+#
+# **한국어** — QLoRA 논문(Dettmers et al. 2023)의 재료는 세 가지입니다. (1) NF4 베이스(5장, 8.1절), (2) 이중
+# 양자화(스케일도 8비트로), (3) **페이지드 옵티마이저**: GPU 메모리가 잠깐 넘칠 때 옵티마이저 상태를 CUDA 통합
+# 메모리로 CPU RAM에 내보냈다가 필요할 때 다시 들여오는 AdamW입니다. 긴 시퀀스 하나가 메모리를 순간적으로 치솟게 할
+# 때 "메모리 부족"으로 멈추지 않게 해 줍니다. GPU 메모리와 CPU 메모리 사이의 일이므로 **CPU에서는 아무것도 바꾸지
+# 않습니다**(옵티마이저 상태가 이미 CPU RAM에 있습니다). LoRA의 옵티마이저 상태는 학습 파라미터가 적어 작기 때문에,
+# minilora는 보통의 AdamW를 씁니다. 허깅페이스에서는 이렇게 씁니다.
+#
+# ```python
+# from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+#                          bnb_4bit_compute_dtype=torch.bfloat16)
+# hf_model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb)
+# args = TrainingArguments(..., optim="paged_adamw_8bit")                     # (3) 페이지드 옵티마이저
+# ```
+#
+# minilora에서는 `load_model(dir, quantize="nf4")`(또는 `method="qlora"`)가 (1)과 (2)이고, 4비트 코드는
+# bitsandbytes와 비트 단위로 같습니다(5장).
+#
+# **어댑터는 16비트인가 32비트인가.** 강의 자료는 "어댑터를 16비트로 학습한다"고 하고, 이 장은 A와 B를 float32로
+# 둡니다. 16비트로 두면 메모리는 절반이지만(LoRA 파라미터는 모델의 1–7%뿐이라 차이가 작습니다), bf16의 유효 숫자는
+# 8비트뿐이어서 작은 업데이트가 반올림으로 사라집니다. 실제로 QLoRA와 PEFT도 bf16으로 **계산**하면서 어댑터
+# 가중치(와 옵티마이저 상태)는 흔히 float32로 둡니다. 아래 셀은 크기 0.02 안팎의 가중치에 학습률만 한 업데이트를 더했을
+# 때 bf16과 float32에서 몇 %가 아예 바뀌지 않는지 잽니다.
+#
+# **English** — The QLoRA paper (Dettmers et al. 2023) has three ingredients: (1) the NF4 base (chapter 5, section
+# 8.1), (2) double quantization (the scales in 8 bits too), and (3) **paged optimizers**: an AdamW whose states live
+# in CUDA unified memory, so that when GPU memory briefly overflows they are evicted to CPU RAM and paged back when
+# needed — one long sequence spiking memory then does not stop the run with "out of memory". It is about GPU versus
+# CPU memory, so **on a CPU it changes nothing** (the optimizer states are in CPU RAM already). LoRA's optimizer states
+# are small (few trainable parameters), so minilora uses plain AdamW. In Hugging Face:
+#
+# ```python
+# from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+#                          bnb_4bit_compute_dtype=torch.bfloat16)
+# hf_model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb)
+# args = TrainingArguments(..., optim="paged_adamw_8bit")                     # (3) the paged optimizer
+# ```
+#
+# In minilora, `load_model(dir, quantize="nf4")` (or `method="qlora"`) is (1) and (2), and its 4-bit codes equal
+# bitsandbytes' bit for bit (chapter 5).
+#
+# **Are adapters 16- or 32-bit?** Course material says "the adapters train in 16 bits"; this chapter keeps A and B
+# in float32. Sixteen bits would halve their memory (small: LoRA is 1–7% of the parameters), but bf16 keeps only 8
+# significant bits, so small updates round away. In practice QLoRA and PEFT often **compute** in bf16 while keeping
+# the adapter weights (and optimizer states) in float32. The cell below measures what share of weights of size about
+# 0.02 do not change at all when an update the size of a learning rate is added, in bf16 and in float32.
+
+# %%
+g = torch.Generator().manual_seed(0)
+w = torch.randn(100_000, generator=g) * 0.02  # LoRA-sized weights
+print(f"{'update size':>12}{'unchanged in bf16':>20}{'unchanged in fp32':>20}")
+lost = {}
+for step in (1e-3, 1e-4, 1e-5):
+    u = step * torch.randn(100_000, generator=g).sign()  # one AdamW step moves each weight by about lr
+    for dtype in (torch.bfloat16, torch.float32):
+        lost[step, dtype] = ((w.to(dtype) + u.to(dtype)) == w.to(dtype)).float().mean().item()
+    print(f"{step:>12.0e}{lost[step, torch.bfloat16]:>20.1%}{lost[step, torch.float32]:>20.1%}")
+assert lost[1e-5, torch.bfloat16] > 0.5 and lost[1e-5, torch.float32] < 0.01
+
+# %% [markdown]
 # ## 8.6 실제 모델 크기의 메모리 · Memory at a real model size
 #
 # **한국어**
