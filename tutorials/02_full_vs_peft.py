@@ -178,6 +178,24 @@ for name, n in real_counts.items():
     print(f"{name:14}{row}{n * 2 / GiB:>12.1f} GiB")
 
 # %% [markdown]
+# **한국어** — "bf16 mixed" 열이 fp32 열과 **같습니다**(아래 셀이 계산합니다). 혼합 정밀도는 가중치·기울기를 2바이트로
+# 줄인 만큼을 fp32 마스터 가중치(4바이트)에 다시 쓰기 때문입니다. 혼합 정밀도가 아끼는 것은 이 표에 없는 두
+# 가지입니다. 하나는 **활성값**: 역전파를 위해 저장하는 중간값이 bf16이라 절반이고, 배치가 크거나 시퀀스가 길면 이것이
+# 가장 큰 항목입니다. 다른 하나는 **시간**: GPU의 텐서 코어는 bf16 행렬 곱을 fp32보다 몇 배 빨리 합니다. 가중치
+# 메모리까지 줄이려면 "pure bf16"(업데이트가 반올림으로 사라질 위험, 8장에서 측정)이나 LoRA(아래)가 필요합니다.
+#
+# **English** — The "bf16 mixed" column **equals** the fp32 one (the cell below computes it): what mixed precision
+# saves by keeping weights and gradients in 2 bytes it spends again on the fp32 master weights (4 bytes). What it does
+# save is missing from this table: **activations** — the intermediate values stored for backward are bf16, half the
+# size, and with large batches or long sequences they are the largest item — and **time**: a GPU's tensor cores
+# multiply bf16 matrices several times faster than fp32. Cutting the weight-side memory takes "pure bf16" (whose
+# updates risk rounding away, measured in chapter 8) or LoRA (below).
+
+# %%
+print("B/param:", {scheme: sum(parts) for scheme, parts in SCHEMES.items()})
+assert sum(SCHEMES["bf16 mixed"]) == sum(SCHEMES["fp32"])  # mixed precision saves no weight-side memory
+
+# %% [markdown]
 # **한국어** — 위 표를 24 GiB(소비자용 GPU)나 80 GiB(데이터센터 GPU)와 비교해 보세요. 추론에는 가중치만 있으면
 # 되지만, 전체 파인튜닝은 활성값을 빼고도 그 몇 배가 필요합니다. 아래 셀은 각 모델이 어느 GPU에 들어가는지
 # (활성값 제외) 계산합니다.
