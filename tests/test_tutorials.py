@@ -133,3 +133,21 @@ def test_chapter_1_on_the_real_model(tmp_path: Path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "real model: SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
     assert "chat-formatted question →" in result.stdout.split("real model:")[1]
+
+
+def test_course_figures_have_axes_and_a_colour_bar(tmp_path: Path):
+    """The histograms the course draws label their y axis with counts; heat maps carry a colour bar."""
+    import xml.etree.ElementTree as ET
+
+    from minilora.plot import heatmaps, histogram
+
+    values = [0.0] * 7 + [1.0] * 3 + [2.0]  # bins: 7, 3, 1 -> the tallest bar is 7
+    root = ET.parse(histogram(values, tmp_path / "h.svg", bins=3)).getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "count" in texts
+    assert {"0", "2", "4", "6"} <= set(texts)  # count ticks 0..7 in steps of 2
+    root = ET.parse(heatmaps({"W": [[-3.0, 0.0], [1.5, 3.0]]}, tmp_path / "m.svg")).getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"3", "0", "-3"} <= set(texts)  # the colour bar's ends are ± the largest |value|
+    rects = list(root.iter("{http://www.w3.org/2000/svg}rect"))
+    assert len(rects) >= 4 + 1 + 20 + 1  # cells, frame, 20 bar steps, bar frame
