@@ -4,7 +4,8 @@
 # **한국어** — LoRA(Low-Rank Adaptation, Hu et al. 2021)는 사전학습된 선형층의 가중치 `W0`(d_out × d_in)를
 # 얼려 두고, 그 옆에 **낮은 랭크의 업데이트** 하나만 학습합니다.
 #
-# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\; B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\;
+#   B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # 학습하는 것은 `A`와 `B`뿐이고, 그 곱 `ΔW = (alpha/r)·B·A`는 `W0`와 같은 모양이지만 랭크가 최대 r인 행렬입니다.
 # `B`는 0으로 시작하므로 학습 첫 스텝의 모델은 원래 모델과 정확히 같습니다. 학습이 끝나면 `W0 + ΔW`를 계산해
@@ -17,7 +18,8 @@
 # **English** — LoRA (Low-Rank Adaptation, Hu et al. 2021) freezes a pre-trained linear layer's weight `W0`
 # (d_out × d_in) and learns a **low-rank update** beside it:
 #
-# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\; B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\;
+#   B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # Only `A` and `B` train; their product `ΔW = (alpha/r)·B·A` has the shape of `W0` but rank at most r. `B` starts at
 # zero, so at step 0 the model is exactly the original one. After training `W0 + ΔW` can be computed and merged into

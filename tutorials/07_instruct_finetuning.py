@@ -12,6 +12,9 @@
 # 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 경계를 지키는 패킹(segment id,
 # position id) → `TrainConfig(mode="sft")`로 학습 → 학습된 모델과 대화하기.
 #
+# 6장을 먼저 실행했다면 이 장은 그 결과(기본 모델에 도메인 어댑터를 병합한 모델)에서 시작해, 넣은 지식 위에 형식을
+# 가르칩니다. 아니면 기본 모델에서 시작합니다. 첫 코드 셀이 어느 쪽인지 출력합니다.
+#
 # **English**
 #
 # Chapter 6's base fine-tuning taught **knowledge** from raw text. Instruct fine-tuning (SFT, supervised
@@ -22,6 +25,10 @@
 # The path: the chat template (Gemma's `<start_of_turn>user … <end_of_turn>` format) → instruction/input/output
 # into conversations → train/validation split → response-only loss (the -100 mask) → packing without leakage
 # (segment ids, position ids) → training with `TrainConfig(mode="sft")` → chatting with the result.
+#
+# If chapter 6 ran first, this chapter starts from its result (the default model with the domain adapter merged in)
+# and teaches the format on top of the injected knowledge; otherwise it starts from the default model. The first
+# code cell prints which.
 
 # %%
 import json
@@ -54,7 +61,25 @@ FAST = _course.FAST
 run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
 
 
-MODEL_DIR = _course.default_model()
+def start_model():
+    """Chapter 6's result (the default model with its domain adapter merged in) when chapter 6 ran first with this
+    default model, else the default model itself: SFT then teaches the format on top of the injected knowledge."""
+    from minilora.merge import merge
+
+    base = _course.default_model()
+    adapter = run_dir("06_base_finetuning") / "adapter"
+    config = adapter / "adapter_config.json"
+    if config.is_file() and json.loads(config.read_text())["base_model_name_or_path"] == str(base):
+        merged = run_dir("07_start_from_chapter_6")
+        shutil.rmtree(merged, ignore_errors=True)
+        print(f"starting from chapter 6's result: {adapter} merged into the default model")
+        return Path(merge(base, adapter, merged))
+    print(f"chapter 6's adapter not found at {adapter}: starting from the default model (run chapter 6 first "
+          "to build on its result)")
+    return base
+
+
+MODEL_DIR = start_model()
 model = load_model(MODEL_DIR)
 tokenizer = load_tokenizer(MODEL_DIR)
 print("fast mode:", FAST, "| model:", MODEL_DIR)

@@ -382,7 +382,8 @@ if len(gaps) == 1:
 else:
     print(f"the sign is the same for all {len(gaps)} seeds" if len(signs) == 1 else
           "the sign changes with the seed: the difference is noise at this scale")
-print(f"for scale: training moved LoRA's validation loss by {curves['lora validation'][-1][1] - curves['lora validation'][0][1]:+.4f}")
+lora_val = curves["lora validation"]
+print(f"for scale: training moved LoRA's validation loss by {lora_val[-1][1] - lora_val[0][1]:+.4f}")
 
 # %% [markdown]
 # ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
