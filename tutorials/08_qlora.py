@@ -371,8 +371,7 @@ for seed in ([] if FAST else [1, 2]):
     for method in ("lora", "qlora"):
         out = run_dir(f"08_qlora_{method}_seed{seed}")
         shutil.rmtree(out, ignore_errors=True)
-        seed_config = dataclasses.replace(config, method=method, seed=seed, output=str(out), eval_every=0,
-                                          log_every=0)
+        seed_config = dataclasses.replace(config, method=method, seed=seed, output=str(out), eval_every=0)
         seed_finals[method] = train(seed_config)["val_loss"]
     gaps[seed] = seed_finals["qlora"] - seed_finals["lora"]
 print("final validation loss, QLoRA − LoRA, per seed:", {s: round(g, 4) for s, g in gaps.items()})
