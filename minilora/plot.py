@@ -165,7 +165,15 @@ def heatmaps(matrices: dict[str, list[list[float]]], path: str | Path, title: st
         body.append(f'<text x="{x0 + cols * cell / 2}" y="{TOP + rows * cell + 18}" '
                     f'text-anchor="middle">{escape(name)}</text>')
         x0 += cols * cell + 40
-    return _write(path, _svg(max(x0, 200), height, body, title))
+    bar_h = max(len(m) for m in matrices.values()) * cell  # the colour bar: -peak (blue) .. 0 .. +peak (red)
+    for k in range(20):
+        t = 1 - 2 * (k + 0.5) / 20
+        body.append(f'<rect x="{x0}" y="{TOP + k * bar_h / 20:.1f}" width="12" height="{bar_h / 20 + 0.5:.1f}" '
+                    f'fill="{_diverging(t)}"/>')
+    body.append(f'<rect x="{x0}" y="{TOP}" width="12" height="{bar_h}" fill="none" stroke="#444"/>')
+    for value, y in ((peak, TOP + 4), (0.0, TOP + bar_h / 2 + 4), (-peak, TOP + bar_h + 4)):
+        body.append(f'<text x="{x0 + 16}" y="{y:.1f}">{_fmt(value)}</text>')
+    return _write(path, _svg(max(x0 + 70, 200), height, body, title))
 
 
 def _diverging(t: float) -> str:
@@ -200,7 +208,13 @@ def histogram(
     for t in _nice_ticks(lo, hi):
         x = LEFT + (t - lo) / (hi - lo) * plot_w
         body.append(f'<text x="{x:.1f}" y="{TOP + plot_h + 18}" text-anchor="middle">{_fmt(t)}</text>')
+    for t in _nice_ticks(0, top_count):  # the y axis: how many values fell in a bin
+        if 0 <= t <= top_count:
+            y_pix = TOP + plot_h - t / top_count * plot_h
+            body.append(f'<text x="{LEFT - 6}" y="{y_pix + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
     body.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 12}" text-anchor="middle">{escape(xlabel)}</text>')
+    body.append(f'<text x="16" y="{TOP + plot_h / 2}" text-anchor="middle" '
+                f'transform="rotate(-90 16 {TOP + plot_h / 2})">count</text>')
     return _write(path, _svg(WIDTH, HEIGHT, body, title))
 
 

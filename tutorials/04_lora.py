@@ -4,7 +4,8 @@
 # **한국어** — LoRA(Low-Rank Adaptation, Hu et al. 2021)는 사전학습된 선형층의 가중치 `W0`(d_out × d_in)를
 # 얼려 두고, 그 옆에 **낮은 랭크의 업데이트** 하나만 학습합니다.
 #
-#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\;
+#   B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # 학습하는 것은 `A`와 `B`뿐이고, 그 곱 `ΔW = (alpha/r)·B·A`는 `W0`와 같은 모양이지만 랭크가 최대 r인 행렬입니다.
 # `B`는 0으로 시작하므로 학습 첫 스텝의 모델은 원래 모델과 정확히 같습니다. 학습이 끝나면 `W0 + ΔW`를 계산해
@@ -17,7 +18,8 @@
 # **English** — LoRA (Low-Rank Adaptation, Hu et al. 2021) freezes a pre-trained linear layer's weight `W0`
 # (d_out × d_in) and learns a **low-rank update** beside it:
 #
-#     y = W0·x + (alpha / r) · B·A·x          A: (r × d_in),  B: (d_out × r),  r ≪ d_in, d_out
+# $$y = W_0 x + \frac{\alpha}{r}\, B A x, \qquad A \in \mathbb{R}^{r\times d_{in}},\;
+#   B \in \mathbb{R}^{d_{out}\times r},\; r \ll d_{in}, d_{out}$$
 #
 # Only `A` and `B` train; their product `ΔW = (alpha/r)·B·A` has the shape of `W0` but rank at most r. `B` starts at
 # zero, so at step 0 the model is exactly the original one. After training `W0 + ΔW` can be computed and merged into
@@ -70,6 +72,62 @@ assert trainable == r * (d_in + d_out) and total - trainable == d_in * d_out
 x = torch.randn(16, d_in)  # (N, d_in)
 assert torch.equal(layer(x), base(x))  # B = 0: the LoRA path adds exactly nothing at step 0
 print("at initialisation B is all zeros and the output equals the base layer's exactly")
+
+# %% [markdown]
+# ### 표기법: W + A×B와 코드의 B·A · Notation: W + A×B and the code's B·A
+#
+# **한국어** — 강의 자료는 LoRA를 흔히 $h = xW + x\,A\times B$로 씁니다. 여기서 $x$는 행 벡터, $A$는 $d_{in}\times r$
+# ("A가 압축한다"), $B$는 $r\times d_{out}$("B가 펼친다")입니다. PyTorch의 `nn.Linear`는 가중치를 (d_out, d_in)으로
+# 저장하고 $y = xW_0^\top$을 계산하므로, 코드(와 PEFT)의 `lora_A.weight`는 $A^\top$ (r × d_in), `lora_B.weight`는
+# $B^\top$ (d_out × r)이고
+#
+# $$\Delta W_{\text{code}} = \tfrac{\alpha}{r}\,B_{\text{code}}A_{\text{code}} = \tfrac{\alpha}{r}\,(A\times B)^\top$$
+#
+# 입니다. 이름은 같고 모양만 전치된 것입니다. 두 경우 모두 A가 입력을 r차원으로 줄이고 B가 d_out으로 펼칩니다.
+#
+# **왜 A는 Kaiming, B는 0인가.** B = 0이면 첫 스텝의 모델은 원래 모델과 같습니다(위에서 확인). 그런데 A까지 0이면
+# 학습이 시작되지 않습니다. B의 기울기는 $\partial L/\partial B_{\text{code}} = g^\top (xA_{\text{code}}^\top)$
+# ($g = \partial L/\partial y$)라서 A = 0이면 0이고, A의 기울기는 B에 비례하므로 B = 0이면 역시 0입니다. 둘 다 0이면
+# 영원히 0에 머뭅니다. 그래서 A를 `nn.Linear`의 기본값(Kaiming 균등 분포, a = √5, 즉 $U(-1/\sqrt{d_{in}},
+# 1/\sqrt{d_{in}})$)으로 두어 첫 스텝부터 B가 움직이게 합니다. 아래 셀이 세 가지 초기화의 기울기를 잽니다.
+#
+# **English** — Course material often writes LoRA as $h = xW + x\,A\times B$ with a row vector $x$, $A$ of shape
+# $d_{in}\times r$ ("A compresses") and $B$ of shape $r\times d_{out}$ ("B expands"). PyTorch's `nn.Linear` stores its
+# weight as (d_out, d_in) and computes $y = xW_0^\top$, so the code's (and PEFT's) `lora_A.weight` is $A^\top$
+# (r × d_in) and `lora_B.weight` is $B^\top$ (d_out × r), and
+#
+# $$\Delta W_{\text{code}} = \tfrac{\alpha}{r}\,B_{\text{code}}A_{\text{code}} = \tfrac{\alpha}{r}\,(A\times B)^\top .$$
+#
+# Same names, transposed shapes: in both, A brings the input down to r dimensions and B expands it to d_out.
+#
+# **Why A is Kaiming and B is zero.** B = 0 makes the model at step 0 the original one (checked above). But if A
+# were zero too, training would never start: B's gradient $g^\top (xA_{\text{code}}^\top)$ (with
+# $g = \partial L/\partial y$) vanishes when A = 0, and A's gradient is proportional to B, so it vanishes when B = 0;
+# both stay at zero forever. So A starts as `nn.Linear`'s default (Kaiming-uniform with a = √5, i.e.
+# $U(-1/\sqrt{d_{in}}, 1/\sqrt{d_{in}})$), and B moves from the first step. The cell below measures the gradients
+# for three initialisations.
+
+# %%
+A_seed, B_seed = layer.lora_A.weight.detach().T, torch.randn(r, d_out)  # the seed's A (d_in × r), B (r × d_out)
+x = torch.randn(16, d_in)  # (N, d_in)
+A_code, B_code = A_seed.T, B_seed.T  # lora_A.weight (r × d_in), lora_B.weight (d_out × r)
+code_update = (alpha / r) * (x @ A_code.T) @ B_code.T  # LoRALinear: scale · lora_B(lora_A(x))
+assert torch.allclose((alpha / r) * x @ (A_seed @ B_seed), code_update, atol=1e-5)
+assert torch.allclose(B_code @ A_code, (A_seed @ B_seed).T)
+print("seed's x·(A×B) equals the code's scale·lora_B(lora_A(x)); B_code·A_code = (A×B)ᵀ")
+
+target_y = torch.randn(16, d_out)
+print(f"{'init (A, B)':24}{'|grad A|':>10}{'|grad B|':>10}")
+for label, A0, B0 in (("Kaiming A, B = 0", layer.lora_A.weight.detach(), torch.zeros(d_out, r)),
+                      ("A = 0, B = 0", torch.zeros(r, d_in), torch.zeros(d_out, r)),
+                      ("A = 0, random B", torch.zeros(r, d_in), torch.randn(d_out, r))):
+    A_, B_ = A0.clone().requires_grad_(True), B0.clone().requires_grad_(True)
+    (x @ base.weight.detach().T + (alpha / r) * x @ A_.T @ B_.T - target_y).pow(2).mean().backward()
+    print(f"{label:24}{A_.grad.norm().item():>10.2e}{B_.grad.norm().item():>10.2e}")
+    if label == "A = 0, B = 0":
+        assert A_.grad.abs().max() == 0 and B_.grad.abs().max() == 0  # stuck: nothing ever moves
+    if label == "Kaiming A, B = 0":
+        assert A_.grad.abs().max() == 0 and B_.grad.norm() > 0  # B moves first, then A follows
 
 # %% [markdown]
 # **한국어** — 이제 이 층을 조금 학습시킵니다. 목표는 `W0`에 랭크 2짜리 변화를 더한 층을 흉내 내는 것입니다
@@ -221,6 +279,75 @@ for targets in (("q_proj", "v_proj"), "all-linear"):
 print("\none attention block after apply_lora:\n", m.model.layers[0].self_attn)
 
 # %% [markdown]
+# ### 허깅페이스 PEFT에서는 · The same with Hugging Face PEFT
+#
+# **한국어** — PEFT로 같은 일을 하면 다음과 같습니다. `r`, `lora_alpha`, `target_modules`가 minilora의 `r`, `alpha`,
+# `targets`에 해당하고, 어댑터 파일의 형식도 같습니다(9장).
+#
+# ```python
+# from peft import LoraConfig, get_peft_model
+# config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+#                     task_type="CAUSAL_LM")
+# peft_model = get_peft_model(hf_model, config)
+# peft_model.print_trainable_parameters()
+# ```
+#
+# `transformers`와 `peft`가 설치되어 있으면 아래 셀이 같은 기본 모델에 두 라이브러리로 LoRA를 붙여 학습 파라미터
+# 수를 비교하고, PEFT 어댑터(B를 무작위로 채운 것)를 저장해 minilora로 불러온 뒤 두 모델의 출력이 같은지 잽니다.
+#
+# **English** — With PEFT the same step reads as below; `r`, `lora_alpha` and `target_modules` are minilora's `r`,
+# `alpha` and `targets`, and the adapter files have the same format (chapter 9).
+#
+# ```python
+# from peft import LoraConfig, get_peft_model
+# config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+#                     task_type="CAUSAL_LM")
+# peft_model = get_peft_model(hf_model, config)
+# peft_model.print_trainable_parameters()
+# ```
+#
+# When `transformers` and `peft` are installed, the cell below puts LoRA on the same default model with both
+# libraries and compares the trainable counts, then saves a PEFT adapter (B filled at random), loads it into
+# minilora and measures how far the two models' outputs are apart.
+
+# %%
+if _course.has("transformers", "peft"):
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from minilora.adapter import load_adapter
+
+    for targets in (["q_proj", "v_proj"], "all-linear"):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                    LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                               task_type="CAUSAL_LM"))
+        m = load_model(model_dir)
+        apply_lora(m, r=8, alpha=16, targets=targets)
+        peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        print(f"targets={targets!r}: trainable PEFT {peft_trainable:,}, minilora {count_parameters(m)[0]:,}")
+        assert peft_trainable == count_parameters(m)[0]
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # a "trained" adapter, so that the comparison means something
+    ids = torch.tensor([load_tokenizer(model_dir).encode("Haneul Tea Garden is on")])  # (1, T)
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder)
+        ours = load_model(model_dir)
+        load_adapter(ours, folder)
+        with torch.no_grad():
+            gap = (peft_model.eval()(ids).logits - ours.eval()(ids)).abs().max().item()
+            effect = (ours(ids) - load_model(model_dir).eval()(ids)).abs().max().item()
+    print(f"PEFT adapter loaded into minilora: max |logits difference| = {gap:.1e} "
+          f"(the adapter itself moves the logits by up to {effect:.2f})")
+    assert gap < 1e-4 and effect > 1e-3
+else:
+    print("transformers/peft are not installed: the side-by-side comparison is skipped")
+
+# %% [markdown]
 # ## 4.5 합쳐도 변하지 않는다 · Merging changes nothing
 #
 # **한국어** — 합치기를 의미 있게 시험하려면 B가 0이 아니어야 하므로, 먼저 기본 모델(all-linear, r = 8)을 도메인
@@ -313,7 +440,9 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # **한국어** — 가중치 행렬의 각 행(출력 특징 하나)은 **크기**(행의 L2 노름)와 **방향**(길이 1인 행 벡터)의 곱입니다:
 # `W0 = m0 · V`, `m0 = ‖W0‖`(행마다), `V = W0 / ‖W0‖`. DoRA(Liu et al. 2024)는 방향을 LoRA로, 크기를 직접 학습합니다.
 #
-#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) 학습, 처음엔 ‖W0‖;  s = alpha / r
+# $$W' = m \cdot \frac{W_0 + sBA}{\lVert W_0 + sBA \rVert}, \qquad s = \alpha / r$$
+#
+#     m: (d_out,) 학습, 처음엔 ‖W0‖
 #
 # B = 0에서 시작하면 `W' = W0`이므로 첫 스텝은 LoRA처럼 원래 모델 그대로입니다. 논문(4.3절)은 역전파에서
 # 노름 `‖W0 + s·B·A‖`을 상수로 취급(detach)하라고 권합니다. 그러면 (d_out × d_in) 행렬의 노름을 거쳐 기울기를 보낼
@@ -325,7 +454,9 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # **direction** (a row vector of length 1): `W0 = m0 · V` with `m0 = ‖W0‖` per row and `V = W0 / ‖W0‖`. DoRA
 # (Liu et al. 2024) learns the direction with LoRA and the magnitude directly:
 #
-#     W' = m · (W0 + s·B·A) / ‖W0 + s·B·A‖        m: (d_out,) trained, starting at ‖W0‖;  s = alpha / r
+# $$W' = m \cdot \frac{W_0 + sBA}{\lVert W_0 + sBA \rVert}, \qquad s = \alpha / r$$
+#
+#     m: (d_out,) trained, starting at ‖W0‖
 #
 # Starting from B = 0 gives `W' = W0`, so step 0 is the original model, as with LoRA. The paper (§4.3) treats the
 # norm `‖W0 + s·B·A‖` as a constant in backward (detached): no gradient then has to flow through the norm of a
@@ -438,3 +569,41 @@ _course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss
 # - `scale = alpha/r` (alpha/√r with rsLoRA) sets the size of the update.
 # - A model merged with `merge()`/`merge_lora` gives the same outputs as before merging.
 # - DoRA splits W' into a magnitude m (trained directly) and a direction (trained with LoRA): `DoRALinear`.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/04_lora.py`).
+#
+# 1. **LoRA의 순전파.** `lora_forward(x, W0, A, B, alpha, r)`: 행 벡터 `x`에 대해 `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ`.
+#    "A가 압축하고(d_in → r) B가 펼칩니다(r → d_out)".
+# 2. **초기화.** `init_lora(d_in, d_out, r)`: `(A, B)`를 만드세요. 검사는 첫 스텝의 모델이 원래 모델과 같은지(B = 0),
+#    그리고 B가 실제로 기울기를 받는지 봅니다. A도 0이면 어떻게 되는지 먼저 예측해 보세요.
+# 3. **병합.** `merged_weight(W0, A, B, alpha, r)`: `merge_lora`가 쓰는 가중치.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/04_lora.py`).
+#
+# 1. **LoRA's forward.** `lora_forward(x, W0, A, B, alpha, r)`: for row vectors `x`,
+#    `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ` — "A compresses (d_in → r), B expands (r → d_out)".
+# 2. **Initialisation.** `init_lora(d_in, d_out, r)`: make `(A, B)`. The check tests that the model at step 0 is the
+#    original one (B = 0) and that B really gets a gradient. Predict first what happens if A is zero too.
+# 3. **Merging.** `merged_weight(W0, A, B, alpha, r)`: the weight `merge_lora` writes.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def lora_forward(x, W0, A, B, alpha, r):
+    raise NotImplementedError  # your code here
+
+
+def init_lora(d_in: int, d_out: int, r: int):
+    raise NotImplementedError  # your code here
+
+
+def merged_weight(W0, A, B, alpha, r):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["4.1"], lora_forward)
+_exercises.try_it(_exercises.EXERCISES["4.2"], init_lora)
+_exercises.try_it(_exercises.EXERCISES["4.3"], merged_weight)

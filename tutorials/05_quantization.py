@@ -358,6 +358,28 @@ _course.show_figure(path)
 # r = 16 all-linear LoRA, activations excluded); the last repeats chapter 2's full fine-tuning (16 bytes per
 # parameter) for comparison.
 
+
+# %% [markdown]
+# **한국어** — 히스토그램 가운데, 오차 0에 솟은 막대가 있습니다. 블록마다 절댓값이 가장 큰 원소(absmax)는
+# absmax로 나누면 정확히 ±1이 되고, ±1은 NF4 코드에 있는 값이라 그 원소는 오차 없이 복원됩니다. 블록 크기가 64이므로
+# 전체의 1/64 ≈ 1.6%입니다. 이중 양자화는 absmax 자체를 8비트로 반올림하므로 이 원소들의 오차도 0이 아니라 아주
+# 작은 값이 됩니다. 아래 셀이 두 경우를 잽니다.
+#
+# **English** — In the middle of the histogram a bar spikes at error 0. Each block's largest-magnitude element (its
+# absmax) divides to exactly ±1, a value the NF4 code holds, so it comes back without error: with blocks of 64 that
+# is 1/64 ≈ 1.6% of all values. Double quantization rounds the absmax itself to 8 bits, so these elements' errors
+# become tiny rather than zero. The cell below measures both cases.
+
+# %%
+blocks64 = weight.flatten().view(-1, 64)
+is_absmax = (blocks64.abs() == blocks64.abs().amax(dim=1, keepdim=True)).flatten()
+for dq in (False, True):
+    err = (dequantize_nf4(quantize_nf4(weight, double_quant=dq)) - weight).flatten().abs()
+    print(f"double_quant={dq!s:5}: absmax elements {is_absmax.float().mean():.2%} of all; their median |error| "
+          f"{err[is_absmax].median():.1e}, everyone's {err.median():.1e}")
+    if not dq:
+        assert (err[is_absmax] == 0).all()  # ±1 is a code value: exact
+
 # %%
 bits = {False: q.bits_per_parameter, True: q_dq.bits_per_parameter}
 print(f"{'model':14}{'params':>8}{'bf16':>10}{'NF4':>10}{'NF4+DQ':>10}{'bf16/NF4+DQ':>12}{'DQ saves':>10}"
@@ -406,3 +428,35 @@ for name, shape in _course.REAL_MODELS.items():
 # - Double quantization re-quantizes the absmax values to 8 bits, saving bits per weight at almost no error.
 # - Chapter 8 trains LoRA on top of these frozen 4-bit weights (QLoRA) and walks through the Triton kernel that
 #   dequantizes and multiplies in one pass.
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/05_quantization.py`).
+#
+# 1. **NF4 왕복.** `nf4_roundtrip(x)`: 64개 값의 블록 하나를 absmax로 나누고, `NF4_CODE`의 16개 값 중 가장 가까운
+#    값으로 바꾼 뒤 다시 absmax를 곱하세요. 검사는 `quantize_nf4`/`dequantize_nf4`와 비교합니다.
+# 2. **파라미터당 비트.** `bits_per_parameter(double_quant)`: 큰 가중치에서 NF4가 쓰는 비트(코드 4비트 + 블록
+#    스케일). 이중 양자화가 있을 때와 없을 때를 종이 위에서 계산하세요.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/05_quantization.py`).
+#
+# 1. **An NF4 round trip.** `nf4_roundtrip(x)`: divide one block of 64 values by its absmax, replace each by the
+#    nearest of `NF4_CODE`'s 16 values, multiply by absmax again; the check compares with
+#    `quantize_nf4`/`dequantize_nf4`.
+# 2. **Bits per parameter.** `bits_per_parameter(double_quant)`: what NF4 stores per weight of a large matrix (the
+#    4-bit code plus the block scales), with and without double quantization, worked out on paper.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def nf4_roundtrip(x):
+    raise NotImplementedError  # your code here
+
+
+def bits_per_parameter(double_quant: bool) -> float:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["5.1"], nf4_roundtrip)
+_exercises.try_it(_exercises.EXERCISES["5.2"], bits_per_parameter)

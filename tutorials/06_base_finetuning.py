@@ -3,7 +3,7 @@
 #
 # **한국어**
 #
-# 베이스 파인튜닝(연속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
+# 베이스 파인튜닝(계속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
 # 새 분야의 날것 그대로의 글을 읽히고, 매 위치에서 다음 토큰을 맞히게 합니다. 질문과 답의 형식은 없습니다.
 # 그래서 베이스 파인튜닝은 **형식이 아니라 지식**을 가르칩니다. 이 장에서는 minilora에 들어 있는 작은
 # 한국어·영어 모델에게, 지어낸 차 농장 "하늘 차밭(Haneul Tea Garden)"에 관한 글을 LoRA로 학습시킵니다.
@@ -137,6 +137,12 @@ assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
 # 있습니다. 각 블록의 `labels`는 `input_ids`와 똑같습니다. 한 칸 밀어서 맞추는 일(위치 t가 t+1번째 토큰을
 # 예측)은 손실 함수가 합니다.
 #
+# 한 블록 안에서는 뒤 문서의 토큰이 `<eos>` 너머 앞 문서를 **볼 수 있습니다**(블록 전체에 보통의 인과 마스크).
+# 7장은 대화를 패킹할 때 같은 일을 "누출(leakage)"이라 부르고 `segment_ids`로 막습니다. 둘은 모순이 아니라
+# 선택입니다. 베이스 파인튜닝의 문서는 같은 도메인의 이어지는 글이고, 사전학습도 보통 이렇게 하며, `<eos>`가
+# 경계를 알려 줍니다. 반면 인스트럭트 파인튜닝의 각 샘플은 독립된 대화이고, 배포할 때 모델은 대화를 하나씩만
+# 봅니다. 그래서 7장은 패킹한 행의 손실이 샘플 하나씩 계산한 손실과 정확히 같도록 경계를 막습니다.
+#
 # **English**
 #
 # Documents have all sorts of lengths. As in pre-training, we join all of them into one long stream of tokens,
@@ -144,6 +150,13 @@ assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
 # tokens. A document may run across two blocks; almost nothing is padding, so no compute is wasted. Only the last
 # block may be short. Each block's `labels` equal its `input_ids`: the loss function does the shift by one
 # (position t predicts token t+1).
+#
+# Inside a block, a later document's tokens **can attend** to the earlier document across the `<eos>` (one ordinary
+# causal mask over the whole block). Chapter 7 calls the same thing "leakage" when it packs conversations, and blocks
+# it with `segment_ids`. That is a choice, not a contradiction: base FT documents are running text of one domain,
+# pre-training usually does exactly this, and `<eos>` marks the boundary; each instruct sample, in contrast, is an
+# independent conversation, and a deployed model sees one conversation at a time, so chapter 7 keeps the loss of a
+# packed row exactly equal to the loss of its samples taken one by one.
 
 # %%
 BLOCK_SIZE = 128
@@ -378,6 +391,43 @@ del step_model, optimizer, logits, hidden
 # measures the validation loss every `eval_every` steps and writes the run folder: `metrics.jsonl`, `loss.svg`,
 # `checkpoints/` and the PEFT-format `adapter/`.
 
+# %% [markdown]
+# ### 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — `transformers`의 `Trainer`로 쓰면 다음과 같습니다. 필드 이름만 다를 뿐 같은 설정입니다.
+#
+# ```python
+# from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+# args = TrainingArguments(output_dir="out", per_device_train_batch_size=8, learning_rate=2e-3,
+#                          warmup_steps=10, lr_scheduler_type="cosine", max_steps=200,
+#                          eval_strategy="steps", eval_steps=20, logging_steps=20, seed=0)
+# trainer = Trainer(model=get_peft_model(hf_model, lora_config), args=args,
+#                   train_dataset=train_blocks, eval_dataset=val_blocks,
+#                   data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False))
+# trainer.train()
+# ```
+#
+# 3.5절에서 본 함정이 여기서 생깁니다. 패딩 토큰이 없는 모델에 `tok.pad_token = tok.eos_token`을 두면 이
+# 콜레이터는 블록 안의 진짜 `<eos>`까지 `-100`으로 바꿉니다. 그러면 모델은 문서가 끝나는 곳을 배우지 못합니다(연습
+# 6.2). minilora의 `pad_collate`는 길이로 패딩을 찾으므로 `<eos>`가 그대로 학습됩니다.
+#
+# **English** — With `transformers`' `Trainer` it reads as below: the same settings under other field names.
+#
+# ```python
+# from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+# args = TrainingArguments(output_dir="out", per_device_train_batch_size=8, learning_rate=2e-3,
+#                          warmup_steps=10, lr_scheduler_type="cosine", max_steps=200,
+#                          eval_strategy="steps", eval_steps=20, logging_steps=20, seed=0)
+# trainer = Trainer(model=get_peft_model(hf_model, lora_config), args=args,
+#                   train_dataset=train_blocks, eval_dataset=val_blocks,
+#                   data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False))
+# trainer.train()
+# ```
+#
+# Section 3.5's pitfall bites here: with `tok.pad_token = tok.eos_token` (for a model without a pad token) this
+# collator turns the real `<eos>` inside the blocks into `-100` too, and the model never learns where a document
+# ends (exercise 6.2). minilora's `pad_collate` finds padding by length, so `<eos>` is trained.
+
 # %%
 RUN = run_dir("06_base_finetuning")
 shutil.rmtree(RUN, ignore_errors=True)
@@ -386,7 +436,7 @@ config = TrainConfig(
     r=R, alpha=ALPHA, dropout=0.05, targets="all-linear",
     block_size=BLOCK_SIZE, val_fraction=VAL_FRACTION, batch_size=8, lr=2e-3, warmup_steps=_course.steps(10, 1),
     max_steps=_course.steps(80, 4), eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1),
-    output=str(RUN), seed=0, device="cpu",
+    output=str(RUN), seed=0, device="auto",
 )
 print(config.to_toml())
 
@@ -498,3 +548,38 @@ for f in FACTS:
 # %%
 print(f"adapter: {RUN / 'adapter'}")
 print(f"chapter 6 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/06_base_finetuning.py`).
+#
+# 1. **패킹.** `pack(docs, block_size, eos_id)`: 문서마다 뒤에 EOS를 붙여 하나로 잇고 `block_size`마다 자르세요
+#    (2토큰보다 짧은 마지막 블록은 버립니다). 검사는 `pack_into_blocks`와 비교합니다.
+# 2. **pad == eos의 함정.** `lm_labels(input_ids, attention_mask)`: 패딩에만 `-100`을 주는 라벨. 허깅페이스의
+#    `DataCollatorForLanguageModeling(mlm=False)`는 `input_ids == pad_token_id`인 곳을 `-100`으로 바꾸므로, 흔히
+#    하듯 `pad_token = eos_token`으로 두면 진짜 EOS까지 지워져 모델이 멈추는 법을 배우지 못합니다. 검사의 배치가
+#    바로 그 경우입니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/06_base_finetuning.py`).
+#
+# 1. **Packing.** `pack(docs, block_size, eos_id)`: join the documents with EOS after each and cut every
+#    `block_size` tokens (dropping a last block shorter than 2 tokens); the check compares with `pack_into_blocks`.
+# 2. **The pad == eos pitfall.** `lm_labels(input_ids, attention_mask)`: labels with `-100` on padding only. Hugging
+#    Face's `DataCollatorForLanguageModeling(mlm=False)` sets `-100` wherever `input_ids == pad_token_id`, so the common
+#    `pad_token = eos_token` also erases the real EOS, and the model never learns to stop. The check's batch is that
+#    case.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def pack(docs: list[list[int]], block_size: int, eos_id: int) -> list[list[int]]:
+    raise NotImplementedError  # your code here
+
+
+def lm_labels(input_ids, attention_mask):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["6.1"], pack)
+_exercises.try_it(_exercises.EXERCISES["6.2"], lm_labels)

@@ -9,8 +9,11 @@
 # 읽습니다. 그리고 손실은 **답변 토큰에서만** 계산합니다.
 #
 # 이 장의 순서: 채팅 템플릿(Gemma의 `<start_of_turn>user … <end_of_turn>` 형식) → instruction/input/output을
-# 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 새어 나감 없는 패킹(segment id,
+# 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 경계를 지키는 패킹(segment id,
 # position id) → `TrainConfig(mode="sft")`로 학습 → 학습된 모델과 대화하기.
+#
+# 6장을 먼저 실행했다면 이 장은 그 결과(기본 모델에 도메인 어댑터를 병합한 모델)에서 시작해, 넣은 지식 위에 형식을
+# 가르칩니다. 아니면 기본 모델에서 시작합니다. 첫 코드 셀이 어느 쪽인지 출력합니다.
 #
 # **English**
 #
@@ -22,6 +25,10 @@
 # The path: the chat template (Gemma's `<start_of_turn>user … <end_of_turn>` format) → instruction/input/output
 # into conversations → train/validation split → response-only loss (the -100 mask) → packing without leakage
 # (segment ids, position ids) → training with `TrainConfig(mode="sft")` → chatting with the result.
+#
+# If chapter 6 ran first, this chapter starts from its result (the default model with the domain adapter merged in)
+# and teaches the format on top of the injected knowledge; otherwise it starts from the default model. The first
+# code cell prints which.
 
 # %%
 import json
@@ -54,7 +61,25 @@ FAST = _course.FAST
 run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
 
 
-MODEL_DIR = _course.default_model()
+def start_model():
+    """Chapter 6's result (the default model with its domain adapter merged in) when chapter 6 ran first with this
+    default model, else the default model itself: SFT then teaches the format on top of the injected knowledge."""
+    from minilora.merge import merge
+
+    base = _course.default_model()
+    adapter = run_dir("06_base_finetuning") / "adapter"
+    config = adapter / "adapter_config.json"
+    if config.is_file() and json.loads(config.read_text())["base_model_name_or_path"] == str(base):
+        merged = run_dir("07_start_from_chapter_6")
+        shutil.rmtree(merged, ignore_errors=True)
+        print(f"starting from chapter 6's result: {adapter} merged into the default model")
+        return Path(merge(base, adapter, merged))
+    print(f"chapter 6's adapter not found at {adapter}: starting from the default model (run chapter 6 first "
+          "to build on its result)")
+    return base
+
+
+MODEL_DIR = start_model()
 model = load_model(MODEL_DIR)
 tokenizer = load_tokenizer(MODEL_DIR)
 print("fast mode:", FAST, "| model:", MODEL_DIR)
@@ -128,6 +153,59 @@ system = {"role": "system", "content": "짧게 답하세요."}
 print(tokenizer.render_chat([system] + conversation))
 gemma_style = [{"role": "user", "content": system["content"] + "\n\n" + conversation[0]["content"]}, conversation[1]]
 print(tokenizer.render_chat(gemma_style))
+
+# %% [markdown]
+# ### 허깅페이스에서는 · The same in Hugging Face
+#
+# **한국어** — `transformers`에서 같은 렌더링은 `tok.apply_chat_template(messages, tokenize=False)`이고, 학습은 보통
+# TRL의 `SFTTrainer`가 맡습니다.
+#
+# ```python
+# from trl import SFTConfig, SFTTrainer
+# config = SFTConfig(output_dir="out", max_length=256, packing=True, assistant_only_loss=True,
+#                    num_train_epochs=1, learning_rate=2e-4)
+# trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset,   # {"messages": [...]} 레코드
+#                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+# trainer.train()
+# ```
+#
+# 차이 두 가지: TRL의 `assistant_only_loss=True`는 답변 위치를 템플릿 안의 `{% generation %}` … `{% endgeneration %}`
+# 표시에서 얻으므로, 그 표시가 없는 템플릿(대부분의 모델)에는 쓸 수 없습니다. minilora는 프롬프트만 렌더링한 글과
+# 답변까지 렌더링한 글을 비교해 답변을 찾으므로(7.4절) 어떤 템플릿에도 표시가 필요 없습니다. 또 패킹할 때
+# minilora는 `segment_ids`로 샘플 경계를 막습니다(7.5절). `transformers`가 설치되어 있으면 아래 셀이 두 렌더링이
+# 같은지(텍스트와 토큰) 확인합니다.
+#
+# **English** — In `transformers` the same rendering is `tok.apply_chat_template(messages, tokenize=False)`, and
+# training is usually TRL's `SFTTrainer`:
+#
+# ```python
+# from trl import SFTConfig, SFTTrainer
+# config = SFTConfig(output_dir="out", max_length=256, packing=True, assistant_only_loss=True,
+#                    num_train_epochs=1, learning_rate=2e-4)
+# trainer = SFTTrainer(model=hf_model, args=config, train_dataset=dataset,   # {"messages": [...]} records
+#                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+# trainer.train()
+# ```
+#
+# Two differences: TRL's `assistant_only_loss=True` finds the reply from `{% generation %}` … `{% endgeneration %}`
+# markers inside the template, so it cannot be used with templates that lack them (most models'). minilora finds
+# the reply by comparing the text rendered with the prompt only and with the reply (section 7.4), so no template
+# needs markers. And when packing, minilora keeps samples apart with `segment_ids` (section 7.5). When
+# `transformers` is installed, the cell below checks that both renderings agree (text and tokens).
+
+# %%
+if _course.has("transformers"):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    for messages, gen in ((conversation, False), (conversation[:1], True), ([system] + conversation, False)):
+        hf_text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        assert hf_text == tokenizer.render_chat(messages, add_generation_prompt=gen)
+        hf_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)
+        assert list(hf_ids["input_ids"]) == tokenizer.apply_chat_template(messages, add_generation_prompt=gen)
+    print("apply_chat_template: transformers and minilora give the same text and ids on 3 conversations")
+else:
+    print("transformers is not installed: the side-by-side comparison is skipped")
 
 # %% [markdown]
 # ## 7.2 instruction/input/output을 대화로 · Instruction/input/output into conversations
@@ -267,15 +345,17 @@ assert int(n_reply) == sum(label != IGNORE_INDEX for label in labels[1:])
 assert int(n_all) == len(ids) - 1
 
 # %% [markdown]
-# ## 7.5 새어 나감 없는 패킹 · Packing without leakage
+# ## 7.5 경계를 지키는 패킹 · Packing without leakage
 #
 # **한국어**
 #
 # 대화는 짧고 길이가 제각각입니다. 하나씩 배치로 묶으면 패딩이 많이 생깁니다. **패킹**은 여러 샘플을 한 행에
-# 채워 넣습니다. 그런데 그냥 이어 붙이면 두 번째 샘플의 토큰이 첫 번째 샘플을 "볼" 수 있습니다(새어 나감,
-# leakage). 그래서 샘플마다 `segment_ids`(1, 2, 3, …)를 주고, 모델은 같은 세그먼트 안의 앞 토큰만 보게 합니다.
+# 채워 넣습니다. 그런데 그냥 이어 붙이면 두 번째 샘플의 토큰이 첫 번째 샘플을 "볼" 수 있습니다(샘플 간
+# 누출, leakage). 그래서 샘플마다 `segment_ids`(1, 2, 3, …)를 주고, 모델은 같은 세그먼트 안의 앞 토큰만 보게 합니다.
 # `position_ids`도 샘플마다 0부터 다시 셉니다. 각 샘플의 첫 라벨은 -100입니다: 앞 샘플의 마지막 위치에서
 # 다음 샘플의 첫 토큰을 예측하지 않도록.
+# (6장의 블록은 문서 경계를 넘어 주의를 허용했습니다. 이어지는 도메인 글에는 흔한 선택이지만, 독립된 대화에는
+# 맞지 않습니다. 그 이유는 6.4절에 있습니다.)
 #
 # **English**
 #
@@ -284,6 +364,8 @@ assert int(n_all) == len(ids) - 1
 # (leakage). So each sample gets a `segment_ids` value (1, 2, 3, …) and the model attends only to earlier tokens of
 # the same segment; `position_ids` restart at 0 for each sample. Each sample's first label is -100, so the last
 # position of one sample never predicts the first token of the next.
+# (Chapter 6's blocks let attention cross document boundaries: a common choice for running domain text, wrong for
+# independent conversations; section 6.4 says why.)
 
 # %%
 MAX_LEN = 256
@@ -308,7 +390,7 @@ for seg in segments:
 # %% [markdown]
 # **한국어**
 #
-# 정말 새어 나가지 않는지 숫자로 확인합니다: 패킹된 행 안의 두 번째 샘플의 로짓이, 그 샘플을 혼자 넣었을 때의
+# 정말 누출이 없는지 숫자로 확인합니다: 패킹된 행 안의 두 번째 샘플의 로짓이, 그 샘플을 혼자 넣었을 때의
 # 로짓과 같아야 합니다. `segment_ids`를 빼고 그냥 이어 붙이면 어떻게 되는지도 봅니다.
 #
 # **English**
@@ -363,7 +445,7 @@ config = TrainConfig(
     r=16, alpha=32.0, dropout=0.05, targets="all-linear",
     block_size=MAX_LEN, val_fraction=VAL_FRACTION, batch_size=4, lr=2e-3, warmup_steps=_course.steps(10, 1),
     max_steps=_course.steps(100, 4), eval_every=_course.steps(20, 0), log_every=_course.steps(20, 1),
-    output=str(RUN), seed=0, device="cpu",
+    output=str(RUN), seed=0, device="auto",
 )
 print(config.to_toml())
 t_train = time.time()
@@ -383,6 +465,32 @@ figure = line_chart({"train loss": train_curve, "validation loss": val_curve},
                     title="Instruct fine-tuning (response-only loss, packed)", xlabel="optimizer step",
                     ylabel="loss (nats/answer token)")
 _course.show_figure(figure)
+
+# %% [markdown]
+# ### 과적합과 가장 좋은 체크포인트 · Overfitting and the best checkpoint
+#
+# **한국어** — 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시 오른다면, 모델이 108개의 학습 대화를
+# 외우기 시작한 것입니다(**과적합**). 데이터가 작고 LoRA(r = 16, all-linear)가 그것을 외우기에 충분히 크기 때문에
+# 흔히 생깁니다. 고치는 방법은 두 가지입니다. 검증 손실이 가장 낮았던 스텝까지만 학습하거나(`max_steps`를 줄이기),
+# 주기적으로 검증하면서 **가장 낮은 검증 손실의 체크포인트**를 남기는 것입니다(연습 7.2). 아래 셀은 그 스텝을 곡선에서
+# 계산하고, 마지막 스텝과 비교합니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이 없습니다.
+#
+# **English** — If the training loss keeps falling while the validation loss turns up from some step on, the model
+# has begun to memorise its 108 training conversations (**overfitting**): common here, because the data is small and
+# LoRA (r = 16, all-linear) has room enough to memorise it. Two fixes: train only up to the step of the lowest
+# validation loss (a smaller `max_steps`), or evaluate periodically and **keep the checkpoint with the lowest
+# validation loss** (exercise 7.2). The cell below computes that step from the curve and compares it with the last
+# step. In fast mode validation runs once, at the end, so there is no curve to compare.
+
+# %%
+best_at, best_val = min(val_curve, key=lambda step_loss: step_loss[1])
+last_at, last_val = val_curve[-1]
+print(f"lowest validation loss {best_val:.4f} at step {best_at}; last {last_val:.4f} at step {last_at}")
+if best_at < last_at:
+    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at}: overfitting; "
+          f"max_steps={best_at} (or keeping the step-{best_at} checkpoint) gives the better adapter")
+else:
+    print("no rise: the lowest validation loss is the last one (no overfitting within this run)")
 
 # %% [markdown]
 # ## 7.7 학습된 모델과 대화하기 · Chatting with the result
@@ -476,3 +584,44 @@ dialogue += [{"role": "assistant", "content": reply}, {"role": "user", "content"
 reply2, _ = chat(tuned, dialogue)
 print(tokenizer.render_chat(dialogue + [{"role": "assistant", "content": reply2}]))
 print(f"chapter 7 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/07_instruct_finetuning.py`).
+#
+# 1. **응답만 학습하기.** `response_only(prompt_ids, reply_ids)`: `input_ids`와, 프롬프트에 `-100`을 준 `labels`.
+# 2. **가장 좋은 체크포인트.** `best_step(history)`: `(step, 검증 손실)` 목록에서 남길 스텝. 검증 손실이 내려가다
+#    다시 오르면(과적합) 마지막 스텝이 아니라 가장 낮은 곳을 남깁니다(트레이너의 `--save-best`가 하는 일).
+# 3. **경계를 지키는 패킹.** `packed_row(lengths)`: 한 행에 이어 붙인 샘플들의 `segment_ids`(1, 2, …)와 샘플마다
+#    0부터 다시 세는 `position_ids`. 검사는 `pack_samples`와 비교합니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions:
+# `tutorials/solutions/07_instruct_finetuning.py`).
+#
+# 1. **Train on the response only.** `response_only(prompt_ids, reply_ids)`: `input_ids` and `labels` with `-100` on
+#    the prompt.
+# 2. **The best checkpoint.** `best_step(history)`: from `(step, validation loss)` pairs, the step to keep. When the
+#    validation loss falls and then rises again (overfitting), keep the lowest point, not the last step (what the
+#    trainer's `--save-best` does).
+# 3. **Packing without leakage.** `packed_row(lengths)`: the `segment_ids` (1, 2, ...) of samples packed into one row
+#    and `position_ids` restarting at 0 in each; the check compares with `pack_samples`.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def response_only(prompt_ids: list[int], reply_ids: list[int]) -> dict:
+    raise NotImplementedError  # your code here
+
+
+def best_step(history: list[tuple[int, float]]) -> int:
+    raise NotImplementedError  # your code here
+
+
+def packed_row(lengths: list[int]):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["7.1"], response_only)
+_exercises.try_it(_exercises.EXERCISES["7.2"], best_step)
+_exercises.try_it(_exercises.EXERCISES["7.3"], packed_row)

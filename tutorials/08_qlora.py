@@ -51,6 +51,8 @@ if not torch.cuda.is_available():
                            "this chapter from the top")
     os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels on CPU tensors, in the interpreter
 
+import copy
+import dataclasses
 import inspect
 import json
 import shutil
@@ -233,6 +235,38 @@ print(f"validation loss: float32 {loss_fp:.4f}, NF4 {loss_nf4:.4f} (difference {
 assert abs(loss_nf4 - loss_fp) < 0.5  # 4 bits cost a little, not everything
 
 # %% [markdown]
+# **한국어** — 4비트는 정보를 잃는데, 위의 NF4 손실이 float32보다 **낮게** 나올 수도 있습니다. 정보가 늘어난 것이
+# 아닙니다. 가중치를 조금 흔들면 손실은 어느 쪽으로든 조금 움직이고, 이 작은 모델과 작은 검증 세트에서는 그 움직임이
+# 양자화의 평균적인 손해보다 클 수 있습니다. 아래 셀이 이것을 잽니다. 층마다 NF4 오차 `deq(W) − W`의 값들을 무작위로
+# 섞어서(크기의 분포는 같고 방향만 다름) 다섯 번 더한 모델의 검증 손실을 재고, NF4의 차이가 그 퍼짐 안에 있는지
+# 출력합니다. 퍼짐 안이라면 부호는 잡음이고, 이 측정으로는 NF4가 손실을 바꾼다고 말할 수 없습니다.
+#
+# **English** — Four bits lose information, yet the NF4 loss above may come out **lower** than float32's. No
+# information was gained: nudging the weights moves the loss a little in either direction, and on this small model
+# and small validation set that movement can exceed quantization's average cost. The cell below measures it: per
+# layer it shuffles the values of the NF4 error `deq(W) − W` (same distribution of sizes, different directions),
+# adds them to the float32 weights five times, measures each model's validation loss and prints whether NF4's
+# difference lies inside that spread. If it does, its sign is noise: this measurement cannot tell NF4 from float32.
+
+# %%
+shuffled = []
+for seed in range(5):
+    g = torch.Generator().manual_seed(seed)
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            w = noisy.get_submodule(name).weight
+            err = (qmodel.get_submodule(name).dequantize() - w).flatten()
+            w += err[torch.randperm(err.numel(), generator=g)].view_as(w)
+    shuffled.append(validation_loss(noisy, val_blocks) - loss_fp)
+del noisy
+lo, hi = min(shuffled), max(shuffled)
+inside = lo <= loss_nf4 - loss_fp <= hi
+print(f"loss change, NF4 error: {loss_nf4 - loss_fp:+.4f}; same-size shuffled errors (5 seeds): "
+      f"{lo:+.4f} .. {hi:+.4f}")
+print(f"NF4's change is {'inside' if inside else 'outside'} the spread of same-size random perturbations")
+
+# %% [markdown]
 # ## 8.4 NF4 위에 LoRA · LoRA on top of NF4
 #
 # **한국어**
@@ -298,7 +332,7 @@ for method in ("lora", "qlora"):
         model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method=method, r=R, alpha=ALPHA, dropout=0.0,
         targets="all-linear", block_size=BLOCK_SIZE, batch_size=8, lr=2e-3, warmup_steps=_course.steps(5, 1),
         max_steps=_course.steps(60, 3), eval_every=_course.steps(10, 0), log_every=_course.steps(20, 1),
-        output=str(out), seed=0, device="cpu",
+        output=str(out), seed=0, device="auto",
     )
     print(f"\n=== method={method} ===")
     t = time.time()
@@ -317,6 +351,101 @@ figure = line_chart(curves, _course.figure_path("08_qlora_vs_lora.svg"),
                     title="LoRA (float32 base) vs QLoRA (NF4 base)", xlabel="optimizer step",
                     ylabel="loss (nats/token)")
 _course.show_figure(figure)
+
+# %% [markdown]
+# **한국어** — QLoRA의 최종 검증 손실이 LoRA보다 낮게 끝날 수도 있습니다. 한 번의 실행으로는 그것이 NF4의 효과인지
+# 시드(데이터 순서, A의 초기값)의 잡음인지 알 수 없습니다. 아래 셀은 같은 설정을 다른 시드로 더 돌려(빠른 모드에서는
+# 위의 시드 0만) 시드마다 `QLoRA − LoRA`를 출력하고, 그 부호가 시드마다 같은지 봅니다. 부호가 바뀌면 차이는 잡음
+# 수준이라는 뜻입니다. 어느 쪽이든 차이의 크기를 학습이 줄인 손실(마지막 줄)과 비교해 보세요.
+#
+# **English** — QLoRA may end with a lower validation loss than LoRA. One run cannot tell an effect of NF4 from the
+# noise of the seed (data order, A's initial values). The cell below repeats the same settings with other seeds (in
+# fast mode only seed 0 above), prints `QLoRA − LoRA` per seed and checks whether its sign stays the same. A sign
+# that flips means the difference is at noise level. Either way, compare its size with the loss that training
+# removed (the last line).
+
+# %%
+gaps = {0: finals["qlora"]["val_loss"] - finals["lora"]["val_loss"]}
+for seed in ([] if FAST else [1, 2]):
+    seed_finals = {}
+    for method in ("lora", "qlora"):
+        out = run_dir(f"08_qlora_{method}_seed{seed}")
+        shutil.rmtree(out, ignore_errors=True)
+        seed_config = dataclasses.replace(config, method=method, seed=seed, output=str(out), eval_every=0)
+        seed_finals[method] = train(seed_config)["val_loss"]
+    gaps[seed] = seed_finals["qlora"] - seed_finals["lora"]
+print("final validation loss, QLoRA − LoRA, per seed:", {s: round(g, 4) for s, g in gaps.items()})
+signs = {g > 0 for g in gaps.values()}
+if len(gaps) == 1:
+    print("one seed only (fast mode): no verdict on the sign")
+else:
+    print(f"the sign is the same for all {len(gaps)} seeds" if len(signs) == 1 else
+          "the sign changes with the seed: the difference is noise at this scale")
+lora_val = curves["lora validation"]
+print(f"for scale: training moved LoRA's validation loss by {lora_val[-1][1] - lora_val[0][1]:+.4f}")
+
+# %% [markdown]
+# ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
+#
+# **한국어** — QLoRA 논문(Dettmers et al. 2023)의 재료는 세 가지입니다. (1) NF4 베이스(5장, 8.1절), (2) 이중
+# 양자화(스케일도 8비트로), (3) **페이지드 옵티마이저**: GPU 메모리가 잠깐 넘칠 때 옵티마이저 상태를 CUDA 통합
+# 메모리로 CPU RAM에 내보냈다가 필요할 때 다시 들여오는 AdamW입니다. 긴 시퀀스 하나가 메모리를 순간적으로 치솟게 할
+# 때 "메모리 부족"으로 멈추지 않게 해 줍니다. GPU 메모리와 CPU 메모리 사이의 일이므로 **CPU에서는 아무것도 바꾸지
+# 않습니다**(옵티마이저 상태가 이미 CPU RAM에 있습니다). LoRA의 옵티마이저 상태는 학습 파라미터가 적어 작기 때문에,
+# minilora는 보통의 AdamW를 씁니다. 허깅페이스에서는 이렇게 씁니다.
+#
+# ```python
+# from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+#                          bnb_4bit_compute_dtype=torch.bfloat16)
+# hf_model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb)
+# args = TrainingArguments(..., optim="paged_adamw_8bit")                     # (3) 페이지드 옵티마이저
+# ```
+#
+# minilora에서는 `load_model(dir, quantize="nf4")`(또는 `method="qlora"`)가 (1)과 (2)이고, 4비트 코드는
+# bitsandbytes와 비트 단위로 같습니다(5장).
+#
+# **어댑터는 16비트인가 32비트인가.** 강의 자료는 "어댑터를 16비트로 학습한다"고 하고, 이 장은 A와 B를 float32로
+# 둡니다. 16비트로 두면 메모리는 절반이지만(LoRA 파라미터는 모델의 1–7%뿐이라 차이가 작습니다), bf16의 유효 숫자는
+# 8비트뿐이어서 작은 업데이트가 반올림으로 사라집니다. 실제로 QLoRA와 PEFT도 bf16으로 **계산**하면서 어댑터
+# 가중치(와 옵티마이저 상태)는 흔히 float32로 둡니다. 아래 셀은 크기 0.02 안팎의 가중치에 학습률만 한 업데이트를 더했을
+# 때 bf16과 float32에서 몇 %가 아예 바뀌지 않는지 잽니다.
+#
+# **English** — The QLoRA paper (Dettmers et al. 2023) has three ingredients: (1) the NF4 base (chapter 5, section
+# 8.1), (2) double quantization (the scales in 8 bits too), and (3) **paged optimizers**: an AdamW whose states live
+# in CUDA unified memory, so that when GPU memory briefly overflows they are evicted to CPU RAM and paged back when
+# needed — one long sequence spiking memory then does not stop the run with "out of memory". It is about GPU versus
+# CPU memory, so **on a CPU it changes nothing** (the optimizer states are in CPU RAM already). LoRA's optimizer states
+# are small (few trainable parameters), so minilora uses plain AdamW. In Hugging Face:
+#
+# ```python
+# from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+#                          bnb_4bit_compute_dtype=torch.bfloat16)
+# hf_model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb)
+# args = TrainingArguments(..., optim="paged_adamw_8bit")                     # (3) the paged optimizer
+# ```
+#
+# In minilora, `load_model(dir, quantize="nf4")` (or `method="qlora"`) is (1) and (2), and its 4-bit codes equal
+# bitsandbytes' bit for bit (chapter 5).
+#
+# **Are adapters 16- or 32-bit?** Course material says "the adapters train in 16 bits"; this chapter keeps A and B
+# in float32. Sixteen bits would halve their memory (small: LoRA is 1–7% of the parameters), but bf16 keeps only 8
+# significant bits, so small updates round away. In practice QLoRA and PEFT often **compute** in bf16 while keeping
+# the adapter weights (and optimizer states) in float32. The cell below measures what share of weights of size about
+# 0.02 do not change at all when an update the size of a learning rate is added, in bf16 and in float32.
+
+# %%
+g = torch.Generator().manual_seed(0)
+w = torch.randn(100_000, generator=g) * 0.02  # LoRA-sized weights
+print(f"{'update size':>12}{'unchanged in bf16':>20}{'unchanged in fp32':>20}")
+lost = {}
+for step in (1e-3, 1e-4, 1e-5):
+    u = step * torch.randn(100_000, generator=g).sign()  # one AdamW step moves each weight by about lr
+    for dtype in (torch.bfloat16, torch.float32):
+        lost[step, dtype] = ((w.to(dtype) + u.to(dtype)) == w.to(dtype)).float().mean().item()
+    print(f"{step:>12.0e}{lost[step, torch.bfloat16]:>20.1%}{lost[step, torch.float32]:>20.1%}")
+assert lost[1e-5, torch.bfloat16] > 0.5 and lost[1e-5, torch.float32] < 0.01
 
 # %% [markdown]
 # ## 8.6 실제 모델 크기의 메모리 · Memory at a real model size
@@ -534,3 +663,35 @@ assert max(diffs) < 1e-4
 
 # %%
 print(f"chapter 8 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/08_qlora.py`).
+#
+# 1. **QLoRA 층의 순전파.** `qlora_forward(x, q, A, B, scale)`: NF4 가중치 `q`를 역양자화해(`dequantize_nf4`) 얼린
+#    베이스로 쓰고, float32 LoRA 경로를 더하세요.
+# 2. **얼린 베이스의 메모리.** `base_bytes(n_params, method)`: `"bf16"`이면 파라미터당 2바이트, `"nf4"`면 4비트 코드
+#    + 64개마다 8비트 스케일 + 256블록마다 fp32 스케일(이중 양자화). 검사는 `quantize_nf4`의 텐서를 잽니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/08_qlora.py`).
+#
+# 1. **A QLoRA layer's forward.** `qlora_forward(x, q, A, B, scale)`: dequantize the NF4 weight `q`
+#    (`dequantize_nf4`) as the frozen base and add the float32 LoRA path.
+# 2. **The frozen base's memory.** `base_bytes(n_params, method)`: 2 bytes per parameter for `"bf16"`; for `"nf4"`
+#    the 4-bit codes + an 8-bit scale per 64 + an fp32 scale per 256 blocks (double quantization). The check
+#    measures `quantize_nf4`'s tensors.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def qlora_forward(x, q, A, B, scale):
+    raise NotImplementedError  # your code here
+
+
+def base_bytes(n_params: int, method: str) -> float:
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["8.1"], qlora_forward)
+_exercises.try_it(_exercises.EXERCISES["8.2"], base_bytes)

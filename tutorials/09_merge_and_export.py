@@ -87,7 +87,7 @@ else:
     train(TrainConfig(model=str(MODEL_DIR), data=str(_course.default_data("domain.txt")), mode="base",
                       method="lora", r=16, alpha=32.0, targets="all-linear", block_size=128, batch_size=8, lr=2e-3,
                       warmup_steps=_course.steps(5, 1), max_steps=_course.steps(40, 3), eval_every=0,
-                      log_every=_course.steps(10, 1), output=str(run), seed=0, device="cpu"))
+                      log_every=_course.steps(10, 1), output=str(run), seed=0, device="auto"))
     ADAPTER = run / "adapter"
 
 # %% [markdown]
@@ -363,3 +363,36 @@ assert next(bf16_model.parameters()).dtype == torch.bfloat16 and size16 < 0.6 * 
 # %%
 print(f"outputs in {OUT}")
 print(f"chapter 9 ran in {time.time() - T0:.1f} s")
+
+# %% [markdown]
+# ## 연습 문제 · Exercises
+#
+# **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/09_merge_and_export.py`).
+#
+# 1. **PEFT의 키 이름.** `peft_keys(module_names)`: LoRA를 붙인 모듈 이름들로 어댑터 파일의 텐서 이름을 만드세요.
+#    9.2절에서 출력한 키와 같은 모양이어야 합니다.
+# 2. **QLoRA 어댑터 병합.** `qlora_merge(q, A, B, scale)`: QLoRA 어댑터는 **역양자화한 NF4 가중치**를 상대로
+#    학습되었습니다. 그 가중치에 ΔW를 더해야 병합한 층의 출력이 학습된 층과 같습니다. 원래의 16비트 베이스에
+#    합치면 양자화 오차만큼 다른 모델이 됩니다.
+#
+# **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/09_merge_and_export.py`).
+#
+# 1. **PEFT's key names.** `peft_keys(module_names)`: the adapter file's tensor names for LoRA on those modules; they
+#    look like the keys printed in section 9.2.
+# 2. **Merging a QLoRA adapter.** `qlora_merge(q, A, B, scale)`: a QLoRA adapter was trained against the
+#    **dequantized NF4 weight**. Adding ΔW to that weight gives a merged layer whose outputs equal the trained
+#    layer's; merging into the original 16-bit base gives a model that differs by the quantization error.
+
+# %%
+import _exercises  # noqa: E402  (the checks; tutorials/_exercises.py)
+
+def peft_keys(module_names: list[str]) -> list[str]:
+    raise NotImplementedError  # your code here
+
+
+def qlora_merge(q, A, B, scale):
+    raise NotImplementedError  # your code here
+
+
+_exercises.try_it(_exercises.EXERCISES["9.1"], peft_keys)
+_exercises.try_it(_exercises.EXERCISES["9.2"], qlora_merge)

