@@ -74,7 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = all); never deletes `latest` or the best
     save_best: bool = False  # checkpoint each new best validation loss and export the adapter from the best one
     patience: int = 0  # early stopping: stop after N evaluations without a better validation loss (0 = off)
-    log: str = "jsonl"  # "jsonl" (metrics.jsonl) or "tensorboard" (also TensorBoard events in output/tensorboard)
+    log: str = "jsonl"  # "jsonl" (metrics.jsonl) or "tensorboard" (also TensorBoard events in output/tensorboard; --log-to under torchrun)
     seed: int = 0  # seeds data order, LoRA init and dropout: same seed, same run
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast for compute; LoRA weights stay float32)
     device: str = "auto"  # "cpu", "cuda" or "auto"
@@ -151,6 +151,9 @@ SAFE_ON_RESUME = ("max_steps", "eval_every", "eval_batches", "save_every", "log_
 # The Hugging Face Trainer's spellings of the same options, accepted as aliases.
 HF_ALIASES = {"lr": "--learning_rate", "epochs": "--num_train_epochs", "batch_size": "--per_device_train_batch_size",
               "grad_accum": "--gradient_accumulation_steps", "output": "--output_dir"}
+# torchrun parses every argument, also those after the module name, and stops at a flag that is an ambiguous prefix
+# of its own: --r (--rdzv-*, --role, --run-path) and --log (--log-dir, --logs-specs, ...). These spellings pass.
+TORCHRUN_ALIASES = {"r": "--lora-r", "log": "--log-to"}
 
 
 def _flag(name: str) -> str:
@@ -231,17 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         text = helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         shown = "none" if default is None else str(default).lower() if kind is bool else repr(default)
         text += f" (default: {shown})"
-        flags = [f"--{_flag(f.name)}"] + ([HF_ALIASES[f.name]] if f.name in HF_ALIASES else [])
+        flags = [f"--{_flag(f.name)}"] + [a for a in (HF_ALIASES.get(f.name), TORCHRUN_ALIASES.get(f.name)) if a]
         if kind is bool:
             group.add_argument(*flags, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
                                help=text)
         elif f.name == "resume":
             group.add_argument(*flags, nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=text)
-        elif f.name == "r":
-            # torchrun parses every argument, also those after the module name, and stops at "--r" as an
-            # ambiguous prefix of its --rdzv-* / --role / --run-path options; --lora-r passes through it.
-            group.add_argument(*flags, "--lora-r", dest="r", type=int, default=None, metavar=None,
-                               help=text + "; under torchrun write --lora-r")
         else:
             metavar = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else None
             group.add_argument(*flags, type=_arg_type(kind), default=None, metavar=metavar, help=text, dest=f.name)

@@ -189,8 +189,8 @@ def test_a_dead_rank_stops_the_run_and_latest_stays_complete(tiny, tmp_path):
 
 
 def test_every_flag_passes_torchruns_parser():
-    """torchrun parses the whole command line: only --r is refused (an ambiguous prefix of --rdzv-*, --role,
-    --run-path), so the LoRA rank also has --lora-r."""
+    """torchrun parses the whole command line: only --r (an ambiguous prefix of --rdzv-*, --role, --run-path) and
+    --log (of --log-dir, --logs-specs, ...) are refused, so they also have --lora-r and --log-to."""
     from torch.distributed.run import get_args_parser
 
     parser = get_args_parser()
@@ -204,8 +204,9 @@ def test_every_flag_passes_torchruns_parser():
                 assert args.training_script == "minilora.train" and args.training_script_args == [flag, "1"]
             except SystemExit:
                 refused.append(flag)
-    assert refused == ["--r"]
+    assert refused == ["--r", "--log"]  # each has a spelling torchrun lets through:
     assert parse_args(["--lora-r", "16"]).r == parse_args(["--r", "16"]).r == 16
+    assert parse_args(["--log-to", "tensorboard"]).log == parse_args(["--log", "tensorboard"]).log == "tensorboard"
 
 
 def test_set_up_mistakes_are_clear_errors(monkeypatch):
