@@ -74,7 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest N checkpoints (0 = all); never deletes `latest` or the best
     save_best: bool = False  # checkpoint each new best validation loss and export the adapter from the best one
     patience: int = 0  # early stopping: stop after N evaluations without a better validation loss (0 = off)
-    log: str = "jsonl"  # "jsonl" (metrics.jsonl) or "tensorboard" (+ TensorBoard events in output/tensorboard); --log-to: torchrun
+    log: str = "jsonl"  # "jsonl" or "tensorboard" (also events in output/tensorboard); --log-to under torchrun
     seed: int = 0  # seeds data order, LoRA init and dropout: same seed, same run
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast for compute; LoRA weights stay float32)
     device: str = "auto"  # "cpu", "cuda" or "auto"
