@@ -39,7 +39,7 @@ BASES = ("checkpoint", "nf4")  # merge into the weights as stored, or into their
 def trained_logits(model_dir: Path, adapter_dir: Path, dtype, probe):
     """Logits of the model as QLoRA trained it (NF4 base + unmerged adapter) on the probe batch."""
     from .adapter import load_adapter
-    from .formats.safetensors_folder import load_model
+    from .formats import load_model
 
     model = load_model(model_dir, dtype=dtype, quantize="nf4")
     load_adapter(model, adapter_dir)  # LoRA weights in float32, as the trainer keeps them

@@ -28,6 +28,7 @@ import torch
 
 from .. import files
 from ..errors import MiniloraError
+from ..progress import print_samples
 from ..train_config import TrainConfig, replace
 from .demos import HERE, REAL_DEMOS
 
@@ -151,11 +152,11 @@ def run_demo(cfg: TrainConfig, n_questions: int | None = None) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = load_model(cfg.model, dtype="float32"), load_tokenizer(cfg.model)
     before = measure(model, tokenizer, questions, cfg.sample_tokens)
-    _print_samples("before fine-tuning", before["samples"])
+    print_samples("before fine-tuning", before["samples"])
     final = train(cfg)
     load_adapter(model, Path(cfg.output) / "adapter")
     after = measure(model, tokenizer, questions, cfg.sample_tokens)
-    _print_samples("after fine-tuning", after["samples"])
+    print_samples("after fine-tuning", after["samples"])
     report = {"demo": cfg.demo, "model": cfg.model, "before": before, "after": after,
               "val_loss": final["val_loss"], "wall_s": round(time.perf_counter() - wall, 1),
               "cpu_s": round(time.process_time() - cpu, 1), "threads": torch.get_num_threads()}
@@ -168,10 +169,3 @@ def run_demo(cfg: TrainConfig, n_questions: int | None = None) -> dict:
     print(f"time: {report['wall_s']} s wall, {report['cpu_s']} s CPU on {report['threads']} threads")
     files.write_json(Path(cfg.output) / "demo_report.json", report)
     return report
-
-
-def _print_samples(title: str, samples: list[str]) -> None:
-    print(f"\n--- {title} ---")
-    for s in samples:
-        print("  " + s.replace("\n", "\n  "))
-    print()
