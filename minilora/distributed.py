@@ -24,6 +24,7 @@ with any number of processes).
 """
 
 import os
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -104,6 +105,29 @@ def close() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the run went away: gloo raises a RuntimeError
+    "Connection closed by peer" (or "Connection reset"), nccl a DistBackendError. That process printed its own
+    error; this one should say it stopped because of it, not print a traceback from inside a barrier."""
+    text = str(error)
+    return is_distributed() and (isinstance(error, dist.DistBackendError) or "Connection closed by peer" in text
+                                 or "Connection reset by peer" in text)
+
+
+@contextmanager
+def stop_with_the_run():
+    """Turn 'another rank died' into a one-line MiniloraError naming this rank (torchrun then reports the rank
+    that failed first as the root cause)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not lost_a_peer(e):
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip()).split(". ")[0][:200]  # without gloo's source path
+        raise MiniloraError(f"stopped: another process of this run stopped first ({reason}); its own error is "
+                            f"printed above, and torchrun's summary names its rank") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

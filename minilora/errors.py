@@ -5,6 +5,7 @@ tools print it as one clear line (what, where, what to do) and exit non-zero, wi
 still raise ordinary exceptions and keep their traceback.
 """
 
+import os
 import sys
 from typing import Callable
 
@@ -19,15 +20,17 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     Ctrl-C is exit code 130 (the shell's convention) with a short message instead of a traceback. An OSError
     (a read-only or full disk, a permission denied) is the user's environment, not a bug: one line naming the path.
     The libraries turn the ones they expect into MiniloraErrors with more context; this catches the rest.
+    Under torchrun every process prints its own errors, so the line starts with the process's rank.
     """
+    error = f"error: rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error: "
     try:
         code = main(argv)
     except MiniloraError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error}{e}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename is not None else ""
-        print(f"error: {where}{e.strerror or e} (check the path, its permissions and the free disk space; "
+        print(f"{error}{where}{e.strerror or e} (check the path, its permissions and the free disk space; "
               "files minilora writes are replaced atomically, so none was left half-written)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

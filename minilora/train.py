@@ -8,6 +8,7 @@ runs the built-in demonstration (default/demos.py); the loop itself is trainer.p
 
 import sys
 
+from .distributed import stop_with_the_run
 from .errors import MiniloraError, run_cli
 from .model_names import DEFAULT, resolve_model
 from .train_config import TrainConfig, parse_args, replace
@@ -37,7 +38,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
+    with stop_with_the_run():  # under torchrun: a rank left behind by a dead one says so in one line
+        train(parse_args(argv))
     return 0
 
 

@@ -295,6 +295,10 @@ def train(cfg: TrainConfig) -> dict:
                       f"(best {best.loss:.4f} at step {best.step})")
                 break
     except KeyboardInterrupt:
+        if distributed.world_size() > 1:  # Ctrl-C reaches every rank at a different point: no collective save
+            print(f"\ninterrupted at step {done}: the newest complete checkpoint in {run_dir / 'checkpoints'} "
+                  f"stays `latest`; continue with --resume")
+            raise
         print(f"\ninterrupted: saving a checkpoint at step {done} before exiting")
         if done > start_step:
             path = save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg)

@@ -2,10 +2,20 @@
 
 The oracle is minilora's own single-process run, already checked against peft + transformers + torch AdamW
 (test_train.py): `torchrun --nproc-per-node 2 ... --batch-size 2` must give the LoRA weights of
-`python -m minilora.train ... --batch-size 4` within 1e-5 relative, with gradient accumulation (gradients reduced
-on the last micro-batch only) on SFT data whose responses range from 1 to ~50 tokens, so the two ranks count very
-different numbers of tokens per step: normalising by each rank's own count (the bug the issue measured) is off by
-far more than 1e-5. Dropout is 0: masks drawn by two processes cannot equal one process's masks.
+`python -m minilora.train ... --batch-size 4` with gradient accumulation (gradients reduced on the last micro-batch
+only) on SFT data whose responses range from 1 to ~50 tokens, so the two ranks count very different numbers of
+tokens per step. Dropout is 0: masks drawn by two processes cannot equal one process's masks.
+
+How close is "equal": within 1e-5 relative (the largest difference of a tensor over its largest entry), or within
+what float32 rounding alone gives, whichever is larger. One process run on the same global batch cut into one
+micro-batch of 8 instead of two of 4 - the same step in exact arithmetic - already moves the weights after 3 AdamW
+steps by 2.9e-6 to 1.0e-4 of their scale depending on the seed (measured for LoRA and QLoRA, seeds 1-3): AdamW's
+m / sqrt(v) amplifies the last-bit differences of sums taken in another order wherever a gradient entry changes
+sign between steps. Two processes sum in yet another order and landed at 0.1x-2.4x that floor in the same
+measurement, so the bar is max(1e-5, 4 x floor), with the floor measured in the test itself and required to stay
+under 2e-4. Normalising by each rank's own token count (the bug the issue measured) is checked to land far above
+the bar: a test that cannot fail would prove nothing. The gradient norms, which no optimizer amplifies, agree
+within 1e-5 at every step.
 
 Also: rank 0 alone prints and writes; QLoRA's 4-bit base is halved per rank under FSDP2; checkpoints resume with a
 different number of processes (2 -> 1, 1 -> 2) exactly as the uninterrupted run; a dead rank stops the run with its
@@ -83,12 +93,31 @@ def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_adapter(a, b, rtol=1e-5):
+def relative_gap(a: dict, b: dict) -> float:
+    """The largest |a - b| of any tensor, over that tensor's largest entry in b."""
     assert set(a) == set(b) and a
     for key in a:
-        scale = b[key].abs().max().item()
-        assert scale > 0, key  # B moved away from its zero initialisation
-        assert (a[key] - b[key]).abs().max().item() <= rtol * scale, key
+        assert b[key].abs().max().item() > 0, key  # B moved away from its zero initialisation
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
+
+
+def assert_same_adapter(a, b, rtol=1e-5):
+    assert relative_gap(a, b) <= rtol
+
+
+def rounding_floor(tiny, tmp_path, method, one_dir) -> float:
+    """How far float32 rounding alone moves the result: one process, the same global batch of 8 as one
+    micro-batch instead of two of 4 (see the module docstring)."""
+    one_process(flags(tiny, tmp_path / "one_microbatch", method, batch_size=8, grad_accum=1))
+    floor = relative_gap(saved_weights(tmp_path / "one_microbatch", method), saved_weights(one_dir, method))
+    assert floor < 2e-4  # the bar below stays far under the per-rank normalisation bug
+    return floor
+
+
+def saved_weights(run_dir, method) -> dict[str, torch.Tensor]:
+    if method == "full":  # every weight trained: the saved models must agree
+        return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+    return adapter(run_dir)
 
 
 def records(run_dir) -> list[dict]:
@@ -103,29 +132,37 @@ def grad_norms(run_dir) -> list[float]:
     return [r["grad_norm"] for r in records(run_dir) if "grad_norm" in r]
 
 
-# Each case is two launches (~20 s of CPU): LoRA on DDP and QLoRA on FSDP2 cover both engines and both adapters;
-# full FT on FSDP2 (whole weights gathered for saving, shards loaded back) is the one other path with its own code.
+PER_RANK_MEAN = """
+import sys
+import minilora.trainer as t
+summed = t.distributed.all_reduce_sum
+def per_rank(*values, device=None):  # the issue's bug: the step's token count of this rank only (x N for DDP's mean)
+    if sys._getframe(1).f_code.co_name == "train_step" and len(values) == 2:
+        return [v * t.distributed.world_size() for v in values]
+    return summed(*values, device=device)
+t.distributed.all_reduce_sum = per_rank
+from minilora.train import cli
+sys.argv[0] = "minilora.train"
+cli()
+"""
+
+
+# Each case is two launches plus one short one-process run (~25 s of CPU): LoRA on DDP and QLoRA on DDP and FSDP2
+# cover both engines and both adapters; full FT on FSDP2 (whole weights gathered for saving, shards loaded back)
+# is the one other path with its own code.
 @pytest.mark.parametrize("method, fsdp", [
     ("lora", False),
-    # Known open: on the integrated main both QLoRA cases (DDP and FSDP2) differ by exactly 1.35e-7 on layer 0's
-    # down_proj lora_B (scale 0.0103), i.e. 1.3e-5 of the tensor's largest entry, just over the 1e-5 bar; the same
-    # figure for both engines points at the 4-bit path, not at the distribution. Kept visible (xfail, not strict)
-    # until it is explained.
-    pytest.param("qlora", False, marks=pytest.mark.xfail(reason="QLoRA: 1.3e-5 relative, over the 1e-5 bar",
-                                                         strict=False)),
-    pytest.param("qlora", True, marks=pytest.mark.xfail(reason="QLoRA: 1.3e-5 relative, over the 1e-5 bar",
-                                                        strict=False)),
+    ("qlora", False),
+    ("qlora", True),
     pytest.param("full", True, marks=pytest.mark.slow),
 ], ids=["ddp-lora", "ddp-qlora", "fsdp2-qlora", "fsdp2-full"])
 def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, method, fsdp):
     one_process(flags(tiny, tmp_path / "one", method, batch_size=4))
     run = torchrun(flags(tiny, tmp_path / "two", method, batch_size=2, fsdp="true" if fsdp else None))
     assert run.returncode == 0, run.stderr[-3000:]
-    if method == "full":  # every weight trained: the saved models must agree
-        two, one = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("two", "one"))
-        assert_same_adapter(two, one)
-    else:
-        assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    one = saved_weights(tmp_path / "one", method)
+    bar = max(1e-5, 4 * rounding_floor(tiny, tmp_path, method, tmp_path / "one"))
+    assert relative_gap(saved_weights(tmp_path / "two", method), one) <= bar
     assert final_val_loss(tmp_path / "two") == pytest.approx(final_val_loss(tmp_path / "one"), rel=1e-5)
     # The total gradient norm over the ranks' shards, and clipping (max_grad_norm 1) acted at every step
     assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(tmp_path / "one"), rel=1e-5)
@@ -138,6 +175,12 @@ def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, met
         whole = int(re.search(r"of ([\d,]+) B", line)[1].replace(",", ""))
         assert whole == 2 * (2 * 4096 + 2 * 2048 + 3 * 8192) * (1 / 2 + 1 / 64)  # 1/2 byte codes, 1 byte per block
         assert per_rank == [whole // 2, whole // 2]
+    if method == "lora" and not fsdp:  # the bar catches the issue's bug: each rank dividing by its own tokens
+        script = tmp_path / "per_rank_mean.py"
+        script.write_text(PER_RANK_MEAN)
+        buggy = torchrun(flags(tiny, tmp_path / "buggy", method, batch_size=2), script=[str(script)])
+        assert buggy.returncode == 0, buggy.stderr[-3000:]
+        assert relative_gap(adapter(tmp_path / "buggy"), one) > 100 * bar
 
 
 def test_resume_with_another_number_of_processes(tiny, tmp_path):
@@ -186,6 +229,83 @@ def test_a_dead_rank_stops_the_run_and_latest_stays_complete(tiny, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert (out / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
     assert not (out / "checkpoints" / "step-000004").exists()
+
+
+FULL_DISK_AT_SECOND_SAVE = """
+import errno, sys
+import minilora.checkpointing as c
+write, saves = c._write_checkpoint, []
+def full(run_dir, step, *args, **kwargs):  # only rank 0 writes: its disk fills up at the second checkpoint
+    saves.append(1)
+    if len(saves) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir))
+    return write(run_dir, step, *args, **kwargs)
+c._write_checkpoint = full
+from minilora.train import cli
+sys.argv[0] = "minilora.train"
+cli()
+"""
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank(tiny, tmp_path):
+    """Rank 0 fails while the others wait at the checkpoint's barrier: rank 0 prints its one line, the others
+    stop (not hang until the collective timeout), torchrun names rank 0, and `latest` stays complete."""
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK_AT_SECOND_SAVE)
+    out = tmp_path / "run"
+    run = torchrun(flags(tiny, out, max_steps=4, save_every=2, batch_size=2), script=[str(script)])
+    assert run.returncode != 0
+    assert re.search(r"^error: rank 0: .*run: No space left on device \(check the path", run.stderr, re.M)
+    assert re.search(r"Root Cause.*?rank\s*:\s*0 ", run.stderr, re.S)  # torchrun: rank 0 failed first
+    assert not re.search(r"^\[rank\d\]:.*Traceback", run.stderr, re.M)  # no rank ends in a traceback
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (out / "checkpoints" / "step-000004").exists()
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_and_latest_stays_complete(tiny, tmp_path):
+    """Ctrl-C sends SIGINT to torchrun and its workers (one process group): every rank stops within seconds,
+    says `interrupted`, and `latest` names a complete checkpoint that --resume continues from."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "minilora.train", *flags(tiny, out, max_steps=100000, save_every=2, batch_size=2)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                           start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "latest").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert "interrupted" in stderr
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert (latest / "trainer_state.pt").is_file() and (latest / "adapter_model.safetensors").is_file()
+    resumed = torchrun(flags(tiny, tmp_path / "resumed", max_steps=int(latest.name.split("-")[1]) + 2,
+                             batch_size=2, resume=latest))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_a_rank_left_behind_says_why_in_one_line(monkeypatch):
+    import minilora.distributed as d
+
+    monkeypatch.setattr(d, "is_distributed", lambda: True)
+    gloo = ("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:43245. This is typically caused by a remote worker crashing.")
+    with pytest.raises(MiniloraError, match=r"^stopped: another process of this run stopped first \(Connection "
+                                            r"closed by peer \[127.0.0.1\]:43245\); its own error is printed"):
+        with d.stop_with_the_run():
+            raise RuntimeError(gloo)
+    with pytest.raises(RuntimeError, match="a real bug"):  # anything else keeps its traceback
+        with d.stop_with_the_run():
+            raise RuntimeError("a real bug")
 
 
 def test_every_flag_passes_torchruns_parser():
