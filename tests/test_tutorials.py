@@ -61,6 +61,26 @@ def test_tutorial_runs(path: Path, model_cache: Path, tmp_path: Path):
         assert figure.is_file(), f"{path.name} announced {figure} but did not write it\n{log}"
         assert out in figure.parents, f"{path.name} wrote {figure} outside MINILORA_TUTORIAL_OUT ({out})"
         assert figure.read_text(encoding="utf-8").lstrip().startswith("<svg"), f"{figure} is not an SVG"
+        _assert_legend_outside(figure)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _assert_legend_outside(figure: Path) -> None:
+    """A chart with a legend (minilora.plot's line/panel charts) keeps every legend entry right of every plotting
+    area, so that no legend covers a curve; figures without a legend (histograms, heat maps) pass unchecked."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(figure).getroot()
+    legend = root.find(f"{SVG}g[@class='legend']")
+    if legend is None:
+        return
+    areas = [r for r in root.iter(f"{SVG}rect") if r.get("class") == "plot-area"]
+    assert areas, f"{figure.name}: a legend but no plotting area"
+    right_edge = max(float(r.get("x")) + float(r.get("width")) for r in areas)
+    for entry in legend.iter(f"{SVG}text"):
+        assert float(entry.get("x")) > right_edge, f"{figure.name}: legend entry {entry.text!r} over the data"
 
 
 def _cells(source: str) -> list[tuple[str, str]]:
@@ -151,3 +171,21 @@ def test_course_figures_have_axes_and_a_colour_bar(tmp_path: Path):
     assert {"3", "0", "-3"} <= set(texts)  # the colour bar's ends are ± the largest |value|
     rects = list(root.iter("{http://www.w3.org/2000/svg}rect"))
     assert len(rects) >= 4 + 1 + 20 + 1  # cells, frame, 20 bar steps, bar frame
+
+
+def test_course_line_charts_keep_the_legend_off_the_data(tmp_path: Path):
+    """Chapter 2's chart in miniature: curves that run to the right edge, where an inside legend would sit, and
+    values that cannot be negative (GiB), whose y axis must not start below 0."""
+    import xml.etree.ElementTree as ET
+
+    from minilora.plot import line_chart
+
+    series = {"full FT": [(1.2, 18.4), (3.2, 47.9), (8.0, 119.7)], "inference": [(1.2, 2.3), (8.0, 15.0)],
+              "a 24 GiB GPU": [(1.2, 24.0), (8.0, 24.0)]}
+    figure = line_chart(series, tmp_path / "memory.svg", xlabel="parameters (billions)", ylabel="GiB")
+    _assert_legend_outside(figure)
+    root = ET.parse(figure).getroot()
+    ticks = [float(t.text) for g in root.iter(f"{SVG}g") if g.get("class") == "y-ticks" for t in g.iter(f"{SVG}text")]
+    assert ticks[0] == 0 and ticks[-1] >= 119.7  # was -50 .. 150 before the axis stopped at 0
+    legend = [t.text for t in root.find(f"{SVG}g[@class='legend']").iter(f"{SVG}text")]
+    assert legend == list(series)
