@@ -1,16 +1,16 @@
 # %% [markdown]
 # # 1. 왜 파인튜닝을 하는가 · Why fine-tune?
 #
-# **한국어** — 사전학습(pre-training)을 마친 언어 모델은 인터넷 규모의 글을 읽으며 "다음 토큰 맞히기"를 배운
-# 모델입니다. 이 모델을 우리 일에 맞게 조금 더 학습시키는 것이 파인튜닝(fine-tuning)이고, 목적에 따라 크게 두 가지로
-# 나뉩니다.
+# **한국어** — 사전학습(pre-training)을 마친 언어 모델은 인터넷 규모의 글을 읽으며 "다음 토큰 맞히기" 하나를
+# 배웠습니다. 이 모델을 우리 목적에 맞게 조금 더 학습시키는 것이 파인튜닝(fine-tuning)이고, 목적에 따라 크게 두
+# 가지로 나뉩니다.
 #
 # - **베이스 파인튜닝(base FT, 계속 사전학습)**: 도메인의 *원문 텍스트*(사내 문서, 논문, 매뉴얼 …)를 사전학습과
 #   똑같은 방식으로 읽힙니다. 모든 토큰이 학습 대상이며, 모델은 **새로운 지식**(이름, 사실, 용어, 문체)을 얻습니다.
 # - **인스트럭트 파인튜닝(instruct FT, SFT)**: *지시문 → 응답* 쌍을 채팅 형식으로 보여 줍니다. 보통 응답 토큰만
-#   학습하며, 모델은 **형식·어조·지시 따르기**(질문에 답하고, 짧게 말하고, 차례가 끝나면 멈추기)를 배웁니다.
+#   학습하며, 모델은 **형식·어조·지시 따르기**(질문에 답하고, 짧게 말하고, 자기 턴이 끝나면 멈추기)를 배웁니다.
 #
-# 이 장에서는 minilora에 들어 있는 예제 데이터(가상의 "하늘 차밭" 이야기)로 두 종류의 데이터를 직접 살펴보고, 아직
+# 이 장에서는 minilora에 들어 있는 예시 데이터(가상의 "하늘 차밭" 이야기)로 두 종류의 데이터를 직접 살펴보고, 아직
 # 파인튜닝하지 않은 기본 모델이 이 도메인을 전혀 모른다는 것을 확인합니다. 모든 숫자는 이 파일을 실행할 때 계산되어
 # 출력됩니다.
 #
@@ -50,8 +50,8 @@ torch.manual_seed(0)
 #
 # **한국어** — 다운로드 없이 실습하기 위해 minilora는 작은 한국어·영어 모델을 직접 만듭니다. 토크나이저를 학습하고,
 # Llama 구조의 모델을 무작위로 초기화한 뒤, `general.txt`(도시, 학교, 요리 같은 일상적인 글)로 잠깐 사전학습합니다.
-# 처음 한 번만 만들고 캐시에 저장하므로 다음부터는 바로 불러옵니다. 하늘 차밭은 지어낸 장소라서 이 모델은 물론
-# 세상의 어떤 모델도 미리 알 수 없습니다. 그래서 "파인튜닝으로 새 지식을 넣을 수 있는가"를 깨끗하게 시험할 수
+# 처음 한 번만 만들어 캐시에 저장하므로 다음부터는 바로 불러옵니다. 하늘 차밭은 지어낸 장소라서 이 모델은 물론
+# 세상의 어떤 모델도 미리 알 수 없습니다. 그래서 "파인튜닝으로 새 지식을 넣을 수 있는가"를 다른 요인 없이 시험할 수
 # 있습니다. 아래 셀은 모델의 크기와 구조를 출력합니다.
 #
 # **English** — To work without a download, minilora builds its own small Korean/English model: it trains a
@@ -76,7 +76,7 @@ print(f"tokenizer    : {tokenizer}")
 #
 # **한국어** — `domain.txt`는 빈 줄로 구분된 문단들입니다. 같은 사실이 영어 문단과 한국어 문단으로 한 번씩
 # 적혀 있습니다. 베이스 파인튜닝은 이 글을 그대로 토큰으로 바꿔 이어 붙이고, **모든 위치에서 다음 토큰을
-# 맞히도록** 학습합니다. 정답(label)이 입력 토큰 그 자체이므로 따로 라벨을 만들 필요가 없습니다.
+# 맞히도록** 학습합니다. 라벨(label, 정답)이 입력 토큰 그 자체이므로 라벨을 따로 만들 필요가 없습니다.
 #
 # **English** — `domain.txt` is paragraphs separated by blank lines; each fact is written once in English and once
 # in Korean. Base fine-tuning turns the text into tokens, concatenates them, and trains the model to **predict the
@@ -97,7 +97,7 @@ print("trained tokens: all of them (labels = input_ids)")
 
 # %% [markdown]
 # **한국어** — 위 셀이 출력한 문단 수와 문단당 토큰 수를 기억해 두세요. 같은 내용이라도 한국어 문단과 영어 문단의
-# 토큰 수가 다를 수 있는데, 토크나이저가 글자를 어떻게 나누는지는 3장에서 자세히 봅니다.
+# 토큰 수는 다를 수 있습니다. 토크나이저가 글을 어떻게 나누는지는 3장에서 자세히 봅니다.
 #
 # **English** — Note the paragraph count and tokens per paragraph printed above. A Korean paragraph and its
 # English twin need not have the same number of tokens; chapter 3 looks at how the tokenizer splits text.
@@ -106,7 +106,7 @@ print("trained tokens: all of them (labels = input_ids)")
 # ## 1.3 인스트럭트 파인튜닝의 데이터: 지시문과 응답 · Instruct FT data: instruction and response
 #
 # **한국어** — `instruct.jsonl`은 한 줄에 하나씩 Alpaca 형식의 레코드(`instruction`, `input`, `output`)를 담고
-# 있습니다. minilora는 레코드를 대화(`user` → `assistant`)로 바꾸고, 모델의 **채팅 템플릿**으로 한 줄의 텍스트로
+# 있습니다. minilora는 레코드를 대화(`user` → `assistant`)로 바꾸고, 모델의 **채팅 템플릿**으로 하나의 텍스트로
 # 렌더링한 뒤 토큰으로 바꿉니다. 이 모델의 템플릿은 Gemma와 같은 모양(`<start_of_turn>user … <end_of_turn>`)입니다.
 # 질문 부분의 라벨은 `-100`(손실에서 제외)이고, 응답과 그 끝의 `<end_of_turn>`만 학습합니다. 그래서 모델은 질문을
 # 이어 쓰는 법이 아니라 **답하는 법과 멈추는 법**을 배웁니다.
@@ -136,7 +136,7 @@ assert tokenizer.decode(trained).startswith(record["output"].strip()[:20])  # th
 
 # %% [markdown]
 # **한국어** — 위 출력에서 렌더링된 텍스트와, 학습되는 토큰을 다시 글자로 바꾼 결과를 비교해 보세요. 학습되는
-# 부분은 `output` 필드의 응답과 `<end_of_turn>`뿐입니다. 아래 셀은 두 데이터셋 전체에 대해 예제당 토큰 수와
+# 부분은 `output` 필드의 응답과 `<end_of_turn>`뿐입니다. 아래 셀은 두 데이터셋 전체에 대해 샘플당 토큰 수와
 # 학습되는 토큰의 비율을 계산합니다.
 #
 # **English** — Compare the rendered text above with the decoded trained tokens: only the `output` response and
@@ -159,7 +159,7 @@ assert 0 < share < 1
 # **한국어** — 이제 기본 모델에게 도메인 문장의 시작을 주고, 가장 확률이 높은 토큰을 하나씩 고르는 **그리디
 # 디코딩**으로 이어 쓰게 합니다. 모델은 일상적인 글만 읽었으므로 하늘 차밭이 달모루섬에 있다는 사실을 알 수
 # 없습니다. 기본 모델은 아주 작아서(파라미터 수는 1.1절의 출력) 이어 쓴 글이 유창하지 않고 단어 조각이 섞이기도
-# 합니다. 여기서 볼 것은 글의 유창함이 아니라 도메인의 사실이 있는가입니다. 아래 셀은 이어 쓴 글과 함께, 도메인의
+# 합니다. 여기서 볼 것은 유창함이 아니라 도메인의 사실이 나오는지입니다. 아래 셀은 이어 쓴 글과 함께, 도메인의
 # 핵심 이름("Dalmoru"/"달모루")이 나오는지를 출력합니다.
 #
 # **English** — Now give the default model the start of a domain sentence and let it continue with **greedy
@@ -186,10 +186,10 @@ out = generate(model, ids, max_new_tokens=24)
 print("\nchat-formatted question →", repr(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)))
 
 # %% [markdown]
-# **한국어** — 눈으로 보는 것보다 정확한 척도는 **손실(loss)** 입니다. 아래 셀은 모델이 한 번도 보지 못한 도메인
-# 글과, 사전학습에 쓰인 일상 글(`general.txt`)에서 토큰당 평균 손실(다음 토큰의 음의 로그 확률)과 퍼플렉서티
-# (perplexity = e^손실, "평균적으로 몇 개의 후보 사이에서 헷갈리는가")를 계산합니다. 도메인 글의 손실이 더 높다는
-# 것은 모델이 그 글을 "놀랍게" 여긴다는 뜻이고, 6장의 베이스 파인튜닝이 바로 이 숫자를 낮춥니다.
+# **한국어** — 생성된 글을 눈으로 읽는 것보다 정확한 척도는 **손실(loss)** 입니다. 아래 셀은 모델이 한 번도 보지 못한
+# 도메인 글과, 사전학습에 쓰인 일상 글(`general.txt`)에서 토큰당 평균 손실(다음 토큰의 음의 로그 확률)과 퍼플렉서티
+# (perplexity = e^손실, "평균적으로 몇 개의 후보 사이에서 헷갈리는가")를 계산합니다. 도메인 글의 손실이 더 높다는 것은
+# 모델이 그 글을 "뜻밖의 글"로 여긴다는 뜻이고, 6장의 베이스 파인튜닝이 바로 이 숫자를 낮춥니다.
 #
 # **English** — A sharper measure than reading samples is the **loss**. The cell below computes the mean loss per
 # token (negative log-probability of the next token) and the perplexity (e^loss, "how many candidates the model is
@@ -262,8 +262,8 @@ else:
 #
 # **한국어**
 # - 베이스 파인튜닝은 원문 텍스트의 모든 토큰을 학습해 **지식**을 넣고, 인스트럭트 파인튜닝은 대화 형식에서 응답
-#   토큰만 학습해 **행동 방식**을 가르칩니다. 위 표가 두 데이터의 예제당 토큰 수와 학습 비율을 보여 줍니다.
-# - 파인튜닝 전의 기본 모델은 도메인을 모릅니다: 이어 쓴 글에 도메인의 사실이 없고, 도메인 글의 손실이 높습니다.
+#   토큰만 학습해 **행동 방식**을 가르칩니다. 위 표가 두 데이터의 샘플당 토큰 수와 학습되는 토큰의 비율을 보여 줍니다.
+# - 파인튜닝 전의 기본 모델은 도메인을 모릅니다. 이어 쓴 글에 도메인의 사실이 없고, 도메인 글의 손실이 높습니다.
 # - 실제로는 두 가지를 함께 씁니다. 먼저 베이스 파인튜닝으로 지식을 넣고(6장), 인스트럭트 파인튜닝으로 그 지식을
 #   대화로 꺼내 쓰게 합니다(7장). 다음 장에서는 "모델 전체를 학습할 것인가, 일부만 학습할 것인가"를 숫자로 따져 봅니다.
 #
@@ -281,7 +281,7 @@ else:
 # ## 연습 문제 · Exercises
 #
 # **한국어** — 아래 함수의 `raise NotImplementedError`를 지우고 채운 뒤 셀을 다시 실행하세요. 각 함수 아래의
-# `try_it`이 검사 함수(`tutorials/_exercises.py`)를 실행해 "correct" 또는 무엇이 틀렸는지를 출력합니다. 풀이는
+# `try_it`이 검사 함수(`tutorials/_exercises.py`)를 실행해 "correct" 또는 무엇이 틀렸는지 출력합니다. 풀이는
 # `tutorials/solutions/01_why_finetune.py`에 있습니다.
 #
 # 1. **퍼플렉서티.** 평균 손실(토큰당 nat)을 퍼플렉서티로 바꾸세요. 위에서 출력한 두 손실의 퍼플렉서티를 먼저 손으로

@@ -2,7 +2,8 @@
 # # 2. 전체 파인튜닝과 PEFT · Full fine-tuning vs PEFT
 #
 # **한국어** — 파인튜닝에는 두 가지 길이 있습니다. **전체 파인튜닝(full fine-tuning)** 은 모델의 모든 가중치를
-# 학습하고, **PEFT(parameter-efficient fine-tuning)** 는 원래 가중치를 얼려 두고 작은 추가 파라미터만 학습합니다.
+# 학습하고, **PEFT(parameter-efficient fine-tuning, 파라미터 효율적 파인튜닝)** 는 원래 가중치를 얼려 두고 새로
+# 더한 적은 수의 파라미터만 학습합니다.
 # 이 장에서는 그 차이를 "느낌"이 아니라 **숫자**로 봅니다.
 #
 # 1. 모델의 파라미터 수를 설정(config)의 모양만으로 계산하고, minilora의 실제 모델과 맞는지 확인합니다.
@@ -38,7 +39,8 @@ GiB = 2**30
 # **한국어** — Llama 계열 모델의 한 블록에는 어텐션의 네 선형층(q, k, v, o)과 MLP의 세 선형층(gate, up, down),
 # 그리고 RMSNorm 두 개가 있습니다. 선형층 하나의 가중치는 `d_out × d_in`개입니다. GQA(grouped-query attention)
 # 에서는 k, v의 헤드 수(`num_key_value_heads`)가 q보다 적어서 k, v 층이 작습니다. 여기에 어휘 임베딩(`V × C`)과
-# 출력층(lm_head, 임베딩과 공유(tied)하면 0)을 더하면 전체가 됩니다. 아래 함수가 그 계산을 그대로 적은 것입니다.
+# 출력층(lm_head; 임베딩과 가중치를 공유(tied)하면 추가 파라미터 0)을 더하면 전체가 됩니다. 아래 함수가 그 계산을
+# 그대로 적은 것입니다.
 #
 # **English** — A Llama-family block holds the four attention linears (q, k, v, o), the three MLP linears (gate,
 # up, down) and two RMSNorms. A linear layer has `d_out × d_in` weights. With grouped-query attention (GQA) k and
@@ -95,7 +97,7 @@ print(f"{'minilora model':22}{actual:>12,}")
 assert counted["total"] == actual
 
 # %% [markdown]
-# **한국어** — 이제 실제 모델입니다. 가중치를 내려받을 필요가 없습니다. 공개된 `config.json`의 모양(숨은 차원,
+# **한국어** — 이제 실제 모델입니다. 가중치를 내려받을 필요는 없습니다. 공개된 `config.json`의 모양(은닉 차원,
 # 층 수, MLP 폭, 헤드 수, 어휘 크기)만 있으면 됩니다. 같은 함수로 계산하고, 검산으로 minilora의 `Transformer`를
 # **meta 장치**(모양만 있고 메모리는 쓰지 않는 가짜 장치)에 만들어 실제 파라미터 수와 비교합니다.
 #
@@ -117,8 +119,8 @@ for name, shape in _course.REAL_MODELS.items():
 
 # %% [markdown]
 # **한국어** — 이름에 붙은 "1B", "8B"가 위 셀이 계산한 파라미터 수와 맞는지 보세요. 어휘가 크기 때문에 임베딩(과
-# 공유하지 않는 출력층)이 전체에서 적지 않은 몫을 차지하고, 가장 작은 모델에서 그 몫이 가장 큽니다(아래 셀이
-# 비율을 출력합니다).
+# 가중치를 공유하지 않는 출력층)이 전체에서 적지 않은 몫을 차지하며, 가장 작은 모델에서 그 몫이 가장 큽니다(아래
+# 셀이 비율을 출력합니다).
 #
 # **English** — Check the "1B" and "8B" in the names against the counts the cell computed. The vocabulary is large,
 # so the embedding (and an untied output head) is a sizeable share of the total, largest for the smallest model
@@ -140,11 +142,11 @@ assert max(shares, key=shares.get) == min(real_counts, key=real_counts.get)
 # - **가중치** 자체,
 # - 역전파가 만든 **기울기(gradient)**, 가중치와 같은 크기,
 # - **AdamW 상태** 두 개: 기울기의 이동 평균 `m`과 제곱의 이동 평균 `v`,
-# - 혼합 정밀도(mixed precision)로 학습하면, bf16 가중치 옆에 fp32 **마스터 가중치**를 하나 더 둡니다. 작은
+# - 혼합 정밀도(mixed precision)로 학습하면 bf16 가중치 옆에 fp32 **마스터 가중치**를 하나 더 둡니다. 작은
 #   업데이트가 bf16의 반올림에 묻혀 사라지지 않게 하기 위해서입니다.
 #
-# fp32는 4바이트, bf16은 2바이트입니다. 아래 표의 "B/param"은 이 항목들을 더한 값이고, 활성값(activation)은 배치
-# 크기와 시퀀스 길이에 따라 달라지므로 따로 뺐습니다(실제로는 여기에 더해집니다).
+# fp32는 4바이트, bf16은 2바이트입니다. 아래 표의 "B/param"은 이 항목들을 더한 값입니다. 활성값(activation)은 배치
+# 크기와 시퀀스 길이에 따라 달라지므로 표에서 뺐습니다(실제 학습에서는 여기에 더해집니다).
 #
 # **English** — During training each parameter brings several numbers into memory:
 #
@@ -180,9 +182,10 @@ for name, n in real_counts.items():
 # %% [markdown]
 # **한국어** — "bf16 mixed" 열이 fp32 열과 **같습니다**(아래 셀이 계산합니다). 혼합 정밀도는 가중치·기울기를 2바이트로
 # 줄인 만큼을 fp32 마스터 가중치(4바이트)에 다시 쓰기 때문입니다. 혼합 정밀도가 아끼는 것은 이 표에 없는 두
-# 가지입니다. 하나는 **활성값**: 역전파를 위해 저장하는 중간값이 bf16이라 절반이고, 배치가 크거나 시퀀스가 길면 이것이
-# 가장 큰 항목입니다. 다른 하나는 **시간**: GPU의 텐서 코어는 bf16 행렬 곱을 fp32보다 몇 배 빨리 합니다. 가중치
-# 메모리까지 줄이려면 "pure bf16"(업데이트가 반올림으로 사라질 위험, 8장에서 측정)이나 LoRA(아래)가 필요합니다.
+# 가지입니다. 하나는 **활성값**입니다. 역전파를 위해 저장하는 중간값이 bf16이라 크기가 절반이며, 배치가 크거나
+# 시퀀스가 길면 이것이 가장 큰 항목입니다. 다른 하나는 **시간**입니다. GPU의 텐서 코어는 bf16 행렬 곱을 fp32보다 몇
+# 배 빨리 계산합니다. 가중치 쪽 메모리까지 줄이려면 "pure bf16"(업데이트가 반올림으로 사라질 위험이 있으며, 8장에서
+# 측정합니다)이나 LoRA(아래)가 필요합니다.
 #
 # **English** — The "bf16 mixed" column **equals** the fp32 one (the cell below computes it): what mixed precision
 # saves by keeping weights and gradients in 2 bytes it spends again on the fp32 master weights (4 bytes). What it does
@@ -197,7 +200,7 @@ assert sum(SCHEMES["bf16 mixed"]) == sum(SCHEMES["fp32"])  # mixed precision sav
 
 # %% [markdown]
 # **한국어** — 위 표를 24 GiB(소비자용 GPU)나 80 GiB(데이터센터 GPU)와 비교해 보세요. 추론에는 가중치만 있으면
-# 되지만, 전체 파인튜닝은 활성값을 빼고도 그 몇 배가 필요합니다. 아래 셀은 각 모델이 어느 GPU에 들어가는지
+# 되지만, 전체 파인튜닝에는 활성값을 빼고도 그 몇 배가 필요합니다. 아래 셀은 각 모델이 어느 GPU에 들어가는지
 # (활성값 제외) 계산합니다.
 #
 # **English** — Compare the table with 24 GiB (a consumer GPU) and 80 GiB (a data-centre GPU). Inference needs only
@@ -214,12 +217,12 @@ for name, n in real_counts.items():
 # ## 2.3 PEFT: LoRA의 학습 파라미터 · PEFT: LoRA's trainable parameters
 #
 # **한국어** — LoRA(4장에서 자세히 다룹니다)는 선형층 `W`(d_out × d_in)를 얼려 두고, 그 옆에 작은 두 행렬
-# `A`(r × d_in)와 `B`(d_out × r)를 둡니다. 층 하나에서 학습하는 파라미터는 **r·(d_in + d_out)** 개로, 원래의
-# d_in·d_out개보다 훨씬 적습니다. 어떤 층에 붙일지(`targets`)도 고릅니다. 원 논문처럼 `q_proj`, `v_proj`에만
+# `A`(r × d_in)와 `B`(d_out × r)를 둡니다. 층 하나의 학습 파라미터는 **r·(d_in + d_out)** 개로, 원래의
+# d_in·d_out개보다 훨씬 적습니다. 어느 층에 붙일지(`targets`)도 고릅니다. 원 논문처럼 `q_proj`, `v_proj`에만
 # 붙이거나, 블록의 모든 선형층(`all-linear`)에 붙입니다.
 #
-# 아래 셀은 이 합을 직접 계산하고, minilora의 `apply_lora`를 meta 모델에 실제로 적용했을 때 `count_parameters`가
-# 세는 값과 비교합니다.
+# 아래 셀은 이 합을 직접 계산하고, minilora의 `apply_lora`를 meta 모델에 실제로 적용한 뒤 `count_parameters`가
+# 센 값과 비교합니다.
 #
 # **English** — LoRA (chapter 4) freezes a linear layer `W` (d_out × d_in) and adds two small matrices beside it,
 # `A` (r × d_in) and `B` (d_out × r). One layer trains **r·(d_in + d_out)** parameters instead of d_in·d_out. We also
@@ -254,10 +257,10 @@ for name, shape in _course.REAL_MODELS.items():
     assert lora_trainable(shape, 16, "all-linear") == 2 * lora_trainable(shape, 8, "all-linear")  # linear in r
 
 # %% [markdown]
-# **한국어** — 위 표에서 학습 파라미터는 전체의 몇 퍼센트에 불과합니다. r을 두 배로 하면 학습 파라미터도 정확히 두
-# 배가 됩니다(식이 r에 비례하니까요). 그렇다면 메모리는 얼마나 줄어들까요? 얼린 가중치는 bf16으로 한 번만 들고
-# 있으면 되고 기울기도 옵티마이저 상태도 필요 없습니다. 학습하는 LoRA 파라미터만 fp32로 가중치·기울기·Adam 상태를
-# 가집니다.
+# **한국어** — 위 표에서 학습 파라미터는 전체의 아주 작은 비율(마지막 열)에 불과합니다. r을 두 배로 하면 학습
+# 파라미터도 정확히 두 배가 됩니다. 식이 r에 비례하기 때문입니다. 그렇다면 메모리는 얼마나 줄어들까요? 얼린 가중치는
+# bf16으로 한 번만 들고 있으면 되고, 기울기도 옵티마이저 상태도 필요 없습니다. LoRA의 학습 파라미터만 fp32로
+# 가중치·기울기·Adam 상태를 가집니다.
 #
 # **English** — The trainable parameters are a small percentage of the total, and doubling r doubles them exactly
 # (the formula is linear in r). And the memory? The frozen weights are held once, in bf16, with no gradient and no
@@ -278,12 +281,17 @@ for name, shape in _course.REAL_MODELS.items():
 
 # %% [markdown]
 # **한국어** — 아래 그림은 모델 크기에 따른 학습 메모리를 방법별로 그리고, 24 GiB와 80 GiB GPU를 가로선으로
-# 표시합니다(활성값 제외). LoRA의 선이 추론(가중치만)의 선에 거의 붙어 있는 것을 보세요. 얼린 가중치를 4비트로
-# 줄이는 QLoRA는 5장과 8장에서 다룹니다.
+# 표시합니다(활성값 제외). 범례는 그림 오른쪽, 그래프 밖에 있습니다. LoRA의 선이 추론(가중치만)의 선과 거의 겹치는
+# 것을 보세요. 두 선의 차이는 LoRA 학습 파라미터의 fp32 가중치·기울기·Adam 상태(모델마다 1 GiB 미만, 셀이 출력)뿐이라서,
+# 이 세로축 범위에서는 LoRA의 선이 추론의 선 바로 위에 포개져 보입니다. 얼린 가중치를 4비트로 줄이는 QLoRA는 5장과
+# 8장에서 다룹니다.
 #
 # **English** — The figure below draws training memory against model size for each method, with 24 GiB and
-# 80 GiB GPUs as horizontal lines (activations excluded). Note how close LoRA's line runs to inference (weights
-# only). QLoRA, which shrinks the frozen weights to 4 bits, comes in chapters 5 and 8.
+# 80 GiB GPUs as horizontal lines (activations excluded); the legend sits right of the plot, outside the data. Note
+# how close LoRA's line runs to inference (weights only): the two differ only by the fp32 weights, gradients and
+# Adam states of LoRA's trainable parameters (under 1 GiB per model, printed by the cell), so at this scale LoRA's
+# line lies right on top of inference's. QLoRA, which shrinks the
+# frozen weights to 4 bits, comes in chapters 5 and 8.
 
 # %%
 sizes = {name: n / 1e9 for name, n in real_counts.items()}
@@ -291,22 +299,26 @@ models = list(real_counts)
 series = {
     "full FT, bf16 mixed": [(sizes[m], full_ft_gib(real_counts[m], "bf16 mixed")) for m in models],
     "full FT, pure bf16": [(sizes[m], full_ft_gib(real_counts[m], "pure bf16")) for m in models],
-    "LoRA r=16 all-linear, bf16 base": [
-        (sizes[m], lora_gib(real_counts[m], lora_trainable(_course.REAL_MODELS[m], 16, "all-linear"))) for m in models],
     "inference, bf16 weights": [(sizes[m], real_counts[m] * 2 / GiB) for m in models],
+    "LoRA r=16 all-linear, bf16 base": [  # drawn after inference, so that it shows on top of that line
+        (sizes[m], lora_gib(real_counts[m], lora_trainable(_course.REAL_MODELS[m], 16, "all-linear"))) for m in models],
     "a 24 GiB GPU": [(sizes[models[0]], 24), (sizes[models[-1]], 24)],
     "an 80 GiB GPU": [(sizes[models[0]], 80), (sizes[models[-1]], 80)],
 }
 path = line_chart(series, _course.figure_path("02_training_memory.svg"), title="Training memory without activations",
                   xlabel="parameters (billions)", ylabel="GiB")
 _course.show_figure(path)
+gap = max(lora - weights for (_, lora), (_, weights) in zip(series["LoRA r=16 all-linear, bf16 base"],
+                                                            series["inference, bf16 weights"]))
+print(f"LoRA's line lies at most {gap:.2f} GiB above inference's")
+assert gap < 1  # the text's "under 1 GiB per model"
 
 # %% [markdown]
 # ## 2.4 실제로 재 보기 · Measuring it for real
 #
-# **한국어** — 계산이 맞는지, 작은 기본 모델로 실제 학습 스텝을 한 번씩 밟아 봅니다. 전체 파인튜닝과 LoRA(r=8,
+# **한국어** — 계산이 맞는지 작은 기본 모델로 실제 학습 스텝을 한 번씩 밟아 확인합니다. 전체 파인튜닝과 LoRA(r=8,
 # all-linear) 각각에 대해 AdamW로 한 스텝을 학습한 뒤, 실제로 존재하는 기울기 텐서와 옵티마이저 상태 텐서의 바이트
-# 수를 더합니다. fp32 학습이므로 기울기는 학습 파라미터당 4바이트, Adam 상태는 8바이트여야 합니다.
+# 수를 더합니다. fp32로 학습하므로 기울기는 학습 파라미터당 4바이트, Adam 상태는 8바이트여야 합니다.
 #
 # **English** — To check the arithmetic, take one real training step on the small default model, once with full
 # fine-tuning and once with LoRA (r=8, all-linear): after one AdamW step, add up the bytes of the gradient tensors
@@ -351,7 +363,7 @@ print(f"\nLoRA keeps {lora['Adam bytes'] / full['Adam bytes']:.2%} of full fine-
 #   `assert`로 확인했습니다.
 # - 전체 파인튜닝은 파라미터당 여러 개의 숫자(가중치, 기울기, Adam의 m과 v, 혼합 정밀도라면 마스터 가중치)를
 #   들고 있어야 해서, 추론보다 몇 배의 메모리가 필요합니다.
-# - LoRA는 학습 파라미터를 Σ r·(d_in + d_out)로 줄여, 기울기와 옵티마이저 상태를 거의 없앱니다. 남는 큰 몫은 얼린
+# - LoRA는 학습 파라미터를 Σ r·(d_in + d_out)개로 줄여 기울기와 옵티마이저 상태를 거의 없앱니다. 남는 큰 몫은 얼린
 #   가중치 자체이며, 5장의 4비트 양자화가 바로 그 부분을 줄입니다.
 #
 # **English**
@@ -369,8 +381,8 @@ print(f"\nLoRA keeps {lora['Adam bytes'] / full['Adam bytes']:.2%} of full fine-
 #
 # 1. **r을 바꾸면 학습 파라미터는?** `lora_trainable(d_in, d_out, r)`: LoRA 층 하나의 학습 파라미터 수를 종이 위에서
 #    예측하세요. 검사는 실제 `LoRALinear`의 파라미터를 셉니다.
-# 2. **전체 파인튜닝의 바이트.** `full_ft_bytes(n)`: fp32 가중치, 기울기, AdamW의 두 모멘트를 합한 바이트. 검사는
-#    AdamW 한 스텝 뒤의 텐서를 실제로 잽니다.
+# 2. **전체 파인튜닝의 바이트.** `full_ft_bytes(n)`: fp32 가중치, 기울기, AdamW의 두 모멘트를 합한 바이트 수를
+#    돌려주세요. 검사는 AdamW 한 스텝 뒤의 텐서를 실제로 잽니다.
 # 3. **모델 전체의 예측.** `predict_trainable(model, r, targets)`: LoRA를 붙이기 **전에** 학습 파라미터 수를
 #    예측하세요(`minilora.lora.select_targets`가 감쌀 층의 이름을 알려 줍니다). 모델을 바꾸면 안 됩니다.
 #

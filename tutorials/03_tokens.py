@@ -3,7 +3,7 @@
 #
 # **한국어** — 모델은 글자를 읽지 못합니다. 토크나이저가 글을 **토큰**(자주 나오는 글자 조각)으로 나누고, 각
 # 토큰을 어휘 사전의 번호(**토큰 ID**)로 바꿉니다. 모델이 받는 것은 이 번호들의 텐서 `input_ids`와, 어느 위치가
-# 진짜 글이고 어느 위치가 채움(padding)인지 알려 주는 `attention_mask`입니다. 학습할 때는 여기에 정답
+# 진짜 글이고 어느 위치가 패딩(padding, 빈자리 채우기)인지 알려 주는 `attention_mask`입니다. 학습할 때는 여기에 정답
 # `labels`가 더해지고, 손실에서 빼고 싶은 위치에는 `-100`을 적습니다.
 #
 # 이 장에서는 "안녕하세요. 파인튜닝을 시작합니다." 한 문장을 기본 모델의 토크나이저로 직접 나눠 보고, 길이가 다른
@@ -38,8 +38,8 @@ print(tokenizer)
 # ## 3.1 한 문장을 토큰으로 · One sentence into tokens
 #
 # **한국어** — 아래 셀은 문장의 `input_ids`와, 토큰 하나하나가 원문의 어느 부분에서 왔는지(토크나이저가 돌려주는
-# 글자 위치 `offsets`)를 표로 출력합니다. 맨 앞의 `<bos>`(begin of sequence)는 문장에 없던 토큰으로, 이
-# 토크나이저가 모든 글 앞에 자동으로 붙입니다(Llama 3와 같은 방식).
+# 글자 위치 `offsets`)를 표로 출력합니다. 맨 앞의 `<bos>`(begin of sequence)는 원래 문장에 없던 토큰입니다. 이
+# 토크나이저는 모든 글 앞에 이 토큰을 자동으로 붙입니다(Llama 3와 같은 방식).
 #
 # **English** — The cell below prints the sentence's `input_ids` and, for each token, the part of the original text
 # it came from (the character spans `offsets` the tokenizer returns). The leading `<bos>` (begin of sequence) is not
@@ -90,9 +90,9 @@ print("tokens holding several characters :", [sentence[a:b] for a, b in offsets 
 
 # %% [markdown]
 # **한국어** — 이 토크나이저는 **바이트 수준 BPE**입니다. 글을 먼저 UTF-8 바이트로 바꾸고, 학습 데이터에서 자주
-# 붙어 나온 바이트 쌍을 차례로 합쳐 어휘를 만듭니다. 한글 한 음절은 UTF-8로 3바이트입니다. 학습 데이터에 자주
+# 붙어 나온 바이트 쌍을 한 쌍씩 차례로 합쳐 어휘를 만듭니다. 한글 한 음절은 UTF-8로 3바이트입니다. 학습 데이터에 자주
 # 나온 음절이나 단어는 토큰 하나가 되고(위 셀의 마지막 줄), 드문 음절은 바이트 조각 여러 개로 쪼개집니다(그 위
-# 줄). 그런 조각 하나만 디코딩하면 완전한 글자가 아니라서 `�`가 나옵니다. 표의 "bytes" 열에서 각 토큰이 몇
+# 줄). 그런 조각 하나만 디코딩하면 완전한 글자가 아니므로 `�`가 나옵니다. 표의 "bytes" 열에서 각 토큰이 몇
 # 바이트인지 확인해 보세요. 이 토크나이저의 어휘는 작습니다. 실제 모델의 어휘는 그보다 훨씬 커서(2장이 Llama 3의
 # 어휘 크기를 출력합니다) 더 많은 음절과 단어를 통째로 토큰 하나로 둡니다.
 #
@@ -119,7 +119,7 @@ assert roundtrip == sentence  # byte-level BPE loses nothing
 #
 # **한국어** — 학습은 여러 문장을 한 번에(배치로) 처리합니다. 텐서는 직사각형이어야 하므로 짧은 문장 뒤를
 # **패딩 토큰**으로 채워 가장 긴 문장에 길이를 맞춥니다. minilora의 `pad_collate`(`minilora/data.py`)가 이 일을
-# 하며, 세 가지를 함께 만듭니다.
+# 하며, 세 텐서를 함께 만듭니다.
 #
 # - `input_ids`: 패딩 위치에는 패딩 토큰의 ID,
 # - `attention_mask`: 진짜 토큰은 1, 패딩은 0 — 모델이 패딩을 보지 않게 합니다,
@@ -173,8 +173,8 @@ for t in range(len(ids) - 1):
 # 3. **문장마다 따로**: 패딩 없이 한 문장씩 계산한 손실을 토큰 수로 가중 평균한 값.
 #
 # 1과 3이 같아야 합니다. 즉, 패딩한 배치의 손실은 패딩이 없는 것과 똑같고, 패딩 토큰은 하나도 세지지 않습니다.
-# 2는 패딩을 맞히는 쉬운(또는 의미 없는) 문제까지 섞여서 값과 토큰 수가 달라집니다. 아래 셀이 세 값과 각각 센
-# 토큰 수를 출력하고, PyTorch의 `F.cross_entropy(ignore_index=-100)`와도 비교합니다.
+# 2에는 패딩을 맞히는 쉬운(또는 의미 없는) 문제까지 섞이므로 값과 토큰 수가 모두 달라집니다. 아래 셀이 세 값과
+# 각각 센 토큰 수를 출력하고, PyTorch의 `F.cross_entropy(ignore_index=-100)`와도 비교합니다.
 #
 # **English** — Now compute the batch's loss with the default model and compare three numbers:
 #
@@ -207,8 +207,8 @@ assert not torch.allclose(unmasked, masked, atol=1e-3)  # counting padding chang
 
 # %% [markdown]
 # **한국어** — 마지막으로 기울기를 봅니다. 정답이 `-100`인 위치의 로짓(logit)은 손실에 전혀 기여하지 않으므로
-# 역전파 기울기가 정확히 0이어야 합니다. 그래서 그 위치는 모델을 조금도 바꾸지 못합니다. 7장의 인스트럭트
-# 파인튜닝은 같은 방법으로 질문(프롬프트) 토큰에 `-100`을 적어 응답만 학습합니다.
+# 역전파로 받는 기울기가 정확히 0이어야 합니다. 그래서 그 위치는 모델을 조금도 바꾸지 못합니다. 7장의 인스트럭트
+# 파인튜닝은 같은 방법으로 질문(프롬프트) 토큰의 라벨에 `-100`을 적어 응답만 학습합니다.
 #
 # **English** — Last, the gradient. A logit whose target is `-100` contributes nothing to the loss, so its gradient
 # must be exactly zero: that position cannot change the model at all. Instruct fine-tuning in chapter 7 uses the
@@ -300,7 +300,7 @@ else:
 # ## 정리 · Summary
 #
 # **한국어**
-# - 토크나이저는 글을 토큰 ID로 바꿉니다. 바이트 수준 BPE는 어떤 글이든 잃지 않고 나타내지만, 드문 한글 음절은
+# - 토크나이저는 글을 토큰 ID로 바꿉니다. 바이트 수준 BPE는 어떤 글이든 손실 없이 나타내지만, 드문 한글 음절은
 #   여러 바이트 조각으로 쪼갭니다.
 # - 배치는 짧은 문장을 패딩으로 채워 만들고, `attention_mask`는 모델이 패딩을 보지 않게, `labels`의 `-100`은 손실이
 #   패딩을 세지 않게 합니다.
@@ -321,10 +321,10 @@ else:
 #
 # 1. **패딩을 손으로.** `pad_batch(rows, pad_id)`: `pad_collate`처럼 오른쪽을 채운 `(input_ids, attention_mask,
 #    labels)`를 만드세요.
-# 2. **`-100` 마스크를 직접.** `mask_prompt(input_ids, prompt_len)`: 앞의 `prompt_len`개 토큰의 라벨을 `-100`으로
-#    바꾼 새 목록을 돌려주세요. 인스트럭트 파인튜닝에서 프롬프트를 학습하지 않는 방법이 바로 이것입니다.
-# 3. **마스킹한 손실.** `masked_loss(logits, labels)`: 한 칸 밀어서 `-100`을 뺀 교차 엔트로피의 평균
-#    (`F.cross_entropy(..., ignore_index=-100)`이 도와줍니다). 검사는 `next_token_loss`와 비교합니다.
+# 2. **`-100` 마스크를 직접 쓰기.** `mask_prompt(input_ids, prompt_len)`: 앞의 `prompt_len`개 토큰의 라벨을
+#    `-100`으로 바꾼 새 목록을 돌려주세요. 인스트럭트 파인튜닝에서 프롬프트를 학습하지 않는 방법이 바로 이것입니다.
+# 3. **마스킹한 손실.** `masked_loss(logits, labels)`: 한 칸 밀어서 `-100`을 뺀 교차 엔트로피의 평균을
+#    계산하세요(`F.cross_entropy(..., ignore_index=-100)`가 도와줍니다). 검사는 `next_token_loss`와 비교합니다.
 #
 # **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/03_tokens.py`).
 #

@@ -9,11 +9,11 @@
 #
 # 학습하는 것은 `A`와 `B`뿐이고, 그 곱 `ΔW = (alpha/r)·B·A`는 `W0`와 같은 모양이지만 랭크가 최대 r인 행렬입니다.
 # `B`는 0으로 시작하므로 학습 첫 스텝의 모델은 원래 모델과 정확히 같습니다. 학습이 끝나면 `W0 + ΔW`를 계산해
-# 보통의 가중치로 합칠(merge) 수 있어서, 추론 비용이 전혀 늘지 않습니다.
+# 보통의 가중치 하나로 병합(merge)할 수 있으므로 추론 비용이 전혀 늘지 않습니다.
 #
 # 이 장에서는 minilora의 `LoRALinear`(`minilora/lora.py`, 한 화면에 들어가는 구현)로
-# 1) 작은 층 하나에서 A, B, ΔW를 그림으로 보고, 2) rank와 alpha가 하는 일을 재 보고, 3) 기본 모델에 LoRA를 붙여
-# 학습 파라미터를 세고, 4) 합쳐도 출력이 변하지 않음을 확인합니다.
+# 1) 작은 층 하나에서 A, B, ΔW를 그림으로 보고, 2) 랭크와 alpha가 하는 일을 재 보고, 3) 기본 모델에 LoRA를 붙여
+# 학습 파라미터를 세고, 4) 병합해도 출력이 변하지 않음을 확인합니다.
 #
 # **English** — LoRA (Low-Rank Adaptation, Hu et al. 2021) freezes a pre-trained linear layer's weight `W0`
 # (d_out × d_in) and learns a **low-rank update** beside it:
@@ -83,12 +83,13 @@ print("at initialisation B is all zeros and the output equals the base layer's e
 #
 # $$\Delta W_{\text{code}} = \tfrac{\alpha}{r}\,B_{\text{code}}A_{\text{code}} = \tfrac{\alpha}{r}\,(A\times B)^\top$$
 #
-# 입니다. 이름은 같고 모양만 전치된 것입니다. 두 경우 모두 A가 입력을 r차원으로 줄이고 B가 d_out으로 펼칩니다.
+# 입니다. 이름은 같고 모양만 전치되어 있습니다. 두 경우 모두 A가 입력을 r차원으로 줄이고 B가 d_out차원으로
+# 펼칩니다.
 #
 # **왜 A는 Kaiming, B는 0인가.** B = 0이면 첫 스텝의 모델은 원래 모델과 같습니다(위에서 확인). 그런데 A까지 0이면
 # 학습이 시작되지 않습니다. B의 기울기는 $\partial L/\partial B_{\text{code}} = g^\top (xA_{\text{code}}^\top)$
-# ($g = \partial L/\partial y$)라서 A = 0이면 0이고, A의 기울기는 B에 비례하므로 B = 0이면 역시 0입니다. 둘 다 0이면
-# 영원히 0에 머뭅니다. 그래서 A를 `nn.Linear`의 기본값(Kaiming 균등 분포, a = √5, 즉 $U(-1/\sqrt{d_{in}},
+# ($g = \partial L/\partial y$)라서 A = 0이면 0이고, A의 기울기는 B에 비례하므로 B = 0이면 역시 0입니다. 둘 다 0에서
+# 시작하면 둘 다 영원히 0에 머뭅니다. 그래서 A를 `nn.Linear`의 기본값(Kaiming 균등 분포, a = √5, 즉 $U(-1/\sqrt{d_{in}},
 # 1/\sqrt{d_{in}})$)으로 두어 첫 스텝부터 B가 움직이게 합니다. 아래 셀이 세 가지 초기화의 기울기를 잽니다.
 #
 # **English** — Course material often writes LoRA as $h = xW + x\,A\times B$ with a row vector $x$, $A$ of shape
@@ -130,9 +131,9 @@ for label, A0, B0 in (("Kaiming A, B = 0", layer.lora_A.weight.detach(), torch.z
         assert A_.grad.abs().max() == 0 and B_.grad.norm() > 0  # B moves first, then A follows
 
 # %% [markdown]
-# **한국어** — 이제 이 층을 조금 학습시킵니다. 목표는 `W0`에 랭크 2짜리 변화를 더한 층을 흉내 내는 것입니다
-# (파인튜닝이 모델에 필요로 하는 변화가 낮은 랭크라는 것이 LoRA의 가정입니다). `W0`는 얼어 있으므로 A와 B만
-# 움직입니다. 아래 셀은 학습 전후의 손실을 출력하고 손실 곡선을 저장합니다.
+# **한국어** — 이제 이 층을 조금 학습시킵니다. 목표는 `W0`에 랭크 2짜리 변화를 더한 층을 흉내 내는 것입니다 (파인튜닝에
+# 필요한 변화는 낮은 랭크라는 것이 LoRA의 가정입니다). `W0`는 얼어 있으므로 A와 B만 움직입니다. 아래 셀은 학습 전후의
+# 손실을 출력하고 손실 곡선을 저장합니다.
 #
 # **English** — Now train this layer a little. The goal is to imitate `W0` plus a rank-2 change (LoRA's premise:
 # the change fine-tuning needs is of low rank). `W0` is frozen, so only A and B move. The cell prints the loss
@@ -158,20 +159,21 @@ _course.show_figure(line_chart({"toy LoRA layer": curve}, _course.figure_path("0
 # %% [markdown]
 # ## 4.2 저랭크 업데이트를 그림으로 · The low-rank update as a picture
 #
-# **한국어** — 아래 그림은 `W0`, `B`, `A`, 그리고 `ΔW = (alpha/r)·B·A`를 같은 색 눈금(파랑 = 음수, 빨강 = 양수)으로
-# 나란히 그립니다. `ΔW`는 `W0`와 같은 크기의 행렬이지만, 좁은 `B`(r개의 열)와 납작한 `A`(r개의 행)의 곱이라서
+# **한국어** — 아래 그림은 `W0`, `B`, `A`, 그리고 `ΔW = (alpha/r)·B·A`를 하나의 색 척도(파랑 = 음수, 흰색 = 0,
+# 빨강 = 양수)로 나란히 그립니다. 오른쪽 끝의 색 막대(colour bar)가 그 척도이며, 양 끝의 숫자는 네 행렬 전체에서
+# 가장 큰 절댓값입니다. `ΔW`는 `W0`와 같은 크기의 행렬이지만, 좁은 `B`(r개의 열)와 납작한 `A`(r개의 행)의 곱이라서
 # 줄무늬처럼 규칙적인 무늬를 가집니다. 모든 행이 A의 r개 행의 조합이기 때문입니다. A와 B의 칸이 옅게 보이는
-# 것은 값이 작아서이고, 곱과 배율 alpha/r을 거치며 ΔW가 커집니다. 셀은 ΔW의 특이값(singular value)도 출력하는데,
-# 0이 아닌 값이 r개를 넘을 수 없습니다(위 셀이 흉내 낸 변화의 랭크는 2이므로, 큰 값 두 개가 두드러집니다).
-# 마지막으로 이 층을 `merge()`로 합쳐도 출력이 같은지 확인합니다(모델 전체는 4.5절에서).
+# 것은 값이 작기 때문이며, 곱셈과 배율 alpha/r을 거치면서 ΔW가 커집니다. 셀은 ΔW의 특이값(singular value)도 출력하는데,
+# 0이 아닌 값이 r개를 넘을 수 없습니다(위 셀이 흉내 낸 변화의 랭크가 2이므로 큰 값 두 개가 두드러집니다).
+# 마지막으로 이 층을 `merge()`로 병합해도 출력이 같은지 확인합니다(모델 전체는 4.5절에서 확인합니다).
 #
-# **English** — The figure below draws `W0`, `B`, `A` and `ΔW = (alpha/r)·B·A` side by side on one colour scale
-# (blue negative, red positive). `ΔW` is as large as `W0`, but as the product of a narrow `B` (r columns) and a flat
-# `A` (r rows) it has a regular, striped pattern: every row is a combination of A's r rows. A and B look pale
-# because their entries are small; the product and the scale alpha/r make ΔW larger. The cell also prints ΔW's
-# singular values: no more than r of them can be non-zero (and since the change imitated above has rank 2, two
-# large ones stand out). Last, it merges this layer with `merge()` and checks that the output is unchanged (the
-# whole model follows in section 4.5).
+# **English** — The figure below draws `W0`, `B`, `A` and `ΔW = (alpha/r)·B·A` side by side on one colour scale (blue
+# negative, red positive); the colour bar at the right end is that scale, its end labels ± the largest absolute value of
+# all four matrices. `ΔW` is as large as `W0`, but as the product of a narrow `B` (r columns) and a flat `A` (r rows) it
+# has a regular, striped pattern: every row is a combination of A's r rows. A and B look pale because their entries are
+# small; the product and the scale alpha/r make ΔW larger. The cell also prints ΔW's singular values: no more than r of
+# them can be non-zero (and since the change imitated above has rank 2, two large ones stand out). Last, it merges this
+# layer with `merge()` and checks that the output is unchanged (the whole model follows in section 4.5).
 
 # %%
 delta = layer.delta_weight().detach()  # (d_out, d_in) = scale · B @ A
@@ -198,14 +200,14 @@ print(f"small layer: max |merged - unmerged output| = {(after - before).abs().ma
 assert torch.allclose(after, before, atol=1e-5)
 
 # %% [markdown]
-# ## 4.3 rank와 alpha · Rank and alpha
+# ## 4.3 랭크와 alpha · Rank and alpha
 #
 # **한국어** — `r`은 업데이트의 랭크, 즉 표현력과 학습 파라미터 수를 정합니다. `alpha`는 업데이트에 곱하는 상수의
-# 분자로, 실제 배율은 `scale = alpha / r`입니다. 논문(4.1절)은 r로 나누면 "alpha를 조정하는 것이 학습률을 조정하는
-# 것과 비슷해져서" r을 바꿀 때 다시 튜닝할 필요가 줄어든다고 설명합니다. 흔한 선택은 alpha = 2r입니다.
+# 분자이며, 실제 배율은 `scale = alpha / r`입니다. 논문(4.1절)에 따르면 r로 나누면 "alpha를 조정하는 것이 학습률을
+# 조정하는 것과 비슷해지므로" r을 바꿀 때 다시 튜닝할 필요가 줄어듭니다. 흔한 선택은 alpha = 2r입니다.
 #
-# 그런데 r이 아주 크면 alpha/r이 업데이트를 너무 작게 만든다는 관찰이 있고, rsLoRA(Kalajdzievski 2023)는 √r로
-# 나눕니다(`use_rslora=True`). 아래 셀은 alpha = 16으로 고정하고 r을 바꿔 가며, 같은 데이터에서 Adam으로 5스텝
+# 그런데 r이 아주 크면 alpha/r이 업데이트를 지나치게 작게 만든다는 관찰이 있어, rsLoRA(Kalajdzievski 2023)는 r 대신
+# √r로 나눕니다(`use_rslora=True`). 아래 셀은 alpha = 16으로 고정하고 r을 바꿔 가며, 같은 데이터에서 Adam으로 5스텝
 # 학습한 뒤 ΔW의 크기(프로베니우스 노름)를 잽니다.
 #
 # **English** — `r` is the rank of the update: its expressiveness and its trainable parameter count. `alpha` is the
@@ -282,7 +284,7 @@ print("\none attention block after apply_lora:\n", m.model.layers[0].self_attn)
 # ### 허깅페이스 PEFT에서는 · The same with Hugging Face PEFT
 #
 # **한국어** — PEFT로 같은 일을 하면 다음과 같습니다. `r`, `lora_alpha`, `target_modules`가 minilora의 `r`, `alpha`,
-# `targets`에 해당하고, 어댑터 파일의 형식도 같습니다(9장).
+# `targets`에 해당하며, 어댑터 파일의 형식도 같습니다(9장).
 #
 # ```python
 # from peft import LoraConfig, get_peft_model
@@ -348,16 +350,16 @@ else:
     print("transformers/peft are not installed: the side-by-side comparison is skipped")
 
 # %% [markdown]
-# ## 4.5 합쳐도 변하지 않는다 · Merging changes nothing
+# ## 4.5 병합해도 출력은 그대로 · Merging changes nothing
 #
-# **한국어** — 합치기를 의미 있게 시험하려면 B가 0이 아니어야 하므로, 먼저 기본 모델(all-linear, r = 8)을 도메인
+# **한국어** — 병합을 의미 있게 시험하려면 B가 0이 아니어야 하므로, 먼저 기본 모델(all-linear, r = 8)을 도메인
 # 글로 몇 스텝 학습합니다. 그다음 같은 입력에 대해 출력(logits)을 세 번 비교합니다.
 #
-# 1. 층마다 `merge()`: `W0 ← W0 + ΔW`로 가중치에 더하고, 이후 forward는 LoRA 경로를 건너뜁니다.
+# 1. 층마다 `merge()`: `W0 ← W0 + ΔW`로 가중치에 더하며, 이후 순전파는 LoRA 경로를 건너뜁니다.
 # 2. `unmerge()`: `W0 ← W0 − ΔW`로 되돌립니다.
-# 3. `merge_lora(model)`: 모든 `LoRALinear`를 합쳐진 보통의 `nn.Linear`로 바꿉니다. 배포(9장)에 쓰는 방법입니다.
+# 3. `merge_lora(model)`: 모든 `LoRALinear`를 병합된 보통의 `nn.Linear`로 바꿉니다. 배포(9장)에 쓰는 방법입니다.
 #
-# 세 경우 모두 출력의 최대 차이가 그 크기의 로짓에 대한 float32 반올림 수준이어야 합니다(셀은 가장 큰 로짓의
+# 세 경우 모두 출력의 최대 차이는 로짓 크기에 비례하는 float32 반올림 수준이어야 합니다(셀은 가장 큰 로짓의
 # 크기도 출력합니다).
 #
 # **English** — To test merging meaningfully B must be non-zero, so first train the default model (all-linear,
@@ -424,10 +426,10 @@ print(f"LoRALinear modules left after merge_lora: {left}; parameters: {count_par
 assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[1]
 
 # %% [markdown]
-# **한국어** — 위 출력에서 LoRA 학습이 로짓을 바꾼 크기와, 합친 뒤의 차이를 비교해 보세요. 합친 모델의 차이는
-# float32 반올림 수준으로 아주 작고, 합친 모델은 원래 모델과 파라미터 수가 같습니다. 즉 LoRA로 학습한 모델은
-# 추론할 때 원래 모델과 똑같은 크기·속도로 돌릴 수 있습니다. 반대로 합치지 않고 어댑터(A와 B)만 따로 저장하면, 작은
-# 파일 하나로 작업마다 어댑터를 갈아 끼울 수 있습니다(9장).
+# **한국어** — 위 출력에서 LoRA 학습이 로짓을 바꾼 크기와 병합한 뒤의 차이를 비교해 보세요. 병합한 모델의 차이는
+# float32 반올림 수준으로 아주 작고, 병합한 모델은 원래 모델과 파라미터 수가 같습니다. 즉 LoRA로 학습한 모델은
+# 추론할 때 원래 모델과 똑같은 크기·속도로 돌릴 수 있습니다. 반대로 병합하지 않고 어댑터(A와 B)만 따로 저장하면,
+# 작은 파일 하나로 작업마다 어댑터를 갈아 끼울 수 있습니다(9장).
 #
 # **English** — Compare how much LoRA training changed the logits with the differences after merging: the merged
 # model differs only at float32 rounding level and has exactly the base model's parameter count, so a LoRA-trained
@@ -442,13 +444,19 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 #
 # $$W' = m \cdot \frac{W_0 + sBA}{\lVert W_0 + sBA \rVert}, \qquad s = \alpha / r$$
 #
-#     m: (d_out,) 학습, 처음엔 ‖W0‖
+#     m: (d_out,) 학습, 처음에는 ‖W0‖
 #
 # B = 0에서 시작하면 `W' = W0`이므로 첫 스텝은 LoRA처럼 원래 모델 그대로입니다. 논문(4.3절)은 역전파에서
 # 노름 `‖W0 + s·B·A‖`을 상수로 취급(detach)하라고 권합니다. 그러면 (d_out × d_in) 행렬의 노름을 거쳐 기울기를 보낼
-# 필요가 없어 메모리를 아끼고, 정확도 손실은 측정되지 않았습니다. minilora의 `DoRALinear`(`minilora/dora.py`)는
-# `LoRALinear`에 `lora_magnitude_vector`(PEFT와 같은 이름) 하나를 더한 층입니다. 아래 셀은 기본 모델의 실제 가중치
-# 하나를 크기와 방향으로 나누어 다시 곱하면 원래대로 돌아옴을 확인하고, 행 노름의 분포를 그립니다.
+# 필요가 없어 메모리를 아낄 수 있고, 논문의 측정에서 정확도는 떨어지지 않았습니다. minilora의
+# `DoRALinear`(`minilora/dora.py`)는 `LoRALinear`에 `lora_magnitude_vector`(PEFT와 같은 이름) 하나를 더한
+# 층입니다. 아래 셀은 기본 모델의 실제 가중치 하나를 크기와 방향으로 나누고 다시 곱하면 원래대로 돌아오는지
+# 확인하고, 행 노름의 분포를 히스토그램으로 그립니다(세로축: 그 구간에 든 행의 수).
+#
+# 히스토그램의 봉우리가 둘인 것은 RoPE 때문입니다. `q_proj`의 각 헤드에서 행 i와 행 i + head_dim/2는 RoPE가 함께
+# 회전시키는 한 쌍이고, 작은 i일수록 빨리 회전합니다(`minilora/rope.py`). 아래 셀은 회전 속도(쌍 i)별 평균 행 노름을
+# 출력합니다. 학습된 기본 모델에서는 빨리 회전하는 앞쪽 쌍의 행 노름이 뒤쪽 쌍보다 크고, RoPE를 거치지 않는
+# `v_proj`에는 이런 차이가 없습니다. 두 봉우리는 이 두 무리의 행입니다.
 #
 # **English** — Each row of a weight matrix (one output feature) is a **magnitude** (the row's L2 norm) times a
 # **direction** (a row vector of length 1): `W0 = m0 · V` with `m0 = ‖W0‖` per row and `V = W0 / ‖W0‖`. DoRA
@@ -463,7 +471,13 @@ assert left == 0 and count_parameters(model)[1] == count_parameters(base_model)[
 # (d_out × d_in) matrix, which saves memory, and it measured no loss of accuracy. minilora's `DoRALinear`
 # (`minilora/dora.py`) is a `LoRALinear` with one more parameter, `lora_magnitude_vector` (PEFT's name). The cell
 # below splits a real weight of the default model into magnitude and direction, checks that their product gives
-# it back, and plots the distribution of the row norms.
+# it back, and plots the distribution of the row norms as a histogram (y axis: rows per bin).
+#
+# The histogram has two humps because of RoPE. In each head of `q_proj`, rows i and i + head_dim/2 are a pair
+# that RoPE rotates together, and the smaller i, the faster the pair turns (`minilora/rope.py`). The cell prints
+# the mean row norm per pair i: in the trained default model the fast-turning pairs at the front have larger row
+# norms than those at the back, while `v_proj`, which RoPE never touches, shows no such split. The two humps are
+# these two groups of rows.
 
 # %%
 from minilora.dora import DoRALinear  # noqa: E402  (introduced here, with its section)
@@ -477,19 +491,32 @@ print(f"layers.0.self_attn.q_proj: W0 {tuple(W0.shape)}; row norms m0 from {m0.m
       f"(mean {m0.mean():.3f}); m0 · V == W0")
 _course.show_figure(histogram(m0.tolist(), _course.figure_path("04_dora_magnitudes.svg"), bins=24,
                               title="Row norms (magnitudes) of layers.0.self_attn.q_proj", xlabel="‖row‖"))
+# The two humps: RoPE turns rows i and i + head_dim/2 of each head as one pair, pair 0 fastest ("rotate_half").
+head_dim = base_model.config.head_dim
+v_norms = base_model.get_submodule("model.layers.0.self_attn.v_proj").weight.detach().norm(dim=1)  # (d_out_v,)
+by_pair = {name: norms.view(-1, 2, head_dim // 2).mean(dim=(0, 1))  # (head_dim/2,): mean row norm per RoPE pair i
+           for name, norms in (("q_proj", m0), ("v_proj (no RoPE)", v_norms))}
+for name, norms in by_pair.items():
+    print(f"{name:17} mean row norm per pair i = 0 (fastest) .. {head_dim // 2 - 1}:",
+          " ".join(f"{v:.2f}" for v in norms.tolist()))
+fast_over_slow = {name: (n[:4].mean() / n[-4:].mean()).item() for name, n in by_pair.items()}
+print("fastest 4 pairs / slowest 4 pairs:", {name: round(v, 2) for name, v in fast_over_slow.items()})
+if _course.default_model_is_pretrained(model_dir):  # (not the few-step stand-in a test run may build)
+    assert fast_over_slow["q_proj"] > 1.5 > fast_over_slow["v_proj (no RoPE)"]
 dora_layer = DoRALinear(base_model.get_submodule("model.layers.0.self_attn.q_proj"), r=4, alpha=8)
 assert torch.allclose(dora_layer.lora_magnitude_vector, m0)  # m starts at ‖W0‖
 print(f"DoRALinear adds {dora_layer.lora_magnitude_vector.numel()} trainable magnitudes to LoRA's "
       f"{dora_layer.lora_A.weight.numel() + dora_layer.lora_B.weight.numel()} A and B entries")
 
 # %% [markdown]
-# **한국어** — 이제 4.1절의 작은 문제(W0에 랭크 2 변화를 더한 층 흉내 내기)를 같은 시드에서 LoRA와 DoRA로 풀어 봅니다.
+# **한국어** — 이제 4.1절의 작은 문제(W0에 랭크 2의 변화를 더한 층 흉내 내기)를 같은 시드에서 LoRA와 DoRA로 풀어 봅니다.
 # 셀은 두 손실 곡선을 그리고, 학습 뒤 크기가 얼마나 변했는지(ΔM: 행 노름 변화의 평균)와 방향이 얼마나 변했는지
 # (ΔD: 행마다 1 − cos(W', W0)의 평균)를 출력합니다. DoRA 논문은 LoRA에서 ΔM과 ΔD가 함께 움직이는 반면, 전체
 # 파인튜닝과 DoRA는 둘을 따로 움직일 수 있다는 점을 관찰했습니다. 이 작은 예에서 두 방법이 얼마나 다른지는 셀이
-# 계산한 값을 보세요(순서가 바뀌어도 이상하지 않습니다: 목표가 저랭크 변화라서 LoRA에도 쉬운 문제입니다). 이
-# 예에서 DoRA가 더 느리게 수렴한다면, 노름을 상수로 취급한 기울기는 손실의 정확한 기울기가 아니기 때문입니다. 목표
-# 자체는 DoRA로도 정확히 표현할 수 있으므로(V = 목표, m = ‖목표‖) 손실 0이 고정점이라는 점은 같습니다.
+# 계산한 값을 보세요(어느 쪽이 앞서도 이상하지 않습니다. 목표가 저랭크 변화라서 LoRA에도 쉬운 문제입니다). 이
+# 예에서 DoRA가 더 느리게 수렴한다면, 노름을 상수로 취급한 기울기가 손실의 정확한 기울기가 아니기 때문입니다. 목표
+# 자체는 DoRA로도 정확히 표현할 수 있으므로(V = 목표, m = ‖목표‖) 손실 0이 두 방법 모두의 고정점인 것은 같습니다.
+# 범례는 그림 오른쪽, 그래프 밖에 있습니다.
 #
 # **English** — Now solve section 4.1's small problem (imitating W0 plus a rank-2 change) with LoRA and with DoRA
 # from the same seed. The cell plots both loss curves and prints, after training, how much the magnitude changed
@@ -544,9 +571,9 @@ _course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss
                                title="The toy layer trained with LoRA and with DoRA", log_y=True))
 
 # %% [markdown]
-# **한국어** — DoRA는 층마다 노름 `‖W0 + s·B·A‖`을 매 forward마다 계산하므로 LoRA보다 한 스텝이 느립니다. 같은 모델과
-# 데이터에서 잰 검증 손실·스텝당 시간·메모리는 `benchmarks/bench_dora_vs_lora.py`의 결과 파일에 있습니다. 학습은
-# `python -m minilora.train --method dora`(4비트 기반 모델이면 `--method qdora`)로 하고, 저장된 어댑터는
+# **한국어** — DoRA는 순전파 때마다 감싼 층 각각의 노름 `‖W0 + s·B·A‖`을 계산하므로 한 스텝이 LoRA보다 느립니다. 같은
+# 모델과 데이터에서 잰 검증 손실·스텝당 시간·메모리는 `benchmarks/bench_dora_vs_lora.py`의 결과 파일에 있습니다.
+# 학습은 `python -m minilora.train --method dora`(4비트 베이스 모델이면 `--method qdora`)로 하며, 저장된 어댑터는
 # PEFT에서 `use_dora=True` 어댑터로 그대로 읽힙니다.
 #
 # **English** — DoRA computes the norm `‖W0 + s·B·A‖` of every adapted layer on every forward, so a step is slower
@@ -560,7 +587,7 @@ _course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss
 # - LoRA는 `W0`를 얼리고 `ΔW = (alpha/r)·B·A`만 학습합니다. 학습 파라미터는 층마다 r·(d_in + d_out)개입니다.
 # - `B = 0`에서 시작하므로 학습 전의 모델은 원래 모델과 같고, 학습된 ΔW의 랭크는 r을 넘지 않습니다.
 # - `scale = alpha/r`(rsLoRA는 alpha/√r)이 업데이트의 크기를 정합니다.
-# - `merge()`/`merge_lora`로 합친 모델은 합치기 전과 같은 출력을 냅니다.
+# - `merge()`/`merge_lora`로 병합한 모델은 병합하기 전과 같은 출력을 냅니다.
 # - DoRA는 W'을 크기 m(직접 학습)과 방향(LoRA로 학습)으로 나눕니다: `DoRALinear`.
 #
 # **English**
@@ -575,11 +602,11 @@ _course.show_figure(line_chart(curves, _course.figure_path("04_dora_vs_lora_loss
 #
 # **한국어** — 함수를 채우고 셀을 다시 실행하세요(풀이: `tutorials/solutions/04_lora.py`).
 #
-# 1. **LoRA의 순전파.** `lora_forward(x, W0, A, B, alpha, r)`: 행 벡터 `x`에 대해 `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ`.
-#    "A가 압축하고(d_in → r) B가 펼칩니다(r → d_out)".
+# 1. **LoRA의 순전파.** `lora_forward(x, W0, A, B, alpha, r)`: 행 벡터 `x`에 대해 `y = x·W0ᵀ + (alpha/r)·x·Aᵀ·Bᵀ`를
+#    계산하세요. "A가 압축하고(d_in → r) B가 펼칩니다(r → d_out)".
 # 2. **초기화.** `init_lora(d_in, d_out, r)`: `(A, B)`를 만드세요. 검사는 첫 스텝의 모델이 원래 모델과 같은지(B = 0),
 #    그리고 B가 실제로 기울기를 받는지 봅니다. A도 0이면 어떻게 되는지 먼저 예측해 보세요.
-# 3. **병합.** `merged_weight(W0, A, B, alpha, r)`: `merge_lora`가 쓰는 가중치.
+# 3. **병합.** `merged_weight(W0, A, B, alpha, r)`: `merge_lora`가 써 넣는 가중치를 계산하세요.
 #
 # **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/04_lora.py`).
 #
