@@ -552,7 +552,8 @@ print(f"{'method':8s}{'trainable':>13s}{'resident MiB':>14s}{'+ step MiB':>12s}{
       f"{'s/step wall':>13s}{'s/step CPU':>12s}{'val loss start':>16s}{'end':>9s}")
 for m in METHODS:
     resident, step_bytes = memory[m]
-    print(f"{m:8s}{trainable[m]:>13,}{resident / MiB:>14.1f}{step_bytes / MiB:>12.1f}{(resident + step_bytes) / MiB:>12.1f}"
+    print(f"{m:8s}{trainable[m]:>13,}{resident / MiB:>14.1f}{step_bytes / MiB:>12.1f}"
+          f"{(resident + step_bytes) / MiB:>12.1f}"
           f"{wall_s[m]:>13.2f}{cpu_s[m]:>12.2f}{val_start[m]:>16.4f}{val_end[m]:>9.4f}")
 assert trainable["qlora"] == trainable["lora"] < trainable["full"]
 assert memory["qlora"][0] < memory["lora"][0] < memory["full"][0]
@@ -670,21 +671,28 @@ saved = 4 * CMP_BATCH * CMP_BLOCK * cfg_.hidden_size * cfg_.num_hidden_layers  #
 print(f"checkpointing: step memory {gc[True]['step'] / gc[False]['step']:.2f}x, step time (CPU) "
       f"{gc[True]['cpu'] / gc[False]['cpu']:.2f}x; the block inputs it keeps: {saved / MiB:.1f} MiB "
       f"({CMP_BATCH}x{CMP_BLOCK} tokens x {cfg_.hidden_size} x {cfg_.num_hidden_layers} blocks x 4 bytes)")
+ratio = gc[True]["cpu"] / gc[False]["cpu"]
+print(f"measured time ratio {ratio:.2f}x against the estimates 4/3 = 1.33x (full fine-tuning) and 3/2 = 1.50x (LoRA, "
+      f"frozen weights): {'below both' if ratio < 4 / 3 else 'between them' if ratio <= 1.5 else 'above both'}")
 assert gc[True]["step"] < gc[False]["step"]
 
 # %% [markdown]
 # **한국어** — 체크포인팅을 켜면 스텝 메모리가 위의 비율만큼 줄고, 시간은 위의 비율만큼 늘어납니다. 남는 스텝
 # 메모리는 블록 입력들(위에 계산한 크기), 다시 계산하는 블록 하나의 중간값, 그리고 LoRA의 기울기와 출력층의 손실 계산
-# 몫입니다. 시간의 비율은 순전파를 한 번 더 하는 비용이고, 역전파가 순전파의 약 2배이므로 이론상 약 4/3배입니다. 몇
-# 스텝의 중앙값이라 바쁜 기계에서는 이 비율도 흔들립니다. 배치나 길이를 늘리면 활성값은 그에 비례해 커지고 가중치는
-# 그대로이므로, 긴 시퀀스를 학습할 때 체크포인팅의 효과가 가장 큽니다.
+# 몫입니다. 시간의 비율은 순전파를 한 번 더 하는 비용입니다. 전체 파인튜닝에서는 역전파가 순전파의 약 2배(입력 기울기와
+# 가중치 기울기)이므로 스텝은 3F에서 4F가 되어 약 4/3배입니다. LoRA에서는 얼린 가중치의 기울기를 계산하지 않으므로
+# 역전파가 순전파의 약 1배이고, 스텝이 2F에서 3F가 되어 약 3/2배까지 늘어날 수 있습니다. 위 셀의 마지막 줄이 측정한
+# 비율을 이 두 값과 견줍니다. 몇 스텝의 중앙값이라 바쁜 기계에서는 이 비율도 흔들립니다. 배치나 길이를 늘리면 활성값은
+# 그에 비례해 커지고 가중치는 그대로이므로, 긴 시퀀스를 학습할 때 체크포인팅의 효과가 가장 큽니다.
 #
 # **English** — With checkpointing on, step memory shrinks by the ratio above and time grows by the ratio above.
 # What step memory remains is the block inputs (the size computed above), one block's intermediate values while it
 # is recomputed, the LoRA gradients and the output head's loss computation. The time ratio is the cost of one more
-# forward pass; backward costs about twice a forward, so about 4/3 in theory. It is the median of a few steps, so on
-# a busy machine this ratio wobbles too. Activations grow with batch and length while the weights stay put:
-# checkpointing helps most when training long sequences.
+# forward pass. In full fine-tuning backward costs about twice a forward (input and weight gradients), so a step
+# goes from 3F to 4F, about 4/3. Under LoRA the frozen weights get no gradient, backward costs about one forward,
+# and a step goes from 2F to 3F: up to about 3/2. The last line of the cell above sets the measured ratio against
+# both. It is the median of a few steps, so on a busy machine it wobbles too. Activations grow with batch and
+# length while the weights stay put: checkpointing helps most when training long sequences.
 
 # %% [markdown]
 # ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
@@ -761,19 +769,23 @@ assert lost[1e-5, torch.bfloat16] > 0.5 and lost[1e-5, torch.float32] < 0.01
 # 셉니다(bf16(w + Δ) = bf16(w)인 원소). B는 0에서 출발하므로 처음에는 작은 값도 잘 담지만, A는 카이밍 초기값 크기라서
 # 학습률만 한 갱신이 상대적으로 작습니다. 메모리 쪽은 어댑터 파라미터 하나당 float32로 16바이트(가중치 4 + 기울기 4 +
 # AdamW 8), 가중치와 기울기만 bf16이면 12바이트입니다. 아래 셀은 이 모델에서 그 차이가 몇 MiB인지, 얼린 베이스에 비해
-# 얼마인지 출력합니다. 아끼는 메모리는 작고 잃는 갱신은 크므로, 이 장은 어댑터를 float32로 둡니다. `TrainConfig(dtype=
-# "bfloat16")`도 계산만 bf16으로 하고(autocast) LoRA 가중치는 float32로 둡니다. 강의 자료의 "16비트 어댑터"는 이 계산
-# 정밀도를 가리킨다고 읽으면 둘이 맞아떨어집니다.
+# 얼마인지 출력합니다. bf16이 아끼는 메모리는 마지막 줄의 몇 MiB(얼린 베이스에 대한 비율과 함께)이고, 그 대가로
+# 한 스텝의 갱신 중 아래 셀이 출력하는 몫이 사라집니다. 그 몫은 스텝마다 되풀이되고, 학습률이 줄어드는 학습 후반에
+# 커집니다(위 표에서 갱신이 작을수록 사라지는 몫이 큽니다). 그래서 이 장은 어댑터를 float32로 둡니다.
+# `TrainConfig(dtype="bfloat16")`도 계산만 bf16으로 하고(autocast) LoRA 가중치는 float32로 둡니다. 강의 자료의
+# "16비트 어댑터"는 이 계산 정밀도를 가리킨다고 읽으면 둘이 맞아떨어집니다.
 #
 # **English** — Now the same question on real training: one more step of section 8.6's LoRA model, recording how far
 # it moved each element of A and B, and counting what share of those moves would have rounded away had the
 # weights been stored in bf16 (elements where bf16(w + Δ) = bf16(w)). B starts at 0, so early on it holds small
 # values well; A has Kaiming-sized values, next to which a learning-rate-sized update is small. On the memory side,
 # an adapter parameter costs 16 bytes in float32 (weight 4 + gradient 4 + AdamW 8), 12 with the weight and gradient
-# in bf16; the cell prints what that difference is on this model, against the frozen base. The memory saved is
-# small and the updates lost are many, so this chapter keeps adapters in float32. `TrainConfig(dtype="bfloat16")`
-# too computes in bf16 (autocast) and keeps the LoRA weights in float32: read the course material's "16-bit
-# adapters" as that compute precision and the two agree.
+# in bf16; the cell prints what that difference is on this model, against the frozen base. That is what bf16
+# saves (the last line, in MiB and as a share of the frozen base); in exchange the share of each step's updates
+# that the cell prints rounds away — a loss that recurs every step and grows late in training as the learning rate
+# decays (in the table above, the smaller the update, the larger the share lost). So this chapter keeps adapters
+# in float32. `TrainConfig(dtype="bfloat16")` too computes in bf16 (autocast) and keeps the LoRA weights in
+# float32: read the course material's "16-bit adapters" as that compute precision and the two agree.
 
 # %%
 lora_params = {n: p for n, p in models["lora"].named_parameters() if p.requires_grad}
@@ -791,7 +803,7 @@ for part in ("lora_A", "lora_B"):
     print(f"{part}: one step (lr {LR['lora']:g}) moved {moved:,} weights; in bf16 {100 * lost_bf16 / moved:.1f}% "
           f"of those moves would round away")
 n_adapter = trainable["lora"]
-frozen = memory["lora"][0] - 12 * n_adapter  # resident minus the adapters (weights 4 + AdamW 8 bytes; no gradient between steps)
+frozen = memory["lora"][0] - 12 * n_adapter  # resident minus the adapters: weight 4 + AdamW 8 bytes (no gradient kept)
 print(f"{CMP_NAME}: {n_adapter:,} adapter parameters: {16 * n_adapter / MiB:.1f} MiB in float32 "
       f"(weights, gradients, AdamW) vs {12 * n_adapter / MiB:.1f} MiB with bf16 weights and gradients: "
       f"{4 * n_adapter / MiB:.1f} MiB saved, {100 * 4 * n_adapter / frozen:.1f}% of the frozen float32 base "
