@@ -439,6 +439,7 @@ if REAL is not None:
     from minilora.default.smollm2 import english_paragraphs
 
     CMP_MODEL, CMP_NAME = REAL, "SmolLM2-135M-Instruct"
+    print(f"real model: {REAL.name}")
     run_dir("08_side_by_side").mkdir(parents=True, exist_ok=True)
     CMP_DATA = english_paragraphs(DOMAIN, run_dir("08_side_by_side") / "domain_en.txt")
     CMP_BLOCK, CMP_BATCH, CMP_STEPS = 64, 2, 4  # ~1 CPU-minute of steps for the three methods together

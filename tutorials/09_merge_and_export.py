@@ -78,6 +78,8 @@ if REAL is not None:  # SmolLM2 trains on the English paragraphs (the Korean one
 SHORT = dict(block_size=64, batch_size=4, max_steps=_course.steps(6, 3)) if REAL is not None else \
     dict(block_size=128, batch_size=8, max_steps=_course.steps(40, 3))
 print(f"fast mode: {FAST} | model: {MODEL_NAME} ({MODEL_DIR})")
+if REAL is not None:
+    print(f"real model: {REAL.name}")
 
 # %% [markdown]
 # ## 9.1 어댑터 준비 · The adapter

