@@ -319,7 +319,9 @@ assert d_hand == 0.0 and d_cli < 1e-5
 with_adapter = load_model(MODEL_DIR)
 load_adapter(with_adapter, ADAPTER)
 with_adapter.eval()
-prompt = torch.tensor([reloaded_tokenizer.encode("하늘 차밭은")])
+# SmolLM2 trained on the English paragraphs; its mostly-English vocabulary spells Korean in byte pieces, and 24
+# tokens can end inside a character (printed as �)
+prompt = torch.tensor([reloaded_tokenizer.encode("Haneul Tea Garden is" if REAL is not None else "하늘 차밭은")])
 out_merged = generate(reloaded, prompt, max_new_tokens=24, eos_token_ids=reloaded_tokenizer.eos_token_ids)
 out_adapter = generate(with_adapter, prompt, max_new_tokens=24, eos_token_ids=tokenizer.eos_token_ids)
 print("merged model:  ", reloaded_tokenizer.decode(out_merged[0], skip_special_tokens=True))
@@ -528,16 +530,19 @@ del w16, wnf4
 
 # %% [markdown]
 # **한국어** — NF4 베이스에 병합한 모델은 학습된 모델과 float32 반올림 수준(위의 첫 비교에서 1e-3보다 훨씬 작음)으로
-# 같습니다. 16비트 베이스에 병합한 모델은 그보다 훨씬 멀고, 그 거리는 어댑터 없는 두 베이스 사이의 거리와 같은
-# 크기입니다(위의 비율). 곧 차이의 원인은 양자화 오차입니다. 검증 손실이 어느 쪽으로 움직였는지는 위에 출력되어
+# 같습니다. 16비트 베이스에 병합한 모델은 그보다 몇 자릿수나 멀고, 그 거리는 어댑터 없는 두 베이스 사이의 거리와
+# 같은 자릿수입니다(위의 비율). 곧 차이의 원인은 양자화 오차입니다. 비율이 1보다 작다면 어댑터가 그 오차의 일부를
+# 학습으로 메운 것이고, 그만큼 16비트 베이스 위에서는 메울 필요가 없던 보정이 더해진 것입니다. 검증 손실이 어느 쪽으로 움직였는지는 위에 출력되어
 # 있습니다. 16비트 베이스가 더 정확하므로 손실이 낮아질 수도 있고, 어댑터가 NF4 오차에 맞추어 학습되었으므로
 # 높아질 수도 있습니다. 학습된 모델을 그대로 배포하려면 `--base nf4`로 병합하고, 16비트 베이스에 병합하려면 배포 전에
 # 그 모델의 검증 손실을 직접 재 보아야 합니다. (`python -m minilora.merge`는 QLoRA 어댑터를 16비트 베이스에 병합할 때
 # 이 로짓 차이를 한 줄로 알려 줍니다.)
 #
 # **English** — The model merged into the NF4 base equals the trained one to float32 rounding (far below 1e-3 in
-# the first comparison above). The one merged into the 16-bit base is much farther, at about the distance between
-# the two bare bases (the ratio above): the quantization error is the cause. Which way the validation loss moved is
+# the first comparison above). The one merged into the 16-bit base is orders of magnitude farther, at the same order
+# as the distance between the two bare bases (the ratio above): the quantization error is the cause. A ratio below 1
+# means the adapter learned to make up part of that error — a correction the 16-bit base never needed, which the
+# 16-bit merge adds anyway. Which way the validation loss moved is
 # printed above: the 16-bit base is more accurate, which can lower it; the adapter was fitted to the NF4 error,
 # which can raise it. To ship exactly the model you trained, merge with `--base nf4`; to merge into the 16-bit base,
 # measure that model's validation loss before shipping it. (`python -m minilora.merge` prints this logit gap in one
