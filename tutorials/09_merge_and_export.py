@@ -162,7 +162,7 @@ assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", "
 # 위의 파일 크기 비교는 형식이 다른 두 파일을 견줍니다. 어댑터는 float32이고, 베이스 파일은 형식에 따라
 # float32(작은 기본 모델의 safetensors)이거나 4비트(SmolLM2의 Q4_1 GGUF)입니다. 파라미터 수로 비교하면 형식과
 # 상관이 없습니다. 층 하나에서 어댑터는 r(d_in + d_out)개, 원래 가중치는 d_in·d_out개이므로 비율은
-# r/d_out + r/d_in입니다. 은닉 크기가 작은 모델일수록 이 비율이 큽니다. 아래 셀이 이 모델에서의 비율을 계산하고,
+# r/d_out + r/d_in입니다. 은닉 차원이 작은 모델일수록 이 비율이 큽니다. 아래 셀이 이 모델에서의 비율을 계산하고,
 # 같은 설정(r, all-linear)을 Llama-3-8B의 모양에 적용합니다(가중치는 내려받지 않고 모양만 씁니다).
 #
 # **English**
@@ -579,7 +579,7 @@ print(f"chapter 9 ran in {time.time() - T0:.1f} s")
 #    9.2절에서 출력한 키와 같은 모양이어야 합니다.
 # 2. **QLoRA 어댑터 병합.** `qlora_merge(q, A, B, scale)`: QLoRA 어댑터는 **역양자화한 NF4 가중치**를 상대로
 #    학습되었습니다. 그 가중치에 ΔW를 더해야 병합한 층의 출력이 학습된 층과 같습니다. 원래의 16비트 베이스에
-#    합치면 양자화 오차만큼 다른 모델이 됩니다.
+#    병합하면 양자화 오차만큼 다른 모델이 됩니다.
 #
 # **English** — Fill in the functions and run the cell again (solutions: `tutorials/solutions/09_merge_and_export.py`).
 #
