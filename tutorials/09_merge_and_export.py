@@ -360,12 +360,18 @@ else:
 # **한국어**
 #
 # 배포용 체크포인트는 보통 16비트입니다. `--dtype bfloat16`을 주면 W₀ + ΔW를 float32로 더한 뒤 한 번만
-# bfloat16으로 반올림해서 저장합니다. 파일은 절반이 되고, 로짓은 bfloat16 반올림만큼 달라집니다.
+# bfloat16으로 반올림해서 저장합니다. 파일은 절반이 되고, 로짓은 bfloat16 반올림만큼 달라집니다. 로짓 차이는 모든
+# 위치와 어휘 전체에서의 최댓값이므로 작지 않게 보일 수 있습니다. 중요한 것은 그리디 디코딩이 고르는 토큰입니다.
+# 아래에 출력되는 "같은 다음 토큰" 비율이 100%보다 낮다면, 그 위치에서는 가장 큰 두 로짓의 차이가 반올림 오차보다
+# 작았던 것입니다.
 #
 # **English**
 #
 # Deployed checkpoints are usually 16-bit. With `--dtype bfloat16`, W₀ + ΔW is summed in float32 and rounded once to
-# bfloat16. The file halves; the logits move by bfloat16 rounding.
+# bfloat16. The file halves; the logits move by bfloat16 rounding. The logit difference is the maximum over every
+# position and the whole vocabulary, so it can look large; what greedy decoding sees is the chosen token. Where the
+# "same greedy next token" share printed below is under 100%, the two largest logits at that position were closer
+# than the rounding error.
 
 # %%
 by_bf16 = OUT / "merged-bf16"
