@@ -600,6 +600,8 @@ opt_state = {m: storage_bytes([v for s in optimizers[m].state.values() for v in 
 print(f"memory: LoRA's peak is {peak['lora'] / peak['full']:.2f}x full fine-tuning's, QLoRA's "
       f"{peak['qlora'] / peak['full']:.2f}x (QLoRA / LoRA: {peak['qlora'] / peak['lora']:.2f}x); AdamW's state is "
       f"{opt_state['full'] / MiB:.1f} MiB for full fine-tuning, {opt_state['lora'] / MiB:.1f} MiB for LoRA")
+print(f"one step adds {memory['qlora'][1] / memory['lora'][1]:.2f}x as much for QLoRA as for LoRA: the same "
+      "activations are kept, and each dequantized weight lives only while its own layer runs")
 print(f"time per step (CPU): LoRA takes {more_or_less('lora', 'full', 'full fine-tuning')}; "
       f"QLoRA {more_or_less('qlora', 'lora', 'LoRA')} on {DEVICE.type}"
       + (" (the 4-bit weights are dequantized by PyTorch in every forward and backward)"
@@ -683,7 +685,8 @@ assert gc[True]["step"] < gc[False]["step"]
 # 몫입니다. 시간의 비율은 순전파를 한 번 더 하는 비용입니다. 전체 파인튜닝에서는 역전파가 순전파의 약 2배(입력 기울기와
 # 가중치 기울기)이므로 스텝은 3F에서 4F가 되어 약 4/3배입니다. LoRA에서는 얼린 가중치의 기울기를 계산하지 않으므로
 # 역전파가 순전파의 약 1배이고, 스텝이 2F에서 3F가 되어 약 3/2배까지 늘어날 수 있습니다. 위 셀의 마지막 줄이 측정한
-# 비율을 이 두 값과 견줍니다. 몇 스텝의 중앙값이라 바쁜 기계에서는 이 비율도 흔들립니다. 배치나 길이를 늘리면 활성값은
+# 비율을 이 두 값과 견줍니다. 두 값보다 크다면, 다시 계산하는 순전파가 처음 것보다 싸지 않은 데다(임시 버퍼를 다시
+# 만들고 체크포인트를 관리하는 비용) 몇 스텝의 중앙값이라 바쁜 기계의 잡음이 섞인 것입니다. 배치나 길이를 늘리면 활성값은
 # 그에 비례해 커지고 가중치는 그대로이므로, 긴 시퀀스를 학습할 때 체크포인팅의 효과가 가장 큽니다.
 #
 # **English** — With checkpointing on, step memory shrinks by the ratio above and time grows by the ratio above.
@@ -692,8 +695,9 @@ assert gc[True]["step"] < gc[False]["step"]
 # forward pass. In full fine-tuning backward costs about twice a forward (input and weight gradients), so a step
 # goes from 3F to 4F, about 4/3. Under LoRA the frozen weights get no gradient, backward costs about one forward,
 # and a step goes from 2F to 3F: up to about 3/2. The last line of the cell above sets the measured ratio against
-# both. It is the median of a few steps, so on a busy machine it wobbles too. Activations grow with batch and
-# length while the weights stay put: checkpointing helps most when training long sequences.
+# both. Above both means the recomputed forward costs no less than the first (temporaries made again, the
+# checkpoint bookkeeping), plus the noise of a median of a few steps on a busy machine. Activations grow with batch
+# and length while the weights stay put: checkpointing helps most when training long sequences.
 
 # %% [markdown]
 # ### QLoRA의 세 재료, 허깅페이스 설정, 어댑터의 정밀도 · QLoRA's three ingredients, the Hugging Face settings, adapter precision
