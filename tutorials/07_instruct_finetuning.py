@@ -12,8 +12,15 @@
 # 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 경계를 지키는 패킹(segment id,
 # position id) → `TrainConfig(mode="sft")`로 학습 → 학습된 모델과 대화하기.
 #
-# 6장을 먼저 실행했다면 이 장은 그 결과(기본 모델에 도메인 어댑터를 병합한 모델)에서 시작해, 넣은 지식 위에 형식을
-# 가르칩니다. 아니면 기본 모델에서 시작합니다. 첫 코드 셀이 어느 쪽인지 출력합니다.
+# 가르칠 형식은 JSON입니다. 모델은 모든 질문에 `{"answer": ..., "language": "en" | "ko"}` 꼴로 답해야 합니다.
+# 배웠는지는 학습 데이터에 없는 질문 12개(`smollm2_json_eval.jsonl`: 영어 8개, 한국어 4개)에 대한 답 가운데 올바른
+# JSON(질문의 언어까지 맞는 것)의 비율로, 학습 전후에 잽니다(`smollm2.measure_sft`).
+#
+# 어떤 모델인가: 6장과 같습니다. SmolLM2-135M-Instruct가 설치되어 있고 빠른 모드가 아니면 그것을, 아니면 작은 기본
+# 모델을 학습합니다. 6장을 같은 모델로 먼저 실행했다면 6장의 결과(어댑터를 병합한 모델)에서 시작해, 넣은 지식 위에
+# 형식을 가르칩니다. 아니면 원래 모델에서 시작합니다. 첫 코드 셀이 어느 쪽인지 출력합니다. 템플릿, 라벨, 패킹을
+# 설명하는 7.1–7.5절은 언제나 작은 모델의 Gemma 형식 템플릿으로 보여 주고, SmolLM2가 학습할 때는 그 템플릿(ChatML)도
+# 나란히 보여 줍니다.
 #
 # **English**
 #
@@ -26,11 +33,18 @@
 # into conversations → train/validation split → response-only loss (the -100 mask) → packing without leakage
 # (segment ids, position ids) → training with `TrainConfig(mode="sft")` → chatting with the result.
 #
-# If chapter 6 ran first, this chapter starts from its result (the default model with the domain adapter merged in)
-# and teaches the format on top of the injected knowledge; otherwise it starts from the default model. The first
-# code cell prints which.
+# The format to teach is JSON: every answer as `{"answer": ..., "language": "en" | "ko"}`. Whether it is learned is
+# measured on 12 questions the training data never contains (`smollm2_json_eval.jsonl`: 8 English, 4 Korean): the
+# share of replies that are well-formed JSON with the question's language, before and after (`smollm2.measure_sft`).
+#
+# Which model: as in chapter 6, SmolLM2-135M-Instruct when it is installed and this is not fast mode, else the tiny
+# default model. If chapter 6 ran first on the same model, this chapter starts from its result (the adapter merged
+# in) and teaches the format on top of the injected knowledge; otherwise it starts from the original model. The
+# first code cell prints which. Sections 7.1–7.5, on templates, labels and packing, always use the tiny model's
+# Gemma-style template; when SmolLM2 trains, its own template (ChatML) is shown beside it.
 
 # %%
+import copy
 import json
 import math
 import shutil
@@ -42,8 +56,10 @@ import torch
 import _course
 from minilora.adapter import load_adapter
 from minilora.chat_template import render_chat_template
-from minilora.formats.safetensors_folder import load_model
 from minilora.data import IGNORE_INDEX, pad_collate, pad_id, read_records, split_train_val
+from minilora.default import smollm2
+from minilora.default.demos import SFT_DEMO, SMOLLM2_SFT
+from minilora.formats import load_model  # a Hugging Face folder or a GGUF file
 from minilora.generation import generate
 from minilora.loss import next_token_loss
 from minilora.plot import line_chart
@@ -61,28 +77,32 @@ FAST = _course.FAST
 run_dir = _course.run_dir  # where a training run goes (a temp folder, outside the repository)
 
 
-def start_model():
-    """Chapter 6's result (the default model with its domain adapter merged in) when chapter 6 ran first with this
-    default model, else the default model itself: SFT then teaches the format on top of the injected knowledge."""
+GGUF = _course.real_model()  # SmolLM2-135M-Instruct's GGUF file when installed and not in fast mode, else None
+REAL = GGUF is not None
+
+
+def start_model(base: Path) -> Path:
+    """Chapter 6's result (`base` with chapter 6's adapter merged in) when chapter 6 ran first on this same base
+    model, else `base` itself: SFT then teaches the format on top of the injected knowledge."""
     from minilora.merge import merge
 
-    base = _course.default_model()
     adapter = run_dir("06_base_finetuning") / "adapter"
     config = adapter / "adapter_config.json"
     if config.is_file() and json.loads(config.read_text())["base_model_name_or_path"] == str(base):
         merged = run_dir("07_start_from_chapter_6")
         shutil.rmtree(merged, ignore_errors=True)
-        print(f"starting from chapter 6's result: {adapter} merged into the default model")
+        print(f"starting from chapter 6's result: {adapter} merged into {base.name}")
         return Path(merge(base, adapter, merged))
-    print(f"chapter 6's adapter not found at {adapter}: starting from the default model (run chapter 6 first "
-          "to build on its result)")
+    print(f"no chapter-6 adapter for {base.name} at {adapter}: starting from {base.name} itself (run chapter 6 "
+          "first to build on its result)")
     return base
 
 
-MODEL_DIR = start_model()
+START = start_model(GGUF if REAL else _course.default_model())  # the model this chapter fine-tunes
+MODEL_DIR = _course.default_model() if REAL else START  # the tiny model of sections 7.1-7.5
 model = load_model(MODEL_DIR)
 tokenizer = load_tokenizer(MODEL_DIR)
-print("fast mode:", FAST, "| model:", MODEL_DIR)
+print("fast mode:", FAST, "| fine-tuned in 7.6:", GGUF.name if REAL else "the tiny default model", f"({START})")
 
 # %% [markdown]
 # ## 7.1 채팅 템플릿 · The chat template
@@ -153,6 +173,33 @@ system = {"role": "system", "content": "짧게 답하세요."}
 print(tokenizer.render_chat([system] + conversation))
 gemma_style = [{"role": "user", "content": system["content"] + "\n\n" + conversation[0]["content"]}, conversation[1]]
 print(tokenizer.render_chat(gemma_style))
+
+# %% [markdown]
+# **한국어**
+#
+# SmolLM2의 템플릿은 ChatML 형식입니다. 각 발화를 `<|im_start|>역할\n내용<|im_end|>\n`으로 감싸고, 어시스턴트
+# 역할은 `assistant`이며, 맨 앞에 `<bos>`가 없습니다. 그리고 대화에 시스템 메시지가 없으면 템플릿이 기본 시스템
+# 메시지("You are a helpful AI assistant named SmolLM, trained by Hugging Face")를 스스로 넣습니다. 7.6절에서
+# SmolLM2를 학습하면 학습 대화와 평가 질문이 모두 이 기본 시스템 메시지와 함께 렌더링됩니다. 학습과 추론에 같은
+# 템플릿을 쓰므로 문제가 없습니다. SmolLM2를 학습하지 않는 실행(작은 모델, 빠른 모드)에서는 이 셀을 건너뜁니다.
+#
+# **English**
+#
+# SmolLM2's template is ChatML: every turn is wrapped as `<|im_start|>role\ncontent<|im_end|>\n`, the assistant's
+# role is `assistant`, and there is no `<bos>` in front. When a conversation has no system message, the template
+# adds a default one itself ("You are a helpful AI assistant named SmolLM, trained by Hugging Face"). When section
+# 7.6 trains SmolLM2, its training conversations and its evaluation questions are all rendered with that default
+# system message — the same template for training and inference, so nothing is lost. A run that does not train
+# SmolLM2 (the tiny model, fast mode) skips this cell.
+
+# %%
+if REAL:
+    real_tokenizer = load_tokenizer(START)  # SmolLM2's tokenizer and ChatML template (from its GGUF file)
+    print(f"{START.name}'s chat template:\n{real_tokenizer.chat_template}\n")
+    print(real_tokenizer.render_chat(conversation))
+    assert real_tokenizer.render_chat(conversation).startswith("<|im_start|>system\n")  # the default system turn
+else:
+    print("SmolLM2 is not fine-tuned in this run: only the tiny model's template is shown")
 
 # %% [markdown]
 # ### 허깅페이스에서는 · The same in Hugging Face
@@ -271,7 +318,8 @@ print("validation examples:", [m[0]["content"] for _, m in val_conv[:3]])
 # 프롬프트 바로 뒤부터, 답변과 그것을 닫는 `<end_of_turn>`까지입니다. `<end_of_turn>`도 학습해야 모델이
 # **멈추는 법**을 배웁니다.
 #
-# 아래에서 ⟦ ⟧ 안이 학습되는 부분입니다.
+# 아래에서 ⟦ ⟧ 안이 학습되는 부분입니다. SmolLM2를 학습하는 실행에서는 같은 대화를 SmolLM2의 템플릿으로도
+# 보여 줍니다.
 #
 # **English**
 #
@@ -281,10 +329,11 @@ print("validation examples:", [m[0]["content"] for _, m in val_conv[:3]])
 # it starts right after the prompt rendered with `add_generation_prompt=True` and runs through the `<end_of_turn>`
 # that closes it. `<end_of_turn>` is trained too: that is how the model learns to **stop**.
 #
-# Below, the part inside ⟦ ⟧ is trained.
+# Below, the part inside ⟦ ⟧ is trained. A run that trains SmolLM2 also shows the same conversation in SmolLM2's
+# template.
 
 # %%
-def show_trained(sample: dict) -> str:
+def show_trained(sample: dict, tokenizer=tokenizer) -> str:
     """The sample's text with trained runs in ⟦ ⟧ (runs are decoded whole: a Korean character may span tokens)."""
     out, run, trained = [], [], None
     for tok, label in zip(sample["input_ids"], sample["labels"]):
@@ -308,6 +357,8 @@ print(f"{len(sample['input_ids'])} tokens, {n_trained} trained ({100 * n_trained
 trained_text = tokenizer.decode([t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX])
 assert trained_text == messages[-1]["content"].strip() + "<end_of_turn>"
 assert sample["input_ids"] == tokenizer.apply_chat_template(messages)  # the same ids as the chat template gives
+if REAL:  # the same conversation in SmolLM2's ChatML: the reply and its closing <|im_end|> are trained
+    print("\nSmolLM2's template:\n" + show_trained(tokenize_conversation(real_tokenizer, messages), real_tokenizer))
 
 # %% [markdown]
 # **한국어**
@@ -432,21 +483,72 @@ assert abs(row_sum.item() - sum(s.item() for s, _ in own)) < 1e-3 and int(row_n)
 # `mode="sft"`로 바꾸면 `train()`은 위의 과정을 그대로 밟습니다: 레코드 → 대화 → 템플릿 렌더링 → 답변만 라벨
 # → (선택) 패킹. 나머지(LoRA, AdamW, 스케줄, 검증, 저장)는 6장과 같습니다.
 #
+# 데이터는 답이 모두 JSON인 대화입니다. 작은 모델은 `instruct_json.jsonl`(7.2절의 120개 레코드와 같은 질문, 답만
+# `{"answer": ..., "language": ...}`로 감싼 것)을, SmolLM2는 `smollm2_json.jsonl`(일반 상식 질문 70개: 영어 50개,
+# 한국어 20개)을 학습합니다. SmolLM2는 이미 채팅 모델이라 하늘 차밭의 질문보다 일반 질문이 형식을 가르치기에
+# 좋고, 평가 질문 12개와 겹치는 질문은 없습니다. 설정은 출력되는 TOML에 모두 나옵니다.
+#
+# 학습 전에 평가 질문 12개에 대한 답을 먼저 잽니다. 그리디 디코딩이라 학습 후와 공정하게 비교할 수 있습니다.
+#
 # **English**
 #
 # With `mode="sft"`, `train()` follows exactly the steps above: records → conversations → template rendering →
 # response-only labels → (optional) packing. The rest (LoRA, AdamW, schedule, validation, saving) is chapter 6's.
+#
+# The data are conversations whose answers are all JSON. The tiny model trains on `instruct_json.jsonl` (the same
+# questions as section 7.2's 120 records, each answer wrapped as `{"answer": ..., "language": ...}`), SmolLM2 on
+# `smollm2_json.jsonl` (70 general-knowledge questions, 50 English and 20 Korean): SmolLM2 is a chat model already,
+# general questions teach it the format better than the tea garden's, and none repeats one of the 12 evaluation
+# questions. The printed TOML shows every setting.
+#
+# Before training we measure the replies to the 12 evaluation questions; decoding is greedy, so the comparison
+# with after training is fair.
+
+# %%
+DATA = _course.default_data("smollm2_json.jsonl" if REAL else "instruct_json.jsonl")
+EVAL = smollm2.read_jsonl(_course.default_data("smollm2_json_eval.jsonl"))  # {"question", "language", "keywords"}
+REPLY_TOKENS = SMOLLM2_SFT["sample_tokens"]  # 64: Korean costs SmolLM2 several tokens a syllable
+start = load_model(START, dtype="float32") if REAL else model  # the model before instruct fine-tuning
+start_tokenizer = real_tokenizer if REAL else tokenizer
+json_before = smollm2.measure_sft(start, start_tokenizer, EVAL, REPLY_TOKENS)
+print(f"before: well-formed JSON replies {json_before['well_formed']}/{json_before['n']}, "
+      f"right fact in the reply {json_before['correct']}/{json_before['n']}")
+for line in json_before["samples"][:3]:
+    print("  " + line.replace("\n", "\n  "))
+
+# %% [markdown]
+# **한국어**
+#
+# 설정에는 일부러 과적합이 보일 만큼 긴 학습을 넣고, 고치는 방법을 함께 켭니다. `save_best=True`(`--save-best`)는
+# 검증 손실이 새로 가장 낮아질 때마다 체크포인트를 남기고, 학습이 끝나면 마지막 스텝이 아니라 **가장 낮은 검증
+# 손실의 체크포인트**를 `adapter/`로 내보냅니다. SmolLM2는 배치 4, 학습률 2e-3으로 40스텝(약 2.5에폭)을
+# 학습합니다(`--demo smollm2-sft`는 배치 8, 5e-4, 20스텝으로 과적합 전에 멈춥니다). 한 스텝이 CPU에서 몇 초라서
+# 검증은 4스텝마다 합니다. 작은 모델은 JSON 데모의 설정(`SFT_DEMO`: r 32, 학습률 5e-3, 배치 8)으로 120스텝을
+# 학습하고 10스텝마다 검증합니다. 두 실행 모두 `--demo`처럼 패킹 없이 학습합니다. 7.5절의 패킹은 `packing=True`
+# 한 줄로 켤 수 있습니다.
+#
+# **English**
+#
+# The settings deliberately train long enough for overfitting to show, and switch its fix on: `save_best=True`
+# (`--save-best`) checkpoints each new lowest validation loss and, when training ends, exports **the checkpoint of
+# the lowest validation loss** to `adapter/`, not the last step. SmolLM2 trains 40 steps (about 2.5 epochs) with
+# batches of 4 at learning rate 2e-3 (`--demo smollm2-sft` uses batches of 8, 5e-4 and 20 steps, and stops before
+# overfitting); a step costs a few seconds on a CPU, so it validates every 4 steps. The tiny model trains 120 steps
+# with the JSON demonstration's settings (`SFT_DEMO`: r 32, learning rate 5e-3, batches of 8) and validates every
+# 10. Like the `--demo` runs, both train without packing; section 7.5's packing is one flag away, `packing=True`.
 
 # %%
 RUN = run_dir("07_instruct_finetuning")
 shutil.rmtree(RUN, ignore_errors=True)
-config = TrainConfig(
-    model=str(MODEL_DIR), data=str(INSTRUCT), mode="sft", method="lora", packing=True,
-    r=16, alpha=32.0, dropout=0.05, targets="all-linear",
-    block_size=MAX_LEN, val_fraction=VAL_FRACTION, batch_size=4, lr=2e-3, warmup_steps=_course.steps(10, 1),
-    max_steps=_course.steps(100, 4), eval_every=_course.steps(20, 0), log_every=_course.steps(20, 1),
-    output=str(RUN), seed=0, device="auto",
-)
+if REAL:  # --demo smollm2-sft's LoRA (r 8, alpha 16, all-linear, block 128), trained harder to show overfitting
+    demo = {k: SMOLLM2_SFT[k] for k in ("r", "alpha", "dropout", "block_size", "warmup_steps")}
+    settings = dict(demo, batch_size=4, lr=2e-3, max_steps=40, eval_every=4, log_every=4)
+else:  # the tiny model's JSON demonstration (SFT_DEMO: r 32, alpha 64, lr 5e-3, batches of 8), 120 steps
+    demo = {k: SFT_DEMO[k] for k in ("r", "alpha", "dropout", "block_size", "batch_size", "lr")}
+    settings = dict(demo, warmup_steps=_course.steps(10, 1), max_steps=_course.steps(120, 4),
+                    eval_every=_course.steps(10, 0), log_every=_course.steps(10, 1))
+config = TrainConfig(model=str(START), data=str(DATA), mode="sft", method="lora", targets="all-linear", packing=False,
+                     val_fraction=VAL_FRACTION, save_best=True, output=str(RUN), seed=0, device="auto", **settings)
 print(config.to_toml())
 t_train = time.time()
 final = train(config)
@@ -456,88 +558,152 @@ print(f"\ntrain() took {time.time() - t_train:.1f} s")
 metrics = [json.loads(line) for line in (RUN / "metrics.jsonl").read_text().splitlines()]
 train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
 val_curve = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+print("step  validation loss")
+for step, v in val_curve:
+    print(f"{step:4d}  {v:15.4f}")
 print(f"validation loss on the answers {val_curve[0][1]:.4f} -> {val_curve[-1][1]:.4f} "
       f"(perplexity {math.exp(val_curve[0][1]):.1f} -> {math.exp(val_curve[-1][1]):.1f})")
 if not FAST:  # a few steps on the fast mode's barely pre-trained model prove nothing about quality
-    assert val_curve[-1][1] < val_curve[0][1]
-figure = line_chart({"train loss": train_curve, "validation loss": val_curve},
-                    _course.figure_path("07_instruct_finetuning_loss.svg"),
-                    title="Instruct fine-tuning (response-only loss, packed)", xlabel="optimizer step",
-                    ylabel="loss (nats/answer token)")
+    assert min(v for _, v in val_curve) < val_curve[0][1]
+# the lowest validation loss after training began (step 0 is the model before training: no checkpoint to keep)
+best_at, best_val = min(val_curve[1:], key=lambda step_loss: step_loss[1])
+curves = {"train loss": train_curve, "validation loss": val_curve}
+if best_at < val_curve[-1][0]:
+    curves[f"kept: step {best_at}"] = [(best_at, best_val)]  # the checkpoint save_best exports
+figure = line_chart(curves, _course.figure_path("07_instruct_finetuning_loss.svg"),
+                    title=f"Instruct fine-tuning to JSON ({GGUF.name if REAL else 'tiny model'}, LoRA)",
+                    xlabel="optimizer step", ylabel="loss (nats/answer token)")
 _course.show_figure(figure)
 
 # %% [markdown]
 # ### 과적합과 가장 좋은 체크포인트 · Overfitting and the best checkpoint
 #
-# **한국어** — 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시 오른다면, 모델이 108개의 학습 대화를
-# 외우기 시작한 것입니다(**과적합**). 데이터가 작고 LoRA(r = 16, all-linear)가 그것을 외우기에 충분히 크기 때문에
-# 흔히 생깁니다. 고치는 방법은 두 가지입니다. 검증 손실이 가장 낮았던 스텝까지만 학습하거나(`max_steps`를 줄이기),
-# 주기적으로 검증하면서 **가장 낮은 검증 손실의 체크포인트**를 남기는 것입니다(연습 7.2). 아래 셀은 그 스텝을 곡선에서
-# 계산하고, 마지막 스텝과 비교합니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이 없습니다.
+# **한국어** — 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시 오른다면, 모델이 학습 대화의 답을
+# 외우기 시작한 것입니다(**과적합**). 처음에는 모든 답에 공통인 것(JSON의 틀, `"language"` 값, 턴을 닫는 토큰)을
+# 배우므로 두 손실이 함께 내려갑니다. 틀을 다 배운 뒤에는 학습 답의 낱말 하나하나를 외우는 것만 학습 손실을 더
+# 줄이고, 그것은 처음 보는 질문에 도움이 되지 않으므로 검증 손실이 오릅니다. 데이터가 작고 같은 대화를 여러 번
+# 보면(에폭이 많으면) 흔히 생깁니다. 고치는 방법은 두 가지입니다. 검증 손실이 가장 낮았던 스텝까지만 학습하거나
+# (`max_steps`를 줄이기), 주기적으로 검증하면서 **가장 낮은 검증 손실의 체크포인트**를 남기는 것입니다(`save_best`,
+# 연습 7.2). 아래 셀은 그 스텝을 곡선에서 계산하고 마지막 스텝과 비교한 뒤, 내보낸 어댑터의 검증 손실을 다시 재서
+# 그것이 정말 가장 좋은 스텝의 것인지 확인합니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이
+# 없습니다.
 #
 # **English** — If the training loss keeps falling while the validation loss turns up from some step on, the model
-# has begun to memorise its 108 training conversations (**overfitting**): common here, because the data is small and
-# LoRA (r = 16, all-linear) has room enough to memorise it. Two fixes: train only up to the step of the lowest
-# validation loss (a smaller `max_steps`), or evaluate periodically and **keep the checkpoint with the lowest
-# validation loss** (exercise 7.2). The cell below computes that step from the curve and compares it with the last
-# step. In fast mode validation runs once, at the end, so there is no curve to compare.
+# has begun to memorise the answers of its training conversations (**overfitting**). At first it learns what all
+# answers share (the JSON frame, the `"language"` value, the token that closes the turn), so both losses fall
+# together. Once the frame is learned, only memorising the training answers word by word lowers the training loss
+# further, which does not help on questions never seen, so the validation loss rises. It is common when the data
+# are small and seen for many epochs. Two fixes: train only up to the step of the lowest validation loss (a smaller
+# `max_steps`), or evaluate periodically and **keep the checkpoint with the lowest validation loss** (`save_best`,
+# exercise 7.2). The cell below computes that step from the curve, compares it with the last step, and measures the
+# exported adapter's validation loss again to check that it is the best step's. In fast mode validation runs once,
+# at the end, so there is no curve to compare.
 
 # %%
-best_at, best_val = min(val_curve, key=lambda step_loss: step_loss[1])
 last_at, last_val = val_curve[-1]
-print(f"lowest validation loss {best_val:.4f} at step {best_at}; last {last_val:.4f} at step {last_at}")
+n_train = len(split_train_val(load_conversations(DATA), VAL_FRACTION, seed=0)[0])
+batches_per_epoch = None if config.packing else math.ceil(n_train / config.batch_size)
+print(f"lowest validation loss {best_val:.4f} at step {best_at}; last {last_val:.4f} at step {last_at} "
+      f"({n_train} training conversations"
+      + (f", {last_at / batches_per_epoch:.1f} epochs)" if batches_per_epoch else ")"))
 if best_at < last_at:
-    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at}: overfitting; "
-          f"max_steps={best_at} (or keeping the step-{best_at} checkpoint) gives the better adapter")
+    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at} while the training loss went "
+          f"on falling ({dict(train_curve).get(best_at, float('nan')):.4f} at step {best_at} -> "
+          f"{train_curve[-1][1]:.4f} at step {train_curve[-1][0]}): overfitting")
+    print(f"the fix: save_best exported step {best_at}'s checkpoint to {RUN / 'adapter'} "
+          f"(max_steps={best_at} would have given the same adapter)")
 else:
     print("no rise: the lowest validation loss is the last one (no overfitting within this run)")
+if not FAST:  # both full runs overfit (measured 2026-12-02: SmolLM2 lowest at step 20 of 40, the tiny model at 60)
+    assert best_at < last_at
+
+tuned = copy.deepcopy(start)  # the model before this chapter's training, plus the exported (best) adapter
+load_adapter(tuned, RUN / "adapter")
+tuned.eval()  # dropout off for measuring (load_model already returns eval mode, and LoRA layers follow it)
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, conversations) -> float:
+    """Mean loss per answer token over the validation conversations, one at a time (what train() validates)."""
+    total, count = 0.0, 0
+    for sample in build_sft_samples(tokenizer, conversations, max_len=config.block_size):
+        loss_sum, n = next_token_loss(model(torch.tensor([sample["input_ids"]])), torch.tensor([sample["labels"]]),
+                                      reduction="sum")
+        total, count = total + loss_sum.item(), count + int(n)
+    return total / count
+
+
+val_data = split_train_val(load_conversations(DATA), VAL_FRACTION, seed=0)[1]
+kept = answer_loss(tuned, start_tokenizer, val_data)
+print(f"validation loss of the exported adapter: {kept:.4f} (step {best_at}: {best_val:.4f}; the last step's "
+      f"{final['val_loss']:.4f})")
+assert abs(kept - best_val) < 1e-3  # adapter/ holds the best checkpoint, not the last step
 
 # %% [markdown]
-# ## 7.7 학습된 모델과 대화하기 · Chatting with the result
+# ## 7.7 형식을 배웠는가 · Did it learn the format?
 #
 # **한국어**
 #
-# 대화할 때도 학습 때와 같은 템플릿을 씁니다: 지금까지의 대화를 `add_generation_prompt=True`로 렌더링하면
-# `<start_of_turn>model\n`로 끝나고, 모델은 답을 이어 씁니다. 생성은 `<end_of_turn>`(또는 `<eos>`)이 나오면
-# 멈춥니다. 베이스 모델은 평범한 글로만 사전학습되어서 `<end_of_turn>`을 한 번도 본 적이 없습니다. 인스트럭트
-# 파인튜닝으로 "답을 쓰고 `<end_of_turn>`으로 차례를 끝내는" 형식을 배웁니다.
+# 이제 학습 전에 잰 평가 질문 12개에 가장 좋은 체크포인트의 모델이 다시 답합니다. 대화할 때도 학습 때와 같은
+# 템플릿을 씁니다: 지금까지의 대화를 `add_generation_prompt=True`로 렌더링하면 어시스턴트 차례를 여는 표시로
+# 끝나고, 모델은 답을 이어 쓰고, 턴을 닫는 토큰(작은 모델은 `<end_of_turn>`, SmolLM2는 `<|im_end|>`)에서 생성이
+# 멈춥니다. 답이 `{"answer": 문자열, "language": 질문의 언어}` 그대로의 JSON이면 올바른 형식으로 셉니다. 정답 낱말
+# ("Paris")이 답에 있는지도 셉니다. 형식을 배우면서 아는 사실을 잃지 않았는지 보기 위해서입니다.
 #
-# 이 모델은 아주 작아서 사실을 정확히 답하지는 못합니다. 작은 모델은 사실보다 **형식**을 먼저 배웁니다.
-# 그래서 두 가지를 잽니다: 답이 어떻게 끝났는지(`<end_of_turn>`, `<eos>`, 또는 길이 제한에서 잘림), 그리고
-# 검증 대화의 정답 바로 뒤에서 모델이 `<end_of_turn>`에 주는 확률(멈출 줄 아는가)의 평균입니다.
+# 작은 모델은 평가 질문의 사실(프랑스의 수도 등)을 처음부터 모릅니다. 그래서 작은 모델에서 볼 것은 형식뿐이고,
+# 정답 수는 0에 가깝습니다. SmolLM2는 사실을 알고 있으므로, 학습 후에도 정답 수가 유지되는지가 중요합니다.
+# 출력되는 숫자가 이번 실행에서 어땠는지 말해 줍니다.
 #
 # **English**
 #
-# Chatting uses the training template too: the conversation so far, rendered with `add_generation_prompt=True`,
-# ends in `<start_of_turn>model\n`, and the model writes the answer. Generation stops at `<end_of_turn>` (or
-# `<eos>`). The base model was pre-trained on plain text and has never seen `<end_of_turn>`; instruct fine-tuning
-# teaches it the format "write the answer, then end the turn with `<end_of_turn>`".
+# Now the model of the best checkpoint answers the 12 evaluation questions measured before training. Chatting uses
+# the training template too: the conversation so far, rendered with `add_generation_prompt=True`, ends with the
+# marker that opens the assistant's turn; the model writes the answer, and generation stops at the token that closes
+# the turn (`<end_of_turn>` for the tiny model, `<|im_end|>` for SmolLM2). A reply counts as well-formed when it is
+# exactly the JSON `{"answer": string, "language": the question's language}`. We also count replies holding the
+# right keyword ("Paris"), to see whether learning the format cost facts the model knew.
 #
-# This model is far too small to get the facts right: small models learn the **format** before the facts. So we
-# measure two things: how each reply ended (`<end_of_turn>`, `<eos>`, or cut off at the length limit), and the mean
-# probability the model gives to `<end_of_turn>` right after the reference answer of the validation conversations
-# (does it know when to stop?).
+# The tiny model does not know the evaluation questions' facts (the capital of France, ...) to begin with, so with
+# it only the format is to be seen and the count of right facts stays near zero. SmolLM2 knows them, so what
+# matters is that it keeps them. The printed numbers say how this run went.
 
 # %%
-tuned = load_model(MODEL_DIR)
-load_adapter(tuned, RUN / "adapter")
-tuned.eval()  # dropout off for measuring (load_model already returns eval mode, and LoRA layers follow it)
-END = tokenizer.token_to_id("<end_of_turn>")
+json_after = smollm2.measure_sft(tuned, start_tokenizer, EVAL, REPLY_TOKENS)
+for b, a in zip(json_before["samples"][:4] + json_before["samples"][-2:],
+                json_after["samples"][:4] + json_after["samples"][-2:]):
+    question, _, before_reply = b.partition("\nassistant: ")
+    print(f"{question}\n  before: {before_reply}\n  after:  {a.partition(chr(10) + 'assistant: ')[2]}")
+n_eval = len(EVAL)
+print(f"\nwell-formed JSON replies to {n_eval} held-out questions: {json_before['well_formed']}/{n_eval} -> "
+      f"{json_after['well_formed']}/{n_eval}; right fact in the reply: {json_before['correct']}/{n_eval} -> "
+      f"{json_after['correct']}/{n_eval} ({GGUF.name if REAL else 'the tiny default model'}, step {best_at})")
+if not FAST:  # the full run teaches the format to either model
+    assert json_after["well_formed"] > json_before["well_formed"]
+
+# %% [markdown]
+# **한국어**
+#
+# 멈출 줄 아는지도 숫자로 봅시다. 검증 대화의 정답 바로 뒤에서 모델이 턴을 닫는 토큰에 주는 확률의 평균입니다.
+# 작은 기본 모델은 평범한 글로만 사전학습되어 그 토큰을 본 적이 없습니다. SmolLM2는 이미 채팅 모델이라 학습 전에도
+# 이 확률이 높을 수 있습니다. 여러 턴 대화도 같은 방식입니다. 모델의 답을 `assistant` 메시지로 대화에 붙이고 다음
+# 질문을 더해서 다시 렌더링하면 됩니다.
+#
+# **English**
+#
+# Does it know when to stop? The mean probability the model gives to the turn-closing token right after the
+# reference answer of each validation conversation. The tiny default model was pre-trained on plain text and has
+# never seen that token; SmolLM2 is a chat model already, so its probability may be high before training too. A
+# multi-turn chat works the same way: append the model's answer as an `assistant` message, add the next question,
+# and render again.
+
+# %%
+END = next(t for t in start_tokenizer.eos_token_ids
+           if t in tokenize_conversation(start_tokenizer, val_data[0][1])["labels"])  # trained, and stops generation
 
 
 @torch.no_grad()
-def chat(model, messages: list[dict], max_new_tokens: int = 48) -> tuple[str, str]:
-    """The model's reply to `messages`, and how it ended: "<end_of_turn>", "<eos>" or "cut off"."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=tokenizer.eos_token_ids)
-    new = out[0, len(ids):].tolist()
-    ended = tokenizer.id_to_token(new[-1]) if new and new[-1] in tokenizer.eos_token_ids else "cut off"
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), ended
-
-
-@torch.no_grad()
-def p_end_of_turn(model, conversations) -> float:
-    """Mean probability of <end_of_turn> right after each reference answer."""
+def p_end_of_turn(model, tokenizer, conversations) -> float:
+    """Mean probability of the turn-closing token right after each reference answer."""
     probs = []
     for _, conv in conversations:
         text = tokenizer.render_chat(conv[:1], add_generation_prompt=True) + conv[1]["content"].strip()
@@ -546,43 +712,26 @@ def p_end_of_turn(model, conversations) -> float:
     return sum(probs) / len(probs)
 
 
-endings = {"base": [], "tuned": []}
-for where, conv in val_conv[:3] + train_conv[:1]:
-    question = conv[:1]
-    print(f"\n[{'validation' if (where, conv) in val_conv else 'training'}] user: {question[0]['content']}")
-    for name, m in (("base", model), ("tuned", tuned)):
-        reply, ended = chat(m, question)
-        endings[name].append(ended)
-        print(f"  {name:5s} [{ended}]: {reply}")
-    print(f"  reference: {conv[1]['content']}")
-
-p_base, p_tuned = p_end_of_turn(model, val_conv), p_end_of_turn(tuned, val_conv)
-print()
-for name in endings:
-    print(f"{name:5s}: replies ended by <end_of_turn> {endings[name].count('<end_of_turn>')}/{len(endings[name])}")
-print(f"mean P(<end_of_turn> | reference answer) over {len(val_conv)} validation conversations: "
-      f"base {p_base:.2e} -> tuned {p_tuned:.2e}")
-if not FAST:  # quality checks need the fully pre-trained default model and the full run
+p_base, p_tuned = p_end_of_turn(start, start_tokenizer, val_data), p_end_of_turn(tuned, start_tokenizer, val_data)
+print(f"mean P({start_tokenizer.id_to_token(END)} | reference answer) over {len(val_data)} validation conversations: "
+      f"before {p_base:.2e} -> after {p_tuned:.2e}")
+if not FAST and not REAL:  # the tiny model learns to end its turn (SmolLM2 knew already)
     assert p_tuned > p_base
-    assert endings["tuned"].count("<end_of_turn>") >= endings["base"].count("<end_of_turn>")
 
-# %% [markdown]
-# **한국어**
-#
-# 여러 턴 대화도 같은 방식입니다. 모델의 답을 `assistant` 메시지로 대화에 붙이고 다음 질문을 더해서 다시
-# 렌더링하면 됩니다.
-#
-# **English**
-#
-# A multi-turn chat works the same way: append the model's answer as an `assistant` message, add the next question,
-# and render again.
 
-# %%
-dialogue = [{"role": "user", "content": "하늘 차밭은 어디에 있나요?"}]
-reply, _ = chat(tuned, dialogue)
-dialogue += [{"role": "assistant", "content": reply}, {"role": "user", "content": "누가 세웠나요?"}]
-reply2, _ = chat(tuned, dialogue)
-print(tokenizer.render_chat(dialogue + [{"role": "assistant", "content": reply2}]))
+@torch.no_grad()
+def chat(model, tokenizer, messages: list[dict], max_new_tokens: int = REPLY_TOKENS) -> str:
+    """The model's greedy reply to `messages`."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=tokenizer.eos_token_ids)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
+
+
+dialogue = [{"role": "user", "content": "Where is Haneul Tea Garden?"}]
+dialogue += [{"role": "assistant", "content": chat(tuned, start_tokenizer, dialogue)},
+             {"role": "user", "content": "Who founded it?"}]
+dialogue += [{"role": "assistant", "content": chat(tuned, start_tokenizer, dialogue)}]
+print(start_tokenizer.render_chat(dialogue))
 print(f"chapter 7 ran in {time.time() - T0:.1f} s")
 
 # %% [markdown]
