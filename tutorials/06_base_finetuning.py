@@ -323,8 +323,10 @@ print(f"validation loss before: {val_before:.4f} nats/token, perplexity {math.ex
 
 # %%
 PROMPTS = ["Haneul Tea Garden is", "하늘 차밭은"]
-FACTS = [f for f in ("Haneul Tea Garden is a tea farm on Dalmoru Island.", "하늘 차밭은 달모루섬에 있는 차 농장이다.")
-         if any(f in d for d in docs)]  # sentences of the training text, word for word
+FACT_SENTENCES = ("Haneul Tea Garden is a tea farm on Dalmoru Island.", "Haneul Tea Garden was founded in 1952.",
+                  "하늘 차밭은 달모루섬에 있는 차 농장이다.")
+FACTS = [f for f in FACT_SENTENCES if any(f in d for d in docs)]  # those in this run's training text, word for word
+assert FACTS
 NEW_TOKENS = 32
 QUESTIONS = smollm2.read_jsonl(_course.default_data("domain_questions.jsonl"))  # {"prompt", "keywords"}
 ANSWER_TOKENS = SMOLLM2_BASE["sample_tokens"]  # 12 tokens: room for a name or a year
@@ -533,8 +535,8 @@ print(f"\ntrain() took {t_train:.1f} s")
 # (`val_loss`)은 학습에 쓰지 않은 문서에서 잰 값입니다. 검증 손실이 내려가면 모델이 외운 것이 아니라 이
 # 분야의 글을 더 잘 예측하게 되었다는 뜻입니다. 학습 손실은 계속 내려가는데 검증 손실이 어느 스텝부터 다시
 # 올라간다면 **과적합(overfitting)** 입니다. 작은 데이터로 여러 에폭을 돌면 흔히 일어납니다. 그때는 검증 손실이
-# 가장 낮았던 스텝의 체크포인트를 쓰거나(`save_every`), 스텝 수를 줄입니다. 곡선은 SVG 파일로 저장합니다
-# (브라우저, VS Code, Jupyter에서 열 수 있습니다).
+# 가장 낮았던 스텝의 체크포인트를 쓰거나(`save_best`, 7장에서 씁니다), 스텝 수를 줄입니다. 곡선은 SVG 파일로
+# 저장합니다(브라우저, VS Code, Jupyter에서 열 수 있습니다).
 #
 # **English**
 #
@@ -542,8 +544,8 @@ print(f"\ntrain() took {t_train:.1f} s")
 # loss (`val_loss`) on documents never trained on. A falling validation loss means the model predicts this
 # domain's text better, not just the batches it saw. If the training loss keeps falling while the validation loss
 # turns up again at some step, that is **overfitting** — common when a small data set is seen for many epochs. Then
-# use the checkpoint of the step with the lowest validation loss (`save_every`) or train fewer steps. The curve is
-# saved as an SVG file (open it in a browser, VS Code or Jupyter).
+# use the checkpoint of the step with the lowest validation loss (`save_best`, used in chapter 7) or train fewer
+# steps. The curve is saved as an SVG file (open it in a browser, VS Code or Jupyter).
 
 # %%
 records = [json.loads(line) for line in (RUN / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@
 #
 # 이 장의 순서: 채팅 템플릿(Gemma의 `<start_of_turn>user … <end_of_turn>` 형식) → instruction/input/output을
 # 대화로 바꾸기 → 학습/검증 나누기 → 답변만 학습하는 손실(-100 마스크) → 경계를 지키는 패킹(segment id,
-# position id) → `TrainConfig(mode="sft")`로 학습 → 학습된 모델과 대화하기.
+# position id) → `TrainConfig(mode="sft")`로 학습하며 과적합과 가장 좋은 체크포인트 보기 → 형식을 배웠는지 재기.
 #
 # 가르칠 형식은 JSON입니다. 모델은 모든 질문에 `{"answer": ..., "language": "en" | "ko"}` 꼴로 답해야 합니다.
 # 배웠는지는 학습 데이터에 없는 질문 12개(`smollm2_json_eval.jsonl`: 영어 8개, 한국어 4개)에 대한 답 가운데 올바른
@@ -31,7 +31,8 @@
 #
 # The path: the chat template (Gemma's `<start_of_turn>user … <end_of_turn>` format) → instruction/input/output
 # into conversations → train/validation split → response-only loss (the -100 mask) → packing without leakage
-# (segment ids, position ids) → training with `TrainConfig(mode="sft")` → chatting with the result.
+# (segment ids, position ids) → training with `TrainConfig(mode="sft")`, overfitting and the best checkpoint →
+# measuring whether the format was learned.
 #
 # The format to teach is JSON: every answer as `{"answer": ..., "language": "en" | "ko"}`. Whether it is learned is
 # measured on 12 questions the training data never contains (`smollm2_json_eval.jsonl`: 8 English, 4 Korean): the
@@ -62,7 +63,7 @@ from minilora.default.demos import SFT_DEMO, SMOLLM2_SFT
 from minilora.formats import load_model  # a Hugging Face folder or a GGUF file
 from minilora.generation import generate
 from minilora.loss import next_token_loss
-from minilora.plot import line_chart
+from minilora.plot import panel_chart
 from minilora.sft import (build_sft_samples, detect_format, load_conversations, pack_samples, record_to_messages,
                           tokenize_conversation)
 from minilora.tokenizer import load_tokenizer
@@ -567,12 +568,14 @@ if not FAST:  # a few steps on the fast mode's barely pre-trained model prove no
     assert min(v for _, v in val_curve) < val_curve[0][1]
 # the lowest validation loss after training began (step 0 is the model before training: no checkpoint to keep)
 best_at, best_val = min(val_curve[1:], key=lambda step_loss: step_loss[1])
-curves = {"train loss": train_curve, "validation loss": val_curve}
-if best_at < val_curve[-1][0]:
-    curves[f"kept: step {best_at}"] = [(best_at, best_val)]  # the checkpoint save_best exports
-figure = line_chart(curves, _course.figure_path("07_instruct_finetuning_loss.svg"),
-                    title=f"Instruct fine-tuning to JSON ({GGUF.name if REAL else 'tiny model'}, LoRA)",
-                    xlabel="optimizer step", ylabel="loss (nats/answer token)")
+kept = {f"kept: step {best_at}": [(best_at, best_val)]}  # the checkpoint save_best exports
+late = [(step, v) for step, v in val_curve if step >= val_curve[-1][0] // 2]  # the second half, on its own scale
+figure = panel_chart([({"train loss": train_curve, "validation loss": val_curve, **kept}, "loss (nats/answer token)",
+                       False),
+                      ({"validation, 2nd half": late, **kept}, "val. loss (zoom)", False)],
+                     _course.figure_path("07_instruct_finetuning_loss.svg"),
+                     title=f"Instruct fine-tuning to JSON ({GGUF.name if REAL else 'tiny model'}, LoRA)",
+                     xlabel="optimizer step", heights=(305, 160))
 _course.show_figure(figure)
 
 # %% [markdown]
@@ -585,8 +588,9 @@ _course.show_figure(figure)
 # 보면(에폭이 많으면) 흔히 생깁니다. 고치는 방법은 두 가지입니다. 검증 손실이 가장 낮았던 스텝까지만 학습하거나
 # (`max_steps`를 줄이기), 주기적으로 검증하면서 **가장 낮은 검증 손실의 체크포인트**를 남기는 것입니다(`save_best`,
 # 연습 7.2). 아래 셀은 그 스텝을 곡선에서 계산하고 마지막 스텝과 비교한 뒤, 내보낸 어댑터의 검증 손실을 다시 재서
-# 그것이 정말 가장 좋은 스텝의 것인지 확인합니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이
-# 없습니다.
+# 그것이 정말 가장 좋은 스텝의 것인지 확인합니다. 학습 손실은 배치 하나의 값이라 들쭉날쭉하므로, 가장 좋은 스텝
+# 앞뒤의 평균으로 비교합니다. 뒤쪽의 상승은 처음 몇 스텝의 큰 하락에 비해 작으므로, 그림의 아래 칸은 검증 곡선의
+# 후반부만 따로 확대해 보여 줍니다. 빠른 모드에서는 검증을 끝에서 한 번만 하므로 비교할 곡선이 없습니다.
 #
 # **English** — If the training loss keeps falling while the validation loss turns up from some step on, the model
 # has begun to memorise the answers of its training conversations (**overfitting**). At first it learns what all
@@ -596,8 +600,10 @@ _course.show_figure(figure)
 # are small and seen for many epochs. Two fixes: train only up to the step of the lowest validation loss (a smaller
 # `max_steps`), or evaluate periodically and **keep the checkpoint with the lowest validation loss** (`save_best`,
 # exercise 7.2). The cell below computes that step from the curve, compares it with the last step, and measures the
-# exported adapter's validation loss again to check that it is the best step's. In fast mode validation runs once,
-# at the end, so there is no curve to compare.
+# exported adapter's validation loss again to check that it is the best step's. A logged training loss is one
+# batch's, so it is noisy: the cell compares its means just before and after the best step. The late rise is small
+# next to the first steps' fall, so the figure's lower panel shows the second half of the validation curve on its
+# own scale. In fast mode validation runs once, at the end, so there is no curve to compare.
 
 # %%
 last_at, last_val = val_curve[-1]
@@ -607,9 +613,14 @@ print(f"lowest validation loss {best_val:.4f} at step {best_at}; last {last_val:
       f"({n_train} training conversations"
       + (f", {last_at / batches_per_epoch:.1f} epochs)" if batches_per_epoch else ")"))
 if best_at < last_at:
-    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at} while the training loss went "
-          f"on falling ({dict(train_curve).get(best_at, float('nan')):.4f} at step {best_at} -> "
-          f"{train_curve[-1][1]:.4f} at step {train_curve[-1][0]}): overfitting")
+    # the logged training losses are single batches (noisy): compare their means just before and after best_at
+    after = [loss for step, loss in train_curve if step > best_at]
+    window = [loss for step, loss in train_curve if best_at - (last_at - best_at) < step <= best_at]
+    mean_after, mean_window = sum(after) / len(after), sum(window) / len(window)
+    trend = "went on falling" if mean_after < mean_window else "fell no further"
+    print(f"the validation loss rose by {last_val - best_val:+.4f} after step {best_at}, while the training loss "
+          f"{trend} (mean of the logged batches {mean_window:.4f} up to step {best_at}, {mean_after:.4f} after), "
+          f"{'far ' if mean_after < best_val / 2 else ''}below the validation loss: overfitting")
     print(f"the fix: save_best exported step {best_at}'s checkpoint to {RUN / 'adapter'} "
           f"(max_steps={best_at} would have given the same adapter)")
 else:
