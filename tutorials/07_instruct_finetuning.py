@@ -486,8 +486,9 @@ assert abs(row_sum.item() - sum(s.item() for s, _ in own)) < 1e-3 and int(row_n)
 #
 # 데이터는 답이 모두 JSON인 대화입니다. 작은 모델은 `instruct_json.jsonl`(7.2절의 120개 레코드와 같은 질문, 답만
 # `{"answer": ..., "language": ...}`로 감싼 것)을, SmolLM2는 `smollm2_json.jsonl`(일반 상식 질문 70개: 영어 50개,
-# 한국어 20개)을 학습합니다. SmolLM2는 이미 채팅 모델이라 하늘 차밭의 질문보다 일반 질문이 형식을 가르치기에
-# 좋고, 평가 질문 12개와 겹치는 질문은 없습니다. 설정은 출력되는 TOML에 모두 나옵니다.
+# 한국어 20개)을 학습합니다. SmolLM2는 일반 상식을 이미 알고 있으므로, 이런 질문에서는 형식만이 새로 배울
+# 것이고, 정답 수로 아는 것을 지켰는지도 볼 수 있습니다. 평가 질문 12개와 겹치는 질문은 없습니다. 설정은 출력되는
+# TOML에 모두 나옵니다.
 #
 # 학습 전에 평가 질문 12개에 대한 답을 먼저 잽니다. 그리디 디코딩이라 학습 후와 공정하게 비교할 수 있습니다.
 #
@@ -498,9 +499,10 @@ assert abs(row_sum.item() - sum(s.item() for s, _ in own)) < 1e-3 and int(row_n)
 #
 # The data are conversations whose answers are all JSON. The tiny model trains on `instruct_json.jsonl` (the same
 # questions as section 7.2's 120 records, each answer wrapped as `{"answer": ..., "language": ...}`), SmolLM2 on
-# `smollm2_json.jsonl` (70 general-knowledge questions, 50 English and 20 Korean): SmolLM2 is a chat model already,
-# general questions teach it the format better than the tea garden's, and none repeats one of the 12 evaluation
-# questions. The printed TOML shows every setting.
+# `smollm2_json.jsonl` (70 general-knowledge questions, 50 English and 20 Korean): SmolLM2 already knows such
+# facts, so on these questions the format is the only new thing to learn, and the count of right facts shows
+# whether it keeps what it knew. None repeats one of the 12 evaluation questions. The printed TOML shows every
+# setting.
 #
 # Before training we measure the replies to the 12 evaluation questions; decoding is greedy, so the comparison
 # with after training is fair.
@@ -523,7 +525,7 @@ for line in json_before["samples"][:3]:
 # 설정에는 일부러 과적합이 보일 만큼 긴 학습을 넣고, 고치는 방법을 함께 켭니다. `save_best=True`(`--save-best`)는
 # 검증 손실이 새로 가장 낮아질 때마다 체크포인트를 남기고, 학습이 끝나면 마지막 스텝이 아니라 **가장 낮은 검증
 # 손실의 체크포인트**를 `adapter/`로 내보냅니다. SmolLM2는 배치 4, 학습률 2e-3으로 40스텝(약 2.5에폭)을
-# 학습합니다(`--demo smollm2-sft`는 배치 8, 5e-4, 20스텝으로 과적합 전에 멈춥니다). 한 스텝이 CPU에서 몇 초라서
+# 학습합니다(`--demo smollm2-sft`는 배치 8, 5e-4, 20스텝으로 더 부드럽게 학습합니다). 한 스텝이 CPU에서 몇 초라서
 # 검증은 4스텝마다 합니다. 작은 모델은 JSON 데모의 설정(`SFT_DEMO`: r 32, 학습률 5e-3, 배치 8)으로 120스텝을
 # 학습하고 10스텝마다 검증합니다. 두 실행 모두 `--demo`처럼 패킹 없이 학습합니다. 7.5절의 패킹은 `packing=True`
 # 한 줄로 켤 수 있습니다.
@@ -533,8 +535,8 @@ for line in json_before["samples"][:3]:
 # The settings deliberately train long enough for overfitting to show, and switch its fix on: `save_best=True`
 # (`--save-best`) checkpoints each new lowest validation loss and, when training ends, exports **the checkpoint of
 # the lowest validation loss** to `adapter/`, not the last step. SmolLM2 trains 40 steps (about 2.5 epochs) with
-# batches of 4 at learning rate 2e-3 (`--demo smollm2-sft` uses batches of 8, 5e-4 and 20 steps, and stops before
-# overfitting); a step costs a few seconds on a CPU, so it validates every 4 steps. The tiny model trains 120 steps
+# batches of 4 at learning rate 2e-3 (`--demo smollm2-sft` trains more gently: batches of 8, 5e-4, 20 steps); a
+# step costs a few seconds on a CPU, so it validates every 4 steps. The tiny model trains 120 steps
 # with the JSON demonstration's settings (`SFT_DEMO`: r 32, learning rate 5e-3, batches of 8) and validates every
 # 10. Like the `--demo` runs, both train without packing; section 7.5's packing is one flag away, `packing=True`.
 
@@ -663,7 +665,8 @@ assert abs(kept - best_val) < 1e-3  # adapter/ holds the best checkpoint, not th
 #
 # 작은 모델은 평가 질문의 사실(프랑스의 수도 등)을 처음부터 모릅니다. 그래서 작은 모델에서 볼 것은 형식뿐이고,
 # 정답 수는 0에 가깝습니다. SmolLM2는 사실을 알고 있으므로, 학습 후에도 정답 수가 유지되는지가 중요합니다.
-# 출력되는 숫자가 이번 실행에서 어땠는지 말해 줍니다.
+# 6장의 결과에서 시작했다면, 차밭 글로 한 베이스 파인튜닝이 차밭과 관계없는 답까지 이미 바꿔 놓았을 수 있습니다
+# (7.6절에서 출력한 학습 전 답을 보세요). 출력되는 숫자가 이번 실행에서 어땠는지 말해 줍니다.
 #
 # **English**
 #
@@ -676,7 +679,9 @@ assert abs(kept - best_val) < 1e-3  # adapter/ holds the best checkpoint, not th
 #
 # The tiny model does not know the evaluation questions' facts (the capital of France, ...) to begin with, so with
 # it only the format is to be seen and the count of right facts stays near zero. SmolLM2 knows them, so what
-# matters is that it keeps them. The printed numbers say how this run went.
+# matters is that it keeps them. When it starts from chapter 6's result, base fine-tuning on the tea-garden text may
+# already have changed answers that have nothing to do with the garden (see the replies before training printed in
+# section 7.6). The printed numbers say how this run went.
 
 # %%
 json_after = smollm2.measure_sft(tuned, start_tokenizer, EVAL, REPLY_TOKENS)
