@@ -69,7 +69,8 @@ run_dir = _course.run_dir  # where a training run goes (a temp folder, outside t
 
 GGUF = _course.real_model()  # SmolLM2-135M-Instruct's GGUF file when installed and not in fast mode, else None
 REAL = GGUF is not None
-print("fast mode:", FAST, "| model:", GGUF.name if REAL else "the tiny default model (no SmolLM2, or fast mode)")
+print("fast mode:", FAST)
+print(f"real model: {GGUF.name}" if REAL else "model: the tiny default model (SmolLM2 not installed, or fast mode)")
 
 # %% [markdown]
 # ## 6.1 모델과 토크나이저 · The model and its tokenizer

@@ -103,7 +103,8 @@ START = start_model(GGUF if REAL else _course.default_model())  # the model this
 MODEL_DIR = _course.default_model() if REAL else START  # the tiny model of sections 7.1-7.5
 model = load_model(MODEL_DIR)
 tokenizer = load_tokenizer(MODEL_DIR)
-print("fast mode:", FAST, "| fine-tuned in 7.6:", GGUF.name if REAL else "the tiny default model", f"({START})")
+print("fast mode:", FAST)
+print((f"real model: {GGUF.name}" if REAL else "model: the tiny default model") + f", fine-tuned in 7.6 from {START}")
 
 # %% [markdown]
 # ## 7.1 채팅 템플릿 · The chat template
