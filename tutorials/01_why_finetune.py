@@ -56,7 +56,7 @@ torch.manual_seed(0)
 #
 # **English** — To work without a download, minilora builds its own small Korean/English model: it trains a
 # tokenizer, initialises a Llama-architecture model at random and pre-trains it briefly on `general.txt` (everyday
-# prose about cities, schools, cooking). It is built once and cached. Haneul Tea Garden is invented, so neither
+# prose about cities, schools, cooking). It ships with minilora (built once and cached only if missing). Haneul Tea Garden is invented, so neither
 # this model nor any other can know it in advance — a clean test of whether fine-tuning adds new knowledge. The
 # cell below prints the model's size and shape.
 
