@@ -155,7 +155,7 @@ def bench_generation(mini, ref, prompt, args, label: str, memory: bool) -> tuple
     out_m, out_r = mini_generate(n)[:, prompt.shape[1]:], hf_generate(n)[:, prompt.shape[1]:]
     same = int((out_m == out_r).sum()) if out_m.shape == out_r.shape else 0
     agree = f"{same}/{out_r.numel()}"
-    print(f"{label}: greedy tokens equal {agree}", flush=True)
+    print(f"{label.lstrip(', ') or 'batch 1'}: greedy tokens equal {agree}", flush=True)
     stats = {k: time_interleaved({"minilora": lambda k=k: mini_generate(k), "reference": lambda k=k: hf_generate(k)},
                                  args.warmup, args.repeats, "cpu") for k in (1, n)}
     sides = ("minilora", "reference")
