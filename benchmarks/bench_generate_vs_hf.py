@@ -19,7 +19,8 @@ assistant header; the last --prompt-len tokens of a long question (batch 8: 8 di
 of both sides are compared (they must be equal for a result to count). The two sides' calls alternate
 (harness.time_interleaved), medians over --repeats; CPU time is the steadier measure on a shared machine.
 
-Peak memory (CPU): the model's tensors plus the highest allocated-minus-freed bytes during one call, from the CPU
+Peak memory (CPU): the model's tensors (for minilora with the oneDNN-packed weight copies generate keeps between
+calls, packed_weights.packed_bytes) plus the highest allocated-minus-freed bytes during one call, from the CPU
 allocator's events in torch.profiler (bench_train_vs_peft.cpu_step_peak). The run also measures the machine's
 read bandwidth (the sum of a 512 MB tensor) so the decode rows can be set against the bytes of weights a token
 reads: at batch 1 a decoding step must read every weight once (the bound is bytes / bandwidth).
@@ -131,8 +132,13 @@ def weight_bytes(model) -> int:
     return tensor_bytes(list(model.parameters()))
 
 
-def peak(fn, model) -> dict:
-    resident = tensor_bytes([*model.parameters(), *model.buffers()])
+def peak(fn, model, packed: bool = False) -> dict:
+    """Peak bytes of one call: the model's tensors (and, for minilora, the packed copies generate keeps between
+    calls, packed_weights.py) plus the most bytes allocated-minus-freed during the call."""
+    from minilora.packed_weights import packed_bytes
+
+    fn()  # the packed copies exist after a first call
+    resident = tensor_bytes([*model.parameters(), *model.buffers()]) + (packed_bytes(model) if packed else 0)
     step = cpu_step_peak(fn)
     return {"resident": resident, "peak_above_resident": step,
             "peak_total": None if step is None else resident + step}
@@ -165,7 +171,7 @@ def bench_generation(mini, ref, prompt, args, label: str, memory: bool) -> tuple
              **{s: summarize(stats[n][s], B * n) for s in sides}}]
     if memory:
         for s, fn in (("minilora", lambda: mini_generate(n)), ("reference", lambda: hf_generate(n))):
-            rows[1][s].update(peak(fn, mini if s == "minilora" else ref))
+            rows[1][s].update(peak(fn, mini if s == "minilora" else ref, packed=s == "minilora"))
     row = {"workload": f"decode, per token{label}", "tokens": B}
     for s in sides:
         per = [(f - o) / (n - 1) for f, o in zip(stats[n][s]["cpu"], stats[1][s]["cpu"])]  # per round

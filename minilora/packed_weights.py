@@ -90,6 +90,11 @@ def release_packed(model) -> None:
         _CACHE.pop(m, None)
 
 
+def packed_bytes(model) -> int:
+    """Bytes held by the packed copies of `model`'s weights (about its float32 weights once packed)."""
+    return sum(torch.ops.mkldnn._nbytes(_CACHE[m][1]) for m in model.modules() if m in _CACHE)
+
+
 class _PackedForward:
     """Stands in for one nn.Linear's forward while the context is open."""
 
