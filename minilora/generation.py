@@ -31,6 +31,7 @@ import torch
 
 from .errors import MiniloraError
 from .model import KVCache
+from .packed_weights import packed_linears
 
 
 @torch.no_grad()
@@ -48,11 +49,17 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     ids = ids[None] if ids.ndim == 1 else ids  # (B, T)
-    B = ids.shape[0]
     eos = torch.tensor(_eos_list(model, eos_token_ids), dtype=torch.long, device=device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask, device=device).long()
 
+    with packed_linears(model):  # CPU float32: the weights in oneDNN's layout for this call (packed_weights.py)
+        return _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad, generator, stream)
+
+
+def _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad, generator, stream):
+    """generate's loop: prefill, then one token per step until max_new_tokens or every row hit an eos."""
+    B, device = ids.shape[0], ids.device
     cache = KVCache(max_len=ids.shape[1] + max_new_tokens)  # buffers sized once: no step copies the past
     logits = prefill(model, ids, mask, cache)  # (B, V)
     rope_switches = longrope_switch_lengths(model.config)

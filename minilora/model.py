@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .packed_weights import packed_linear
 from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin,
                    yarn_inverse_frequencies)
 
@@ -349,6 +350,8 @@ class Transformer(nn.Module):
         # Packed samples (segment_ids) attended per segment (PackedSegments) instead of through a dense mask:
         # None = on CUDA only (where the mask would rule out the flash kernel); True / False force it either way.
         self.per_segment_attention: bool | None = None
+        # A tied head's weight packed for oneDNN while generate runs (packed_weights.packed_linears), else None.
+        self.packed_head: torch.Tensor | None = None
 
     def _packed_segments(self, segment_ids, attention_mask, device) -> "PackedSegments | None":
         """The per-segment plan for packed rows when it applies (see per_segment_attention), else None."""
@@ -365,7 +368,9 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (..., C) -> float32 logits (..., V), soft-capped where the family does."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and getattr(self, "packed_head", None) is not None:
+            logits = packed_linear(hidden, self.packed_head, self.model.embed_tokens.weight)
+        elif self.config.tie_word_embeddings:
             logits = F.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)

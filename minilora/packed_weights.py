@@ -1,0 +1,129 @@
+"""oneDNN-packed copies of a model's linear weights, for generating on the CPU in float32.
+
+Why: torch's float32 `F.linear` on the CPU calls MKL, and MKL's kernels are far from this machine's limits on
+the AMD EPYC the benchmarks run on (MKL picks its fastest code paths for Intel CPUs only). oneDNN (torch's other
+CPU library, `torch.ops.mkldnn`) has JIT kernels for every x86 CPU; given a weight reordered once into its blocked
+layout (`_reorder_linear_weight`) it multiplies much faster. Measured on SmolLM2-135M's 210 block linears
+(1 thread, interleaved, CPU time; benchmarks/results/generate_vs_hf_cpu_*.md has the whole-model figures):
+
+    rows M     MKL F.linear   oneDNN packed
+    1          48.4 ms        33.3 ms     (8.8 -> 12.7 GB/s of weights: a decoding step at batch 1)
+    8          79.7 ms        42.4 ms     (decoding at batch 8)
+    128        416 ms         196 ms      (a 128-token prefill: 70 -> 150 GFLOP/s)
+
+A layout packed for 128 rows was the fastest at 1 and 8 rows too, so one copy serves prefill and decoding.
+
+Costs: packing is a second copy of every weight (513 MB for SmolLM2-135M in float32), and it takes 0.13 s on a
+quiet core (0.5-0.9 s under load: mostly first touches of the fresh pages), which would be most of a short reply's
+time if every call packed again. So the copies are kept between calls, in a cache with weak keys (an entry dies
+with its layer), each tagged with its weight's version (storage, shape, torch's in-place counter): a weight changed
+since (an optimizer step, `merge`, load_state_dict) is packed again at the next call, never used stale; a LoRA
+adapter attached since adds layers that are packed on first use. `release_packed(model)` hands the memory back.
+`generate` opens `packed_linears(model)`; inside it every `nn.Linear` of the model (LoRA bases and the LoRA A/B
+layers too) runs through its packed weight, a tied vocabulary head through a packed copy of the embedding
+(Transformer.packed_head); on leaving, the modules are as they were.
+
+Numerics: the same float32 products summed in another order. SmolLM2-135M's logits move by ~1e-4 (out of ~20)
+from MKL's, as they would between two BLAS libraries; greedy tokens stay those of transformers
+(tests/test_generate.py, tests/test_real_model.py). A plain forward (`model(ids)`) keeps MKL, so the logits
+parity tests see the reference's exact kernel.
+
+Not handled: other dtypes (bf16/fp16 keep F.linear: their rounding is the reference's business), autograd (the
+packed op has no backward: only used under no_grad), GPUs (a no-op there), NF4 layers (not nn.Linear).
+"""
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PACK_ROWS = 128  # the row count oneDNN chooses its blocked layout for (fastest from 1 to 128 rows, see above)
+
+
+def packing_available(model) -> bool:
+    """True when packing applies: float32 weights on the CPU, oneDNN present, and no gradient wanted."""
+    w = next(model.parameters(), None)
+    return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and not torch.is_grad_enabled())
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A (N, K) float32 weight in oneDNN's blocked layout (an opaque mkldnn tensor, a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ + b through the packed copy of `weight`; F.linear where packing does not apply
+    (autocast on, another dtype, or a gradient wanted)."""
+    if (x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
+            or x.device.type != "cpu"):
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # (..., N)
+
+
+# The packed copy of each weight, kept between calls: {nn.Linear or Transformer: (version, packed)}. Weak keys, so
+# an entry dies with its module; `version` (weight_version) decides whether the copy still holds the weight.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def weight_version(weight: torch.Tensor) -> tuple:
+    """What changes when the weight's values may have: its storage (a new tensor or .data assigned), its shape,
+    and torch's in-place counter (an optimizer step, merge's add_, load_state_dict's copy_ all bump it)."""
+    return (weight.data_ptr(), tuple(weight.shape), weight._version)
+
+
+def cached_pack(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The packed copy of `weight` (owned by `owner`), packed again only if the weight changed since."""
+    version = weight_version(weight)
+    hit = _CACHE.get(owner)
+    if hit is None or hit[0] != version:
+        _CACHE[owner] = hit = (version, pack(weight))
+    return hit[1]
+
+
+def release_packed(model) -> None:
+    """Drop the packed copies of `model`'s weights (the memory comes back; the next generate packs again)."""
+    for m in model.modules():
+        _CACHE.pop(m, None)
+
+
+def packed_bytes(model) -> int:
+    """Bytes held by the packed copies of `model`'s weights (about its float32 weights once packed)."""
+    return sum(torch.ops.mkldnn._nbytes(_CACHE[m][1]) for m in model.modules() if m in _CACHE)
+
+
+class _PackedForward:
+    """Stands in for one nn.Linear's forward while the context is open."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear, self.packed = linear, cached_pack(linear, linear.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed, self.linear.weight, self.linear.bias)
+
+
+@contextmanager
+def packed_linears(model):
+    """Within the block, every nn.Linear of `model` (and a tied head) multiplies through a packed copy of its
+    weight (kept for the next call while the weight is unchanged); a no-op where packing_available(model) is
+    False. Do not change weights inside the block."""
+    if not packing_available(model):
+        yield model
+        return
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu" and "forward" not in vars(m)]
+    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
+    try:
+        for m in linears:
+            m.forward = _PackedForward(m)  # an instance attribute: nn.Module.__call__ finds it before the class's
+        if tied:
+            model.packed_head = cached_pack(model, model.model.embed_tokens.weight)  # (V, C), for compute_logits
+        yield model
+    finally:
+        for m in linears:
+            vars(m).pop("forward", None)
+        if tied:
+            model.packed_head = None

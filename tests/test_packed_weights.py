@@ -1,0 +1,153 @@
+"""packed_weights.py: oneDNN-packed weights give the model's own logits, for every family, and are never stale.
+
+Oracles: the same minilora model without packing (its logits equal transformers' in test_model.py) and
+transformers' greedy generate. The packed product sums the same float32 terms in another order, so logits agree
+to float32 rounding (measured <= 2e-6 on these tiny models; TOL is test_model.py's 1e-4).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from minilora.formats.safetensors_folder import load_model
+from minilora.generation import generate
+from minilora.lora import apply_lora, merge_lora
+from minilora.model import KVCache
+from minilora.packed_weights import _CACHE, packed_bytes, packed_linears, packing_available, release_packed
+from tiny_models import FAMILIES, load_hf_model, make_tiny_checkpoint
+
+TOL = 1e-4
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = {}
+
+    def get(family, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family), **overrides)
+            cache[key] = (load_model(path), path)
+        return cache[key]
+
+    return get
+
+
+def random_ids(B, T, seed=0, vocab=256):
+    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def linear_forwards_overridden(model) -> int:
+    return sum("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi3_longrope"])
+def test_packed_decoding_equals_the_unpacked_full_forward(models, family):
+    """Prefill + one token at a time through packed weights (sliding windows crossed) == the plain forward."""
+    ours, _ = models(family)
+    ids = random_ids(2, 20, seed=3)
+    with torch.no_grad():
+        full = ours(ids)
+        with packed_linears(ours):
+            assert linear_forwards_overridden(ours) == sum(isinstance(m, nn.Linear) for m in ours.modules())
+            packed_full = ours(ids)
+            cache = KVCache()
+            steps = [ours(ids[:, :9], kv_cache=cache)]
+            steps += [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
+    assert linear_forwards_overridden(ours) == 0  # every module is as it was
+    assert (packed_full - full).abs().max() < TOL
+    assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_packed_generate_equals_transformers_greedy(models, family):
+    from transformers import GenerationConfig
+
+    ours, path = models(family)
+    hf = load_hf_model(path)
+    ids = random_ids(2, 7, seed=5)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generate(ours, ids, 12, eos_token_ids=[]).tolist() == hf.generate(ids, generation_config=config).tolist()
+
+
+def test_tied_head_is_packed_inside_and_released_after(models):
+    ours, _ = models("llama", tie_word_embeddings=True)
+    ids = random_ids(1, 10)
+    with torch.no_grad():
+        plain = ours(ids)
+        with packed_linears(ours):
+            assert ours.packed_head is not None and ours.packed_head.is_mkldnn
+            packed = ours(ids)
+    assert ours.packed_head is None
+    assert (packed - plain).abs().max() < TOL
+
+
+def test_a_changed_weight_is_packed_again(models):
+    """In-place changes (an optimizer step, merge) and a new tensor both invalidate the cached packed copy."""
+    ours, _ = models("llama")
+    ids = random_ids(1, 10)
+    q = ours.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        with packed_linears(ours):
+            before = ours(ids)
+        q.weight.mul_(1.5)  # in place: the version counter moves
+        with packed_linears(ours):
+            after_inplace = ours(ids)
+        expected_inplace = ours(ids)
+        q.weight.data = q.weight.data / 1.5  # a new storage
+        with packed_linears(ours):
+            after_new = ours(ids)
+        expected_new = ours(ids)
+    assert (after_inplace - before).abs().max() > 1e-2  # the change matters, so a stale copy would show
+    assert (after_inplace - expected_inplace).abs().max() < TOL
+    assert (after_new - expected_new).abs().max() < TOL
+
+
+def test_lora_attached_after_packing_and_merged_is_followed(models):
+    """Generate before and after attaching an adapter, and after merging it: each matches the unpacked model."""
+    _, path = models("qwen2")
+    ours = load_model(path)
+    ids = random_ids(1, 9, seed=7)
+    with torch.no_grad():
+        with packed_linears(ours):
+            ours(ids)  # the base weights are now packed and cached
+        apply_lora(ours, r=4, alpha=8, dropout=0.0, targets="all-linear")
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.1)  # a non-zero adapter: it changes the logits
+        plain = ours(ids)
+        with packed_linears(ours):
+            with_lora = ours(ids)
+        merge_lora(ours)
+        merged_plain = ours(ids)
+        with packed_linears(ours):
+            merged = ours(ids)
+    assert (with_lora - plain).abs().max() < TOL
+    assert (merged - merged_plain).abs().max() < TOL
+
+
+def test_packing_is_off_where_it_does_not_apply(models):
+    ours, path = models("llama")
+    assert not packing_available(ours)  # gradient mode on: the packed op has no backward
+    with packed_linears(ours):
+        assert linear_forwards_overridden(ours) == 0
+    with torch.no_grad():
+        assert packing_available(ours)
+        bf16 = load_model(path, dtype=torch.bfloat16)
+        assert not packing_available(bf16)  # bf16 keeps F.linear (and its rounding)
+        with packed_linears(bf16):
+            assert linear_forwards_overridden(bf16) == 0
+
+
+def test_release_packed_drops_the_copies(models):
+    ours, _ = models("llama", tie_word_embeddings=True)
+    release_packed(ours)
+    assert packed_bytes(ours) == 0
+    generate(ours, random_ids(1, 4), 2, eos_token_ids=[])
+    dense = sum(m.weight.nbytes for m in ours.modules() if isinstance(m, nn.Linear))
+    # every linear + the tied head; oneDNN's blocks pad a tiny matrix's rows (k/v: 32 rows here, measured +9%)
+    assert dense + ours.model.embed_tokens.weight.nbytes <= packed_bytes(ours) <= 1.5 * (
+        dense + ours.model.embed_tokens.weight.nbytes)
+    release_packed(ours)
+    assert not any(m in _CACHE for m in ours.modules()) and packed_bytes(ours) == 0
