@@ -50,14 +50,15 @@ torch.manual_seed(0)
 #
 # **한국어** — 다운로드 없이 실습하기 위해 minilora는 작은 한국어·영어 모델을 직접 만듭니다. 토크나이저를 학습하고,
 # Llama 구조의 모델을 무작위로 초기화한 뒤, `general.txt`(도시, 학교, 요리 같은 일상적인 글)로 잠깐 사전학습합니다.
-# 처음 한 번만 만들어 캐시에 저장하므로 다음부터는 바로 불러옵니다. 하늘 차밭은 지어낸 장소라서 이 모델은 물론
+# 이 모델은 minilora에 들어 있으며, 그 폴더가 없을 때만 한 번 만들어 캐시에 저장합니다. 하늘 차밭은 지어낸 장소라서 이 모델은 물론
 # 세상의 어떤 모델도 미리 알 수 없습니다. 그래서 "파인튜닝으로 새 지식을 넣을 수 있는가"를 다른 요인 없이 시험할 수
 # 있습니다. 아래 셀은 모델의 크기와 구조를 출력합니다.
 #
 # **English** — To work without a download, minilora builds its own small Korean/English model: it trains a
 # tokenizer, initialises a Llama-architecture model at random and pre-trains it briefly on `general.txt` (everyday
-# prose about cities, schools, cooking). It ships with minilora (built once and cached only if missing). Haneul Tea Garden is invented, so neither
-# this model nor any other can know it in advance — a clean test of whether fine-tuning adds new knowledge. The
+# prose about cities, schools, cooking). It ships with minilora (built and cached only if that folder is missing).
+# Haneul Tea Garden is invented, so neither this model nor any other can know it in advance — a clean test of
+# whether fine-tuning adds new knowledge. The
 # cell below prints the model's size and shape.
 
 # %%
