@@ -132,22 +132,28 @@ def sample(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: torch
     In sft mode each prompt is a user turn rendered through the chat template, and the reply ends at the
     template's end-of-turn token (a reply that never reaches it is marked: learning to stop is part of SFT);
     in base mode the prompt is raw text to continue."""
+    from .packed_weights import release_packed
+
+    model.eval()
+    try:
+        return [sample_one(model, tokenizer, prompt, cfg, device) for prompt in prompts]
+    finally:  # generate keeps packed copies of the weights for its next call (packed_weights.py); training runs
+        release_packed(model)  # many steps before the next samples, so here they would only hold memory
+
+
+def sample_one(model, tokenizer, prompt: str, cfg: TrainConfig, device: torch.device) -> str:
+    """One prompt's greedy continuation (sft: the assistant's reply to it as a user turn)."""
     from .chat import chat_once
     from .generation import generate
 
-    model.eval()
-    texts = []
-    for prompt in prompts:
-        if cfg.mode == "sft":
-            reply = chat_once(model, tokenizer, [{"role": "user", "content": prompt}], cfg.sample_tokens)
-            cut = "" if reply.stopped else f" [… no end of turn within {cfg.sample_tokens} tokens]"
-            texts.append(f"user: {prompt}\nassistant: {reply.text}{cut}")
-            continue
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        out = generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.0,
-                       eos_token_ids=tokenizer.eos_token_ids)
-        texts.append(prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
-    return texts
+    if cfg.mode == "sft":
+        reply = chat_once(model, tokenizer, [{"role": "user", "content": prompt}], cfg.sample_tokens)
+        cut = "" if reply.stopped else f" [… no end of turn within {cfg.sample_tokens} tokens]"
+        return f"user: {prompt}\nassistant: {reply.text}{cut}"
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    out = generate(model, ids, max_new_tokens=cfg.sample_tokens, temperature=0.0,
+                   eos_token_ids=tokenizer.eos_token_ids)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
 def print_samples(title: str, texts: list[str]) -> None:

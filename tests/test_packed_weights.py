@@ -151,3 +151,25 @@ def test_release_packed_drops_the_copies(models):
         dense + ours.model.embed_tokens.weight.nbytes)
     release_packed(ours)
     assert not any(m in _CACHE for m in ours.modules()) and packed_bytes(ours) == 0
+
+
+@pytest.mark.parametrize("mode", ["base", "sft"])
+def test_training_samples_leave_no_packed_copies(models, mode):
+    """The trainer's before/after samples generate, then training goes on for many steps: the packed copies
+    (a second copy of every weight) must not stay in memory through it."""
+    from types import SimpleNamespace
+
+    from minilora.progress import sample
+    from minilora.tokenizer import load_tokenizer
+
+    from tiny_tokenizers import set_chat_template
+
+    ours, path = models("llama", tokenizer="llama3")
+    set_chat_template(path, "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    release_packed(ours)
+    tokenizer = load_tokenizer(path)
+    cfg = SimpleNamespace(mode=mode, sample_tokens=3)
+    texts = sample(ours, tokenizer, ["hello", "tea"], cfg, torch.device("cpu"))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert packed_bytes(ours) == 0

@@ -53,6 +53,7 @@ def find_smollm2() -> Path:
 def replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens."""
     from ..generation import generate
+    from ..packed_weights import release_packed
 
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -61,6 +62,7 @@ def replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> 
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
     out = generate(model, ids, max_new_tokens=max_new_tokens, attention_mask=mask,
                    eos_token_ids=tokenizer.eos_token_ids)  # (B, T + new)
+    release_packed(model)  # measured before training too: the packed copies would sit in memory through it
     return [tokenizer.decode(row[T:].tolist(), skip_special_tokens=True).strip() for row in out]
 
 
