@@ -60,6 +60,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
+        if not self.merged and _fusable(self, x):
+            return FrozenLinearLoRA.apply(x, self.base, self.lora_A.weight, self.lora_B.weight, self.scale)
         y = self.base(x)  # (..., d_out)
         if self.merged:  # W0 already holds W0 + scale·B·A
             return y
@@ -107,6 +109,75 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}"
+
+
+class FrozenLinearLoRA(torch.autograd.Function):
+    """y = x W0ᵀ (+ b) + s · (x Aᵀ) Bᵀ with W0 frozen, forward and backward written out (no dropout).
+
+    Autograd would run the base and the LoRA path as separate graphs and add their results: forward copies
+    base(x) into the LoRA addmm's output (a pass over (N, d_out)), and backward computes grad_x twice and adds
+    the two (a pass over (N, d_in)). Here the LoRA product is accumulated in place into the base output, and
+
+        gB     = s · grad_y B                      (N, r)
+        grad_x = grad_y W0 + gB A                  one GEMM, then one rank-r addmm_ into its result
+        grad_A = gBᵀ x,   grad_B = s · grad_yᵀ (x Aᵀ)
+
+    Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ (N, r); never a dense copy of a
+    4-bit W0: `dense_weight` dequantizes an NF4 base again in backward, as bitsandbytes does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, A, B, scale):
+        # x (..., d_in); A (r, d_in); B (d_out, r)
+        W = dense_weight(base, x.dtype)  # (d_out, d_in)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        bias = getattr(base, "bias", None)
+        y = torch.mm(x2, W.T) if bias is None else torch.addmm(bias.to(x.dtype), x2, W.T)  # (N, d_out)
+        del W  # an NF4 base's dense weight lives only during the matmul
+        xa = torch.mm(x2, A.T)  # (N, r)
+        y.addmm_(xa, B.T, alpha=scale)  # y += s · (x Aᵀ) Bᵀ, in place
+        ctx.save_for_backward(x2, xa, A, B)
+        ctx.base, ctx.scale = base, scale
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, A, B = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, d_out)
+        gB = torch.mm(g, B).mul_(ctx.scale)  # (N, r)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, dense_weight(ctx.base, g.dtype))  # (N, d_out) @ (d_out, d_in)
+            grad_x.addmm_(gB, A)  # + (N, r) @ (r, d_in)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_A = torch.mm(gB.T, x2)  # (r, N) @ (N, d_in)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.mm(g.T, xa).mul_(ctx.scale)  # (d_out, N) @ (N, r)
+        return grad_x, None, grad_A, grad_B, None
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base's weight as a dense (d_out, d_in) tensor: nn.Linear's own, or an NF4 base dequantized."""
+    return base.weight if isinstance(base, nn.Linear) else base.dequantize(dtype)
+
+
+def _fusable(layer: "LoRALinear", x: torch.Tensor) -> bool:
+    """FrozenLinearLoRA computes exactly this layer: a gradient is wanted, no dropout, no autocast, one dtype, and a
+    base that is a frozen nn.Linear or an NF4 base on its PyTorch path (on CUDA the NF4 base runs its Triton kernels)."""
+    base, A = layer.base, layer.lora_A.weight
+    # Training only: without a gradient there is no backward to save on, and generate's packed weights
+    # (packed_weights.py) run through the base's own forward.
+    if not torch.is_grad_enabled() or not isinstance(layer.dropout, nn.Identity) \
+            or torch.is_autocast_enabled(x.device.type):
+        return False
+    if isinstance(base, nn.Linear):
+        dtype_ok = base.weight.dtype == A.dtype and not base.weight.requires_grad
+    else:
+        dtype_ok = getattr(base, "compute_dtype", None) == A.dtype and hasattr(base, "_use_triton") \
+            and not base._use_triton(x)
+    bias = getattr(base, "bias", None)
+    return dtype_ok and x.dtype == A.dtype and (bias is None or not bias.requires_grad)
 
 
 def _device_of(base: nn.Module) -> torch.device:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .fused_ops import rms_norm, swiglu
 from .packed_weights import packed_linear
 from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin,
                    yarn_inverse_frequencies)
@@ -146,6 +147,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.plus_one and x.dtype == self.weight.dtype == torch.float32 and _wants_grad(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)  # same values, saves less for backward (fused_ops.py)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
@@ -300,7 +303,14 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is F.silu and _wants_grad(gate, up):
+            return self.down_proj(swiglu(gate, up))  # same values, saves less for backward (fused_ops.py)
         return self.down_proj(self.act(gate) * up)
+
+
+def _wants_grad(*tensors) -> bool:
+    """Training: a gradient will flow through these tensors (the fused autograd functions pay off only then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class Block(nn.Module):
