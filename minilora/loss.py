@@ -127,7 +127,9 @@ class _ChunkedNLL(torch.autograd.Function):
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[rows] = (g @ weight).to(grad_h.dtype)  # (n, V) @ (V, C) -> (n, C)
-            if need_w:
+            if need_w and weight.dtype == torch.float32:  # full fine-tuning: accumulated in place, no (V, C) temporary
+                grad_w.addmm_(g.T, h.to(weight.dtype))  # += (V, n) @ (n, C)
+            elif need_w:
                 grad_w += (g.T @ h.to(weight.dtype)).float()  # (V, n) @ (n, C) -> (V, C)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
