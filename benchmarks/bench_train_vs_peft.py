@@ -34,6 +34,7 @@ Ratios are reported, never asserted. `--profile` adds the top operators of one t
     python benchmarks/bench_train_vs_peft.py --device cpu --batch 2 --seq 256 --grad-checkpointing both
     python benchmarks/bench_train_vs_peft.py --model /path/to/Llama-3.2-1B --batch 4 --seq 1024   # a real model
     python benchmarks/bench_train_vs_peft.py --tiny --out /tmp/x                # seconds: the smoke test's settings
+    python benchmarks/bench_train_vs_peft.py --shape smollm2-real --method qlora  # the real SmolLM2-135M GGUF
 
 --method qlora: both sides quantize the block linears to NF4 with double quantization (blocksize 64, compute dtype
 = --dtype) while loading: minilora.formats.safetensors_folder.load_model(quantize="nf4") against from_pretrained with a
