@@ -17,6 +17,10 @@ saved by minilora loads in PEFT and back (see adapter.py).
 `LoRALinear` wraps its base by composition: the base may be an `nn.Linear` or the 4-bit `NF4Linear` (QLoRA); it
 only needs `base(x)`, `in_features`, `out_features`, and for merging a float `weight` or a `dequantize()` method.
 
+For training, `FrozenLinearLoRA` computes the same layer as one autograd function (no dropout, no autocast): the
+LoRA product is added in place into the base output and backward forms grad_x in one GEMM plus one rank-r update,
+where autograd would make an extra pass for each. `forward` picks it when it applies (`_fusable`).
+
 DoRA (a learned magnitude per output row on top of LoRA's direction) is dora.py's DoRALinear, a LoRALinear with
 one more parameter.
 

@@ -16,6 +16,9 @@ layers), a (B, T) padding mask, and optional segment ids for packed samples (blo
 earlier tokens of its own segment). On CUDA, packed samples skip the dense mask: PackedSegments runs one causal
 SDPA call per bucket of similar segment lengths, so the flash kernel stays usable.
 
+When a gradient is wanted, float32 RMSNorm and SwiGLU run as the autograd functions of fused_ops.py (the same
+values; they keep less for backward).
+
 Not handled: dropout (inference and LoRA fine-tuning of these models use none), bidirectional attention, dynamic
 NTK RoPE scaling, mixture-of-experts.
 """
