@@ -168,7 +168,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def _fusable(layer: "LoRALinear", x: torch.Tensor) -> bool:
     """FrozenLinearLoRA computes exactly this layer: a gradient is wanted, no dropout, no autocast, one dtype, and a
-    base that is a frozen nn.Linear or an NF4 base on its PyTorch path (on CUDA the NF4 base runs its Triton kernels)."""
+    base that is a frozen nn.Linear or an NF4 base on its PyTorch path (on CUDA an NF4 base runs Triton kernels)."""
     base, A = layer.base, layer.lora_A.weight
     # Training only: without a gradient there is no backward to save on, and generate's packed weights
     # (packed_weights.py) run through the base's own forward.
