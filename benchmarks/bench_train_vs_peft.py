@@ -421,18 +421,28 @@ def step_time_key(args) -> str:
 
 def gemm_peak_gflops(device, args, n: int = 2048, calls: int = 5) -> float:
     """Median GFLOP/s of an (n, n) @ (n, n) float32 matmul: the large-GEMM rate this CPU/GPU reaches now, with
-    the same threads as the benchmark (2n³ FLOPs per call)."""
+    the same threads as the benchmark (2n³ FLOPs per call). On the CPU the higher of torch's two libraries:
+    torch.mm (MKL) and oneDNN with the weight packed once (on the AMD EPYC of the results, 2.3x MKL's rate:
+    benchmarks/gemm_libraries.py), so a step's share is of what the machine can do, not of one library."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    rates = []
-    for i in range(calls + 2):
-        synchronize(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        torch.mm(a, b)
-        synchronize(device)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if i >= 2:  # two warm-up calls
-            rates.append(2 * n**3 / 1e9 / (cpu if step_time_key(args) == "cpu_median_s" else wall))
-    return statistics.median(rates)
+    products = {"torch.mm": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), 128)  # a @ b as a linear on bᵀ
+        products["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    peaks = {}
+    for name, product in products.items():
+        rates = []
+        for i in range(calls + 2):
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            product()
+            synchronize(device)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if i >= 2:  # two warm-up calls
+                rates.append(2 * n**3 / 1e9 / (cpu if step_time_key(args) == "cpu_median_s" else wall))
+        peaks[name] = statistics.median(rates)
+    print("large-GEMM rates: " + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    return max(peaks.values())
 
 
 def useful_train_flops(mini, batch: dict, method: str) -> float:
@@ -556,7 +566,8 @@ def markdown(info: dict, setup: dict, check: dict, rows: list[dict], note: str, 
                      f"| {mb(mem_m) if 'peak_total' in m else ''} | {mb(mem_r) if 'peak_total' in r else ''} "
                      f"| {mem_ratio} |")
     if peaks:
-        lines.append(f"\nCompute: large-GEMM peak (2048³ float32 matmul, same threads, "
+        lines.append(f"\nCompute: large-GEMM peak (2048³ float32 matmul, same threads, on the CPU the faster of "
+                     f"torch.mm (MKL) and oneDNN with a packed weight, "
                      f"{'CPU' if cpu else 'wall'} time) {peaks[0]:,.1f} GFLOP/s at the start of the run and "
                      f"{peaks[1]:,.1f} at the end; the share below is of the higher. Useful FLOPs per step as "
                      "useful_train_flops() counts them (base forward + grad-input, LoRA x3, attention, head over "
