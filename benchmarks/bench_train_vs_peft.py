@@ -424,11 +424,22 @@ def gemm_peak_gflops(device, args, n: int = 2048, calls: int = 5) -> float:
     the same threads as the benchmark (2n³ FLOPs per call). On the CPU the higher of torch's two libraries:
     torch.mm (MKL) and oneDNN with the weight packed once (on the AMD EPYC of the results, 2.3x MKL's rate:
     benchmarks/gemm_libraries.py), so a step's share is of what the machine can do, not of one library."""
+    from minilora.packed_weights import onednn_available, pack, packed_linear
+
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     products = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.T.contiguous(), 128)  # a @ b as a linear on bᵀ
-        products["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    if device.type == "cpu" and onednn_available():
+        weight = b.T.contiguous()  # a @ b as a linear on bᵀ
+        packed = pack(weight)
+        products["oneDNN packed"] = lambda: packed_linear(a, packed, weight)
+    with torch.no_grad():  # packed_linear multiplies through oneDNN only when no gradient is wanted
+        peaks = _median_rates(products, device, args, 2 * n**3, calls)
+    print("large-GEMM rates: " + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    return max(peaks.values())
+
+
+def _median_rates(products: dict, device, args, flops: int, calls: int) -> dict:
+    """Median GFLOP/s of each product after two warm-up calls (CPU time when single-threaded, else wall)."""
     peaks = {}
     for name, product in products.items():
         rates = []
@@ -439,10 +450,9 @@ def gemm_peak_gflops(device, args, n: int = 2048, calls: int = 5) -> float:
             synchronize(device)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if i >= 2:  # two warm-up calls
-                rates.append(2 * n**3 / 1e9 / (cpu if step_time_key(args) == "cpu_median_s" else wall))
+                rates.append(flops / 1e9 / (cpu if step_time_key(args) == "cpu_median_s" else wall))
         peaks[name] = statistics.median(rates)
-    print("large-GEMM rates: " + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
-    return max(peaks.values())
+    return peaks
 
 
 def useful_train_flops(mini, batch: dict, method: str) -> float:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from harness import RESULTS, machine_info, save_results, time_interleaved
 
+from minilora.packed_weights import onednn_available, pack, packed_linear
+
 SHAPES = {  # name: (M, K, N)
     "square 2048": (2048, 2048, 2048),
     "benchmark q/o (512 -> 512)": (1024, 512, 512),
@@ -36,11 +38,11 @@ SHAPES = {  # name: (M, K, N)
 }
 
 
+@torch.no_grad()  # packed_linear multiplies through oneDNN only when no gradient is wanted
 def measure(M: int, K: int, N: int, repeats: int) -> dict:
     x, w = torch.randn(M, K), torch.randn(N, K)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, 128)  # once, as a frozen weight would be
-    fns = {"mkl": lambda: F.linear(x, w),
-           "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    packed = pack(w)  # once, as a frozen weight would be
+    fns = {"mkl": lambda: F.linear(x, w), "onednn": lambda: packed_linear(x, packed, w)}
     diff = (fns["mkl"]() - fns["onednn"]()).abs().max().item()
     times = time_interleaved(fns, warmup=2, steps=repeats, device=torch.device("cpu"))
     flops = 2 * M * K * N
@@ -81,7 +83,7 @@ def main() -> None:
     p.add_argument("--note", default="")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    if not onednn_available():
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._reorder_linear_weight)")
     torch.set_num_threads(args.threads)
     info = machine_info("cpu", packages=())

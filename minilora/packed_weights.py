@@ -42,11 +42,15 @@ from torch import nn
 PACK_ROWS = 128  # the row count oneDNN chooses its blocked layout for (fastest from 1 to 128 rows, see above)
 
 
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (torch.ops.mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def packing_available(model) -> bool:
     """True when packing applies: float32 weights on the CPU, oneDNN present, and no gradient wanted."""
     w = next(model.parameters(), None)
-    return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available()
             and not torch.is_grad_enabled())
 
 
