@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from minilora.errors import MiniloraError
 from minilora.lora import (LoRALinear, add_lora, apply_lora, count_parameters, linear_names, merge_lora,
                            parameter_summary)
+from op_recorder import OpRecorder
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -374,19 +374,17 @@ def test_injected_layers_follow_the_models_train_or_eval_mode():
     assert not torch.equal(model(x), model(x))  # dropout active in training
 
 
-class ActivationOps(TorchDispatchMode):
-    """The aten ops that take or make a tensor with the activation's leading dims `lead` (N tokens, any width)."""
+def activation_ops(lead: torch.Size) -> OpRecorder:
+    """Records the names of the aten ops that take or make a tensor with the activation's leading dims `lead`
+    (N tokens, any width)."""
 
-    def __init__(self, lead):
-        super().__init__()
-        self.lead, self.ops = lead, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def pick(func, args, out):
         tensors = [t for t in tree_flatten((args, out))[0] if isinstance(t, torch.Tensor)]
-        if any(t.shape[:-1] == self.lead or t.shape[:1] == (self.lead.numel(),) for t in tensors):
-            self.ops.append(func.__name__)
-        return out
+        if any(t.shape[:-1] == lead or t.shape[:1] == (lead.numel(),) for t in tensors):
+            return func.__name__
+        return None
+
+    return OpRecorder(pick)
 
 
 def test_autocast_lora_forward_has_no_dtype_round_trip_and_one_fused_addmm():
@@ -399,15 +397,15 @@ def test_autocast_lora_forward_has_no_dtype_round_trip_and_one_fused_addmm():
     nn.init.normal_(lora.lora_B.weight, std=0.1)
     x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
     lead = torch.Size((4, 16))
-    with ActivationOps(lead) as forward:
+    with activation_ops(lead) as forward:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = lora(x)
-    with ActivationOps(lead) as backward:
+    with activation_ops(lead) as backward:
         y.sum().backward()
     assert y.dtype == torch.bfloat16
-    assert "_to_copy.default" not in forward.ops + backward.ops, (forward.ops, backward.ops)
-    assert forward.ops.count("addmm.default") == 1
-    assert "mul.Tensor" not in forward.ops and "add.Tensor" not in forward.ops, forward.ops
+    assert "_to_copy.default" not in forward.seen + backward.seen, (forward.seen, backward.seen)
+    assert forward.seen.count("addmm.default") == 1
+    assert "mul.Tensor" not in forward.seen and "add.Tensor" not in forward.seen, forward.seen
     xf = x.detach().float()
     expected = base.float()(xf) + 2.0 * xf @ lora.lora_A.weight.T @ lora.lora_B.weight.T
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)

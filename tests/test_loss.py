@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from minilora.loss import chunked_next_token_loss, count_target_tokens, next_token_loss
+from op_recorder import OpRecorder
 
 
 def make_labels(B, T, V, seed=0, ignore_frac=0.3, ignored_rows=()):
@@ -359,18 +360,10 @@ def test_counted_rows_only_equals_cross_entropy(case, softcap):
     assert torch.all(g_h[ignored] == 0) and torch.any(g_h[~ignored] != 0)
 
 
-class MatmulRows(TorchDispatchMode):
+def matmul_rows(V: int) -> OpRecorder:
     """Records the rows M of every (M, K) @ (K, N) product whose N is the vocabulary size."""
-
-    def __init__(self, V):
-        super().__init__()
-        self.V, self.rows = V, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and args[1].shape[-1] == self.V:
-            self.rows.append(args[0].shape[0])
-        return out
+    return OpRecorder(lambda func, args, out: args[0].shape[0] if func in (torch.ops.aten.mm.default,
+                      torch.ops.aten.mm.out) and args[1].shape[-1] == V else None)
 
 
 def test_masked_rows_are_not_projected():
@@ -378,6 +371,6 @@ def test_masked_rows_are_not_projected():
     B, T, C, V = 4, 12, 8, 97
     hidden = torch.randn(B, T, C, requires_grad=True)
     labels = masked_labels(B, T, V, "half masked")  # labels 6..11 of each row: 6 targets
-    with MatmulRows(V) as seen:
+    with matmul_rows(V) as rows:
         loss, n = chunked_next_token_loss(hidden, torch.randn(V, C), labels, chunk_size=7)
-    assert n.item() == 24 and sum(seen.rows) == 24 and max(seen.rows) == 7
+    assert n.item() == 24 and sum(rows.seen) == 24 and max(rows.seen) == 7

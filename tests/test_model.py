@@ -10,12 +10,12 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from minilora.formats.safetensors_folder import load_model
 from minilora.generation import generate
 from minilora.model import KVCache
+from op_recorder import OpRecorder
 from tiny_models import EOS, FAMILIES, PAD, load_hf_model, make_tiny_checkpoint
 
 TOL = 1e-4
@@ -169,16 +169,9 @@ def test_preallocated_cache_decodes_across_windows_without_copying_the_past(mode
         assert [buf.shape[2] for buf in cache._k] == capacity
 
 
-class OpNames(TorchDispatchMode):
-    """Names of the aten ops run inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+def op_names() -> OpRecorder:
+    """Records the names of the aten ops run inside it."""
+    return OpRecorder(lambda func, args, out: func.__name__)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # SDPA's enable_gqa; gemma2: the soft-capped path
@@ -186,12 +179,12 @@ def test_grouped_query_attention_never_repeats_keys(models, family):
     ours, _ = models(family)
     assert ours.config.num_attention_heads > ours.config.num_key_value_heads
     ids = random_ids(1, 6)
-    with torch.no_grad(), OpNames() as ops:
+    with torch.no_grad(), op_names() as ops:
         cache = KVCache()
         ours(ids[:, :5], kv_cache=cache)
         ours(ids[:, 5:], kv_cache=cache)
-    assert "_scaled_dot_product_flash_attention_for_cpu.default" in ops.names or family == "gemma2"
-    assert not [n for n in ops.names if "repeat" in n]  # repeat_interleave / repeat: copies of the K/V heads
+    assert "_scaled_dot_product_flash_attention_for_cpu.default" in ops.seen or family == "gemma2"
+    assert not [n for n in ops.seen if "repeat" in n]  # repeat_interleave / repeat: copies of the K/V heads
 
 
 @pytest.mark.parametrize("T", [8, 16, 17, 24])
@@ -264,18 +257,10 @@ def test_segment_ids_keep_packed_samples_apart(models, family):
         assert (ours(packed, segment_ids=segments, position_ids=positions) - got).abs().max() < TOL
 
 
-class BoolMasks(TorchDispatchMode):
-    """Shapes of the boolean tensors with two trailing dims of T (attention masks) created inside the mode."""
-
-    def __init__(self, T):
-        super().__init__()
-        self.T, self.shapes = T, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.shape[-2:] == (self.T, self.T):
-            self.shapes.append(tuple(out.shape))
-        return out
+def bool_masks(T: int) -> OpRecorder:
+    """Records the shapes of the boolean tensors with two trailing dims of T (attention masks) made inside it."""
+    return OpRecorder(lambda func, args, out: tuple(out.shape) if isinstance(out, torch.Tensor)
+                      and out.dtype == torch.bool and out.shape[-2:] == (T, T) else None)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2", "gemma3_text"])  # qwen2, gemma3: mixed layers
@@ -297,10 +282,10 @@ def test_per_segment_attention_equals_the_dense_mask(models, family):
         ours.zero_grad(set_to_none=True)
         embeddings.requires_grad_(True)
         try:
-            with BoolMasks(T) as seen:
+            with bool_masks(T) as masks:
                 logits = ours(ids, attention_mask=mask, segment_ids=segments)
             (logits[mask.bool()].square().mean()).backward()
-            results[per_segment] = (logits.detach(), embeddings.grad.clone(), seen.shapes)
+            results[per_segment] = (logits.detach(), embeddings.grad.clone(), masks.seen)
         finally:
             ours.per_segment_attention = None
             embeddings.requires_grad_(was_trainable)
