@@ -17,7 +17,7 @@ from minilora.checkpointing import MANIFEST, complete_checkpoints, find_checkpoi
 from minilora.errors import MiniloraError
 from minilora.train import train
 from minilora.train_config import TrainConfig
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_training_inputs
 
 TEXT = ("The river runs past the old mill and the children count the boats.\n\n"
         "In spring the orchard turns white, and bees visit every tree.\n\n") * 8
@@ -25,11 +25,7 @@ TEXT = ("The river runs past the old mill and the children count the boats.\n\n"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
-    data = root / "data.txt"
-    data.write_text(TEXT, encoding="utf-8")
-    return model, data
+    return make_tiny_training_inputs(tmp_path_factory.mktemp("ckpt"), "data.txt", TEXT)
 
 
 def config(tiny, out, **changes) -> TrainConfig:

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_training_inputs
 from tiny_tokenizers import set_chat_template
 
 from minilora.errors import MiniloraError
@@ -58,11 +58,9 @@ def conversations() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
+    chats = "".join(json.dumps(c) + "\n" for c in conversations())
+    model, data = make_tiny_training_inputs(tmp_path_factory.mktemp("dist"), "chats.jsonl", chats)
     set_chat_template(model, CHATML)
-    data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in conversations()), encoding="utf-8")
     return model, data
 
 

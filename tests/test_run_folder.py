@@ -14,7 +14,7 @@ from minilora.default.demos import demo_output
 from minilora.errors import MiniloraError
 from minilora.train import resolve_default, train
 from minilora.train_config import TrainConfig, parse_args
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_training_inputs
 
 TEXT = ("The river runs past the old mill and the children count the boats.\n\n"
         "강물은 오래된 방앗간 옆을 흐르고 아이들은 배를 센다.\n\n") * 8
@@ -22,10 +22,7 @@ TEXT = ("The river runs past the old mill and the children count the boats.\n\n"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
-    (root / "data.txt").write_text(TEXT, encoding="utf-8")
-    return model, root / "data.txt"
+    return make_tiny_training_inputs(tmp_path_factory.mktemp("ckpt"), "data.txt", TEXT)
 
 
 def config(tiny, out, **changes) -> TrainConfig:

@@ -13,7 +13,7 @@ from minilora.errors import MiniloraError
 from minilora.train import train
 from minilora.trainer import lr_factor
 from minilora.train_config import TrainConfig, parse_args
-from tiny_models import load_hf_model, make_tiny_checkpoint
+from tiny_models import load_hf_model, make_tiny_training_inputs
 
 TEXT = (
     "The river runs past the old mill and the children count the boats.\n\n"
@@ -26,11 +26,7 @@ TEXT = (
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama with a byte-level tokenizer, and a small bilingual text file."""
-    root = tmp_path_factory.mktemp("train")
-    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
-    data = root / "data.txt"
-    data.write_text(TEXT, encoding="utf-8")
-    return model, data
+    return make_tiny_training_inputs(tmp_path_factory.mktemp("train"), "data.txt", TEXT)
 
 
 def config(tiny, out, **changes) -> TrainConfig:

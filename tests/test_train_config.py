@@ -15,7 +15,7 @@ import minilora.train_config as train_config
 from minilora.errors import MiniloraError, run_cli
 from minilora.train import main, train
 from minilora.train_config import CHOICES, SAFE_ON_RESUME, TrainConfig, build_parser, parse_args
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_training_inputs
 
 TEXT = ("The river runs past the old mill and the children count the boats.\n\n"
         "강물은 오래된 방앗간 옆을 흐르고 아이들은 배를 센다.\n\n") * 8
@@ -101,10 +101,8 @@ def test_toml_errors_name_the_key_and_the_type(tmp_path, line, message):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
-    (root / "data.txt").write_text(TEXT, encoding="utf-8")
-    return root
+    model, _ = make_tiny_training_inputs(tmp_path_factory.mktemp("resume"), "data.txt", TEXT)
+    return model.parent
 
 
 def losses(run_dir: Path) -> dict[int, float]:

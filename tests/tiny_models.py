@@ -99,6 +99,15 @@ def make_tiny_checkpoint(family: str, path, *, dtype=torch.float32, seed: int = 
     return path
 
 
+def make_tiny_training_inputs(root: Path, data_name: str, data_text: str) -> tuple[Path, Path]:
+    """What the trainer tests train: a tiny Llama with a byte-level tokenizer in root/model, and the training
+    file root/data_name holding data_text. Returns (model folder, data file)."""
+    model = make_tiny_checkpoint("llama", root / "model", tokenizer="llama3")
+    data = root / data_name
+    data.write_text(data_text, encoding="utf-8")
+    return model, data
+
+
 def _write_tokenizer(path: Path, style: str) -> dict:
     """Write a tiny tokenizer folder into `path`; return the model config fields that must agree with it."""
     from tokenizers import Tokenizer
