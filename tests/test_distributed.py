@@ -74,12 +74,18 @@ def flags(tiny, out, method="lora", **changes) -> list[str]:
     return [x for k, v in values.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def torchrun(args: list[str], nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
+def torchrun_command(args: list[str], nproc: int = 2, script: list[str] | None = None) -> tuple[list[str], dict]:
+    """The torchrun command line of a run, and its environment."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if DEVICE == "cuda":
         env.pop("TRITON_INTERPRET", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *(script or ["-m", "minilora.train"]), *args]
+    return command, env
+
+
+def torchrun(args: list[str], nproc: int = 2, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(args, nproc, script)
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
@@ -267,9 +273,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_and_latest_stays_complete(tiny, 
     import time
 
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "minilora.train", *flags(tiny, out, max_steps=100000, save_every=2, batch_size=2)]
+    command, env = torchrun_command(flags(tiny, out, max_steps=100000, save_every=2, batch_size=2))
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                            start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
