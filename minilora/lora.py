@@ -36,6 +36,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import cpu_matmul
 from .errors import MiniloraError
 
 
@@ -126,8 +127,10 @@ class FrozenLinearLoRA(torch.autograd.Function):
         grad_x = grad_y W0 + gB A                  one GEMM, then one rank-r addmm_ into its result
         grad_A = gBᵀ x,   grad_B = s · grad_yᵀ (x Aᵀ)
 
-    Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ (N, r); never a dense copy of a
-    4-bit W0: `dense_weight` dequantizes an NF4 base again in backward, as bitsandbytes does.
+    The two base products (x W0ᵀ and grad_y W0) go through oneDNN on the CPU in float32 (cpu_matmul.py: ~2x MKL's
+    rate on the benchmarks' AMD CPU). Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ
+    (N, r); never a dense copy of a 4-bit W0: `dense_weight` dequantizes an NF4 base again in backward, as
+    bitsandbytes does.
     """
 
     @staticmethod
@@ -136,7 +139,7 @@ class FrozenLinearLoRA(torch.autograd.Function):
         W = dense_weight(base, x.dtype)  # (d_out, d_in)
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         bias = getattr(base, "bias", None)
-        y = torch.mm(x2, W.T) if bias is None else torch.addmm(bias.to(x.dtype), x2, W.T)  # (N, d_out)
+        y = cpu_matmul.linear(x2, W, None if bias is None else bias.to(x.dtype))  # (N, d_out), oneDNN on the CPU
         del W  # an NF4 base's dense weight lives only during the matmul
         xa = torch.mm(x2, A.T)  # (N, r)
         y.addmm_(xa, B.T, alpha=scale)  # y += s · (x Aᵀ) Bᵀ, in place
@@ -151,7 +154,7 @@ class FrozenLinearLoRA(torch.autograd.Function):
         gB = torch.mm(g, B).mul_(ctx.scale)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, dense_weight(ctx.base, g.dtype))  # (N, d_out) @ (d_out, d_in)
+            grad_x = cpu_matmul.linear(g, dense_weight(ctx.base, g.dtype).T)  # (N, d_out) @ (d_out, d_in)
             grad_x.addmm_(gB, A)  # + (N, r) @ (r, d_in)
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[2]:

@@ -24,6 +24,8 @@ Not handled: label smoothing, z-loss, a bias on the vocabulary head, tensor-para
 
 import torch
 
+from . import cpu_matmul
+
 IGNORE_INDEX = -100  # the label of a position the loss skips (padding, prompts), as in PyTorch and transformers
 
 
@@ -59,17 +61,21 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return (loss if reduction == "sum" else loss / n_tokens.clamp(min=1)), n_tokens
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, out: torch.Tensor):
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, out: torch.Tensor | None):
     """Float32 logits (n, V) of the hidden rows h (n, C), written into `out` (n, V), and tanh(raw / cap) when
     soft-capping (else None).
 
     `out` is one buffer reused by every chunk: a fresh (n, V) tensor per chunk is a fresh mmap of tens of MB whose
     pages the kernel must fault in and zero — measured 44 ms of a 54 ms log_softmax at 512 × 49152 on one core.
+    `out` None: oneDNN multiplies (float32 on the CPU, cpu_matmul.py) into a tensor of its own, fresh pages and all:
+    111 ms against MKL's 215 ms into the buffer at 256 × 576 × 49152.
     """
     # h is cast to the head's dtype (float32 hidden states with a bf16 head): casting the (V, C) head instead
     # would copy it for every chunk.
     h = h.to(weight.dtype)
-    if weight.dtype == torch.float32:
+    if out is None:
+        out = cpu_matmul.linear(h, weight)  # (n, C) @ (C, V) -> (n, V)
+    elif weight.dtype == torch.float32:
         torch.mm(h, weight.T, out=out)  # (n, C) @ (C, V) -> (n, V), straight into the buffer
     else:
         out.copy_(h @ weight.T)  # a 16-bit product, widened to float32 once
@@ -110,12 +116,14 @@ class _ChunkedNLL(torch.autograd.Function):
         # With LoRA the vocabulary head is frozen and this (V, C) buffer is never allocated.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         M, V = counted.shape[0], weight.shape[0]
-        buffer = torch.empty(min(chunk_size, M), V, dtype=torch.float32, device=hidden.device)
+        # Each chunk of h is cast to the head's dtype, so the head alone decides; oneDNN brings its own output.
+        onednn = cpu_matmul.uses_onednn(weight, weight)
+        buffer = None if onednn else torch.empty(min(chunk_size, M), V, dtype=torch.float32, device=hidden.device)
         for s in range(0, M, chunk_size):
             rows = counted[s:s + chunk_size]  # (n,)
             h = hidden[rows]  # (n, C), a gather of the counted rows
             y = targets[rows, None]  # (n, 1)
-            z, t = _chunk_logits(h, weight, softcap, buffer[:len(rows)])  # (n, V)
+            z, t = _chunk_logits(h, weight, softcap, None if onednn else buffer[:len(rows)])  # (n, V)
             log_p = torch._log_softmax(z, 1, False, out=z)  # in place: log softmax(z), (n, V)
             total -= log_p.gather(1, y).sum()
             if not (need_h or need_w):
@@ -126,9 +134,9 @@ class _ChunkedNLL(torch.autograd.Function):
                 g.mul_(t.square_().neg_().add_(1))  # d(cap·tanh(x/cap))/dx = 1 − tanh²
             g = g.to(weight.dtype)
             if need_h:
-                grad_h[rows] = (g @ weight).to(grad_h.dtype)  # (n, V) @ (V, C) -> (n, C)
+                grad_h[rows] = cpu_matmul.linear(g, weight.T).to(grad_h.dtype)  # (n, V) @ (V, C) -> (n, C)
             if need_w and weight.dtype == torch.float32:  # full fine-tuning: accumulated in place, no (V, C) temporary
-                grad_w.addmm_(g.T, h.to(weight.dtype))  # += (V, n) @ (n, C)
+                cpu_matmul.accumulate_at_b_(grad_w, g, h.to(weight.dtype))  # += (V, n) @ (n, C)
             elif need_w:
                 grad_w += (g.T @ h.to(weight.dtype)).float()  # (V, n) @ (n, C) -> (V, C)
         ctx.save_for_backward(grad_h, grad_w)

@@ -8,8 +8,8 @@ embeddings, Gemma 2/3's extra "sandwich" norms, tanh soft-capping and sliding-wi
 and q/k norms, Phi-3's fused projections.
 
 Module names are Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so `state_dict()` keys equal the
-checkpoint's keys and LoRA/PEFT adapters address the same names. Every projection is a plain `nn.Linear`, so LoRA
-can wrap any of them by name.
+checkpoint's keys and LoRA/PEFT adapters address the same names. Every projection is an `nn.Linear` (cpu_matmul.Linear,
+a subclass whose training products run through oneDNN on the CPU), so LoRA can wrap any of them by name.
 
 The attention mask is built here, explicitly, from three ingredients: causality (plus a sliding window on some
 layers), a (B, T) padding mask, and optional segment ids for packed samples (block-diagonal: a token sees only
@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, RopeConfig
+from .cpu_matmul import Linear
 from .fused_ops import rms_norm, swiglu
 from .packed_weights import packed_linear
 from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin,
@@ -171,12 +172,12 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcap
         C, q_dim, kv_dim = cfg.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if cfg.fused_qkv:
-            self.qkv_proj = nn.Linear(C, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+            self.qkv_proj = Linear(C, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         else:
-            self.q_proj = nn.Linear(C, q_dim, bias=cfg.qkv_bias)
-            self.k_proj = nn.Linear(C, kv_dim, bias=cfg.qkv_bias)
-            self.v_proj = nn.Linear(C, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, C, bias=cfg.o_bias)
+            self.q_proj = Linear(C, q_dim, bias=cfg.qkv_bias)
+            self.k_proj = Linear(C, kv_dim, bias=cfg.qkv_bias)
+            self.v_proj = Linear(C, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, C, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.norm_plus_one)
@@ -294,11 +295,11 @@ class MLP(nn.Module):
         super().__init__()
         C, I = cfg.hidden_size, cfg.intermediate_size
         if cfg.fused_gate_up:
-            self.gate_up_proj = nn.Linear(C, 2 * I, bias=cfg.mlp_bias)  # gate first, then up
+            self.gate_up_proj = Linear(C, 2 * I, bias=cfg.mlp_bias)  # gate first, then up
         else:
-            self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-            self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
+            self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh")}[cfg.hidden_act]
 
     def forward(self, x):
@@ -357,7 +358,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.final_logit_softcap = config.final_logit_softcap
         self.gradient_checkpointing = False  # recompute each block in backward (saves activation memory)
         # Packed samples (segment_ids) attended per segment (PackedSegments) instead of through a dense mask:

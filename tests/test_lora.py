@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from minilora import cpu_matmul
 from minilora.errors import MiniloraError
 from minilora.lora import (LoRALinear, add_lora, apply_lora, count_parameters, linear_names, merge_lora,
                            parameter_summary)
@@ -101,7 +102,10 @@ def test_init_matches_peft_and_starts_at_the_base_model():
     assert ours.lora_A.weight.abs().max() <= bound and ours.lora_A.weight.abs().max() > 0.8 * bound
     assert torch.count_nonzero(ours.lora_B.weight) == 0
     x = torch.randn(3, 40)
-    assert torch.equal(ours(x), ours.base(x))
+    with torch.no_grad():  # evaluation: the base's own F.linear, plus exactly zero
+        assert torch.equal(ours(x), ours.base(x))
+    # Training (FrozenLinearLoRA): the base product through oneDNN on the CPU (cpu_matmul), plus exactly zero.
+    assert torch.equal(ours(x), cpu_matmul.linear(x, ours.base.weight, ours.base.bias))
 
 
 def test_only_A_and_B_train_and_step_zero_gradients():

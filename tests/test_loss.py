@@ -361,9 +361,15 @@ def test_counted_rows_only_equals_cross_entropy(case, softcap):
 
 
 def matmul_rows(V: int) -> OpRecorder:
-    """Records the rows M of every (M, K) @ (K, N) product whose N is the vocabulary size."""
-    return OpRecorder(lambda func, args, out: args[0].shape[0] if func in (torch.ops.aten.mm.default,
-                      torch.ops.aten.mm.out) and args[1].shape[-1] == V else None)
+    """Records the rows M of every (M, K) @ (K, N) product whose N is the vocabulary size: torch.mm (MKL), or
+    oneDNN's linear (cpu_matmul.py), whose weight is (N, K)."""
+    def rows_into_vocabulary(func, args, out):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) and args[1].shape[-1] == V:
+            return args[0].shape[0]
+        if func == torch.ops.mkldnn._linear_pointwise.default and args[1].shape[0] == V:
+            return args[0].shape[0]
+        return None
+    return OpRecorder(rows_into_vocabulary)
 
 
 def test_masked_rows_are_not_projected():
