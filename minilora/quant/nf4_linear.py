@@ -10,9 +10,10 @@ nn.Linear — composition, no special case.
 Backends (argument `backend`):
     "triton": the kernels of minilora/kernels/nf4_matmul.py — fused (the dense W is never materialised) below
               its DENSE_MIN_M rows of x, dequantize + cuBLAS from there (faster for long matmuls).
-    "torch":  F.linear(x, dequantize_nf4(W)) — the readable reference, for CPUs. The dense W lives only while
-              the matmul runs: backward dequantizes it again for grad_x = grad_y · W (as bitsandbytes'
-              MatMul4Bit does), so autograd keeps no 2-bytes-per-weight copy of the base between the passes.
+    "torch":  F.linear(x, dequantize_nf4(W)) — the readable reference, for CPUs (in training through oneDNN,
+              cpu_matmul.py). The dense W lives only while the matmul runs: backward dequantizes it again for
+              grad_x = grad_y · W (as bitsandbytes' MatMul4Bit does), so autograd keeps no 2-bytes-per-weight
+              copy of the base between the passes.
     "auto":   "triton" for CUDA tensors, "torch" otherwise.
 
 Like bitsandbytes' Linear4bit, x is cast to the compute dtype and the result back to x's dtype. `state_dict()`
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import cpu_matmul
 from ..errors import MiniloraError
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
@@ -46,11 +48,12 @@ class DequantizeMatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.q = q  # the frozen weight object itself, not a copy
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)  # (..., N); bias fused into the matmul, as in bnb
+        # oneDNN for float32 on the CPU (cpu_matmul.py: ~2x MKL's rate), else F.linear; bias fused, as in bnb
+        return cpu_matmul.linear(x, dequantize_nf4(q, x.dtype), bias)  # (..., N)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        grad_x = grad_y @ dequantize_nf4(ctx.q, grad_y.dtype)  # (..., N) @ (N, K) → (..., K)
+        grad_x = cpu_matmul.linear(grad_y, dequantize_nf4(ctx.q, grad_y.dtype).T)  # (..., N) @ (N, K) → (..., K)
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # (N,)
         return grad_x, None, grad_bias
 
@@ -110,8 +113,10 @@ class NF4Linear(nn.Module):
             from minilora.kernels.nf4_matmul import nf4_matmul  # imports triton only when it is used
 
             y = nf4_matmul(x_c, self.nf4, bias)
-        else:
+        elif torch.is_grad_enabled():
             y = DequantizeMatMul.apply(x_c, self.nf4, bias)
+        else:  # evaluation: nothing to save for backward; F.linear, the reference's kernel
+            y = F.linear(x_c, dequantize_nf4(self.nf4, x_c.dtype), bias)
         return y.to(x.dtype)  # (..., out_features)
 
     def extra_repr(self) -> str:
