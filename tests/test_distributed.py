@@ -12,7 +12,10 @@ micro-batch of 8 instead of two of 4 - the same step in exact arithmetic - alrea
 steps by 2.9e-6 to 1.0e-4 of their scale depending on the seed (measured for LoRA and QLoRA, seeds 1-3): AdamW's
 m / sqrt(v) amplifies the last-bit differences of sums taken in another order wherever a gradient entry changes
 sign between steps. Two processes sum in yet another order and landed at 0.1x-2.4x that floor in the same
-measurement, so the bar is max(1e-5, 4 x floor), with the floor measured in the test itself and required to stay
+measurement while every product ran through MKL. Training products now run through oneDNN (cpu_matmul.py), whose
+kernels block by the row count, so 192-row micro-batches (two processes) round differently again: measured for
+seeds 1-2, LoRA and QLoRA, the two-process gap was 0.6x-5.7x the floor (QLoRA seed 1: floor 5.4e-6, two processes
+3.1e-5). So the bar is max(1e-5, 10 x floor), with the floor measured in the test itself and required to stay
 under 2e-4. Normalising by each rank's own token count (the bug the issue measured) is checked to land far above
 the bar: a test that cannot fail would prove nothing. The gradient norms, which no optimizer amplifies, agree
 within 1e-5 at every step.
@@ -165,7 +168,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tiny, tmp_path, met
     run = torchrun(flags(tiny, tmp_path / "two", method, batch_size=2, fsdp="true" if fsdp else None))
     assert run.returncode == 0, run.stderr[-3000:]
     one = saved_weights(tmp_path / "one", method)
-    bar = max(1e-5, 4 * rounding_floor(tiny, tmp_path, method, tmp_path / "one"))
+    bar = max(1e-5, 10 * rounding_floor(tiny, tmp_path, method, tmp_path / "one"))
     assert relative_gap(saved_weights(tmp_path / "two", method), one) <= bar
     assert final_val_loss(tmp_path / "two") == pytest.approx(final_val_loss(tmp_path / "one"), rel=1e-5)
     # The total gradient norm over the ranks' shards, and clipping (max_grad_norm 1) acted at every step

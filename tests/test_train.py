@@ -266,17 +266,34 @@ def test_epochs_set_the_number_of_steps(tiny, tmp_path):
     assert max(losses(tmp_path)) == expected and expected >= 4
 
 
-def test_fused_adamw_exactly_when_every_parameter_is_on_cuda(tiny):
+def test_fused_adamw_when_every_parameter_is_on_one_cpu_or_cuda_device_and_it_steps_like_foreach(tiny):
     from types import SimpleNamespace
 
     from minilora.formats.safetensors_folder import load_model
     from minilora.trainer import make_optimizer, use_fused_adamw
 
     cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
-    assert use_fused_adamw([cuda, cuda]) and not use_fused_adamw([cuda, cpu]) and not use_fused_adamw([])
+    meta = SimpleNamespace(device=torch.device("meta"))
+    assert use_fused_adamw([cuda, cuda]) and use_fused_adamw([cpu, cpu])
+    assert not use_fused_adamw([cuda, cpu]) and not use_fused_adamw([meta]) and not use_fused_adamw([])
     model_dir, _ = tiny
-    optimizer = make_optimizer(load_model(model_dir).requires_grad_(True), TrainConfig(model=str(model_dir)))
-    assert not optimizer.defaults["fused"]  # CPU: torch's default
+    models = [load_model(model_dir).requires_grad_(True) for _ in range(2)]
+    cfg = TrainConfig(model=str(model_dir), weight_decay=0.1)
+    fused = make_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+              for g in make_optimizer(models[1], cfg).param_groups]
+    foreach = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    for step in range(3):  # the same gradients on both copies; the updates agree to float32 rounding
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.full_like(a, 0.01 * (step + 1)).add_(a.detach())
+            b.grad = a.grad.clone()
+        fused.step()
+        foreach.step()
+    start = next(load_model(model_dir).parameters())
+    assert (next(models[0].parameters()) - start).abs().max() > 1e-4  # it did step (3 steps of lr 2e-4)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_train_step_syncs_with_the_host_a_fixed_number_of_times(tiny):
