@@ -128,6 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     env.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md and .json results")
     env.add_argument("--no-save", action="store_true", help="only print")
     env.add_argument("--note", default="", help="a line for the report (what else was running, ...)")
+    env.add_argument("--tag", default="", help="a suffix for the result files' names (a second run of the day)")
     args = p.parse_args(argv)
     if args.tiny or args.shape == "smollm2":  # presets that explicit flags still override
         p.set_defaults(**(TINY if args.tiny else SMOLLM2))
@@ -658,7 +659,9 @@ def save(report: str, data: dict, out: Path, info: dict, args) -> Path:
     shape = "smollm2_real_" if args.shape == "smollm2-real" else f"{Path(args.model).stem.lower()}_" if real \
         else "smollm2_" if args.shape == "smollm2" and not args.model else ""
     shape += "inference_" if args.no_train else ""
-    return harness.save_results(out / f"{method}{shape}train_vs_peft_{info['device']}_{info['date']}", report, data)
+    tag = f"_{args.tag}" if args.tag else ""
+    return harness.save_results(out / f"{method}{shape}train_vs_peft_{info['device']}_{info['date']}{tag}", report,
+                                data)
 
 
 def describe_setup(args, mini, ref, names) -> dict:
