@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_matmul
+
 PACK_ROWS = 128  # the row count oneDNN chooses its blocked layout for (fastest from 1 to 128 rows, see above)
 
 
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear (torch.ops.mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch build has oneDNN's linear (cpu_matmul.py) and its weight packing."""
+    return cpu_matmul.onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def packing_available(model) -> bool:
