@@ -726,7 +726,8 @@ def main(argv=None) -> int:
 
     check = check_agreement(mini, ref, next(iter(batches.values())), cfg, device, amp)
     print(f"step-0 loss: minilora {check['loss_minilora']:.6f}, reference {check['loss_reference']:.6f}, "
-          f"|diff| {check['loss_abs_diff']:.2e}; LoRA grad rel err {check['lora_grad_rel_err']:.2e}", flush=True)
+          f"|diff| {check['loss_abs_diff']:.2e}; {'all' if args.method == 'full' else 'LoRA'} gradients' relative "
+          f"error {check['lora_grad_rel_err']:.2e}", flush=True)
     peak_start = gemm_peak_gflops(device, args)
     print(f"large-GEMM peak: {peak_start:,.1f} GFLOP/s", flush=True)
     rows = [] if args.no_train else bench_training(mini, ref, batches, cfg, args, device, amp, peak_start)

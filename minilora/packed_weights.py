@@ -13,7 +13,8 @@ layout (`_reorder_linear_weight`) it multiplies much faster. Measured on SmolLM2
 
 A layout packed for 128 rows was the fastest at 1 and 8 rows too, so one copy serves prefill and decoding.
 
-Costs: packing is a second copy of every weight (513 MB for SmolLM2-135M in float32), and it takes 0.13 s on a
+Costs: packing is a second copy of every weight (513 MB for SmolLM2-135M in float32; skipped when that copy would
+not fit in half the available memory, copies_fit_in_memory), and it takes 0.13 s on a
 quiet core (0.5-0.9 s under load: mostly first touches of the fresh pages), which would be most of a short reply's
 time if every call packed again. So the copies are kept between calls, in a cache with weak keys (an entry dies
 with its layer), each tagged with its weight's version (storage, shape, torch's in-place counter): a weight changed
@@ -50,10 +51,33 @@ def onednn_available() -> bool:
 
 
 def packing_available(model) -> bool:
-    """True when packing applies: float32 weights on the CPU, oneDNN present, and no gradient wanted."""
+    """True when packing applies: float32 weights on the CPU, oneDNN present, no gradient wanted, and room in
+    memory for the packed copies."""
     w = next(model.parameters(), None)
     return (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and onednn_available()
-            and not torch.is_grad_enabled())
+            and not torch.is_grad_enabled() and copies_fit_in_memory(model))
+
+
+def copies_fit_in_memory(model) -> bool:
+    """Whether a packed copy of the model's float32 weights fits in half the memory the system has available now
+    (Linux's MemAvailable; elsewhere assumed). The copy is the size of the weights: 0.5 GB for SmolLM2-135M, but
+    28 GB for a 7B model in float32, where packing would invite the out-of-memory killer. Without room, generate
+    multiplies the weights as they are (F.linear), slower but without a second copy."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float32)
+    available = available_memory_bytes()
+    return available is None or weight_bytes <= available // 2
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), or None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

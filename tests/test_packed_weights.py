@@ -173,3 +173,38 @@ def test_training_samples_leave_no_packed_copies(models, mode):
     texts = sample(ours, tokenizer, ["hello", "tea"], cfg, torch.device("cpu"))
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert packed_bytes(ours) == 0
+
+
+def test_no_packing_when_the_copies_would_not_fit_in_memory(models, monkeypatch):
+    """Half the available memory must hold a copy of the float32 weights; with less, generate multiplies the
+    plain weights and gives the same tokens, packing nothing."""
+    import minilora.packed_weights as pw
+
+    ours, _ = models("llama")
+    release_packed(ours)
+    weight_bytes = sum(p.numel() * 4 for p in ours.parameters())
+    ids = random_ids(1, 8, seed=5)
+    packed_tokens = generate(ours, ids, 6, eos_token_ids=[])
+    assert packed_bytes(ours) > 0
+    release_packed(ours)
+    monkeypatch.setattr(pw, "available_memory_bytes", lambda: 2 * weight_bytes - 1)  # one byte short
+    with torch.no_grad():
+        assert not packing_available(ours)
+    assert torch.equal(generate(ours, ids, 6, eos_token_ids=[]), packed_tokens)
+    assert packed_bytes(ours) == 0
+    monkeypatch.setattr(pw, "available_memory_bytes", lambda: 2 * weight_bytes)  # just enough
+    with torch.no_grad():
+        assert packing_available(ours)
+
+
+def test_available_memory_is_read_from_proc_meminfo():
+    import minilora.packed_weights as pw
+
+    available = pw.available_memory_bytes()
+    try:
+        text = open("/proc/meminfo").read()
+    except OSError:
+        assert available is None
+        return
+    kb = int(next(line for line in text.splitlines() if line.startswith("MemAvailable:")).split()[1])
+    assert abs(available - kb * 1024) < 64 * 2**20  # read a moment apart: within 64 MB
