@@ -127,8 +127,8 @@ class FrozenLinearLoRA(torch.autograd.Function):
         grad_x = grad_y W0 + gB A                  one GEMM, then one rank-r addmm_ into its result
         grad_A = gBᵀ x,   grad_B = s · grad_yᵀ (x Aᵀ)
 
-    The two base products (x W0ᵀ and grad_y W0) go through oneDNN on the CPU in float32 (cpu_matmul.py: ~2x MKL's
-    rate on the benchmarks' AMD CPU). Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ
+    The base products (x W0ᵀ and grad_y W0) and three of the rank-r ones go through oneDNN on the CPU in float32
+    (cpu_matmul.py: ~2x MKL's rate on the benchmarks' AMD CPU; the in-place addmm_ stay MKL's). Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ
     (N, r); never a dense copy of a 4-bit W0: `dense_weight` dequantizes an NF4 base again in backward, as
     bitsandbytes does.
     """
@@ -141,7 +141,7 @@ class FrozenLinearLoRA(torch.autograd.Function):
         bias = getattr(base, "bias", None)
         y = cpu_matmul.linear(x2, W, None if bias is None else bias.to(x.dtype))  # (N, d_out), oneDNN on the CPU
         del W  # an NF4 base's dense weight lives only during the matmul
-        xa = torch.mm(x2, A.T)  # (N, r)
+        xa = cpu_matmul.linear(x2, A)  # (N, r)
         y.addmm_(xa, B.T, alpha=scale)  # y += s · (x Aᵀ) Bᵀ, in place
         ctx.save_for_backward(x2, xa, A, B)
         ctx.base, ctx.scale = base, scale
@@ -151,16 +151,16 @@ class FrozenLinearLoRA(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, xa, A, B = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, d_out)
-        gB = torch.mm(g, B).mul_(ctx.scale)  # (N, r)
+        gB = cpu_matmul.linear(g, B.T).mul_(ctx.scale)  # (N, d_out) @ (d_out, r) -> (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = cpu_matmul.linear(g, dense_weight(ctx.base, g.dtype).T)  # (N, d_out) @ (d_out, d_in)
             grad_x.addmm_(gB, A)  # + (N, r) @ (r, d_in)
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[2]:
-            grad_A = torch.mm(gB.T, x2)  # (r, N) @ (N, d_in)
+            grad_A = cpu_matmul.linear(gB.T, x2.T)  # (r, N) @ (N, d_in)
         if ctx.needs_input_grad[3]:
-            grad_B = torch.mm(g.T, xa).mul_(ctx.scale)  # (d_out, N) @ (N, r)
+            grad_B = torch.mm(g.T, xa).mul_(ctx.scale)  # (d_out, N) @ (N, r); MKL: oneDNN was 1.1-2.2x slower here
         return grad_x, None, grad_A, grad_B, None
 
 

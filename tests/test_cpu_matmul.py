@@ -114,11 +114,14 @@ def test_training_step_multiplies_through_onednn_everywhere():
         hidden = model(ids, return_hidden=True)  # (B, T, C)
         loss, _ = chunked_next_token_loss(hidden, model.lm_head_weight, ids)
         loss.backward()
-    weights = [w for _, w in calls.seen]
+    r = 4  # the LoRA products have r rows in their weight (A, Bᵀ) or in their input (gBᵀ for grad_A)
+    lora = [c for c in calls.seen if r in (c[0][0], c[1][0])]
+    weights = [w for x, w in calls.seen if r not in (x[0], w[0])]
     # forward: q, k, v, o, gate, up, down per layer and the head; backward: the head's grad_h, grad_x of the 7 block
     # linears of layer 1, and of layer 0 only o, gate, up, down (q, k, v read the frozen embeddings: no grad_x)
     assert sum(w[0] == 97 for w in weights) == 1 and sum(w[1] == 97 for w in weights) == 1
     assert len(weights) == 2 * 7 + 1 + 1 + 7 + 4
+    assert len(lora) == 3 * 4  # x Aᵀ, grad_y B and gBᵀ x of the 4 adapted layers (grad_B stays MKL's)
     with torch.no_grad(), onednn_calls() as calls:
         model(ids)
     assert calls.seen == []
