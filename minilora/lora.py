@@ -297,7 +297,8 @@ def _merged_dense_linear(module: "LoRALinear") -> nn.Linear:
         merged = module.merged_weight(w0) if not module.merged else w0
         weight = merged.to(dtype)  # one rounding, not one for the dequantize and one for the sum
     bias = getattr(base, "bias", None)
-    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    linear = cpu_matmul.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
+                               dtype=dtype)  # the model's own nn.Linear subclass, as before quantizing
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:

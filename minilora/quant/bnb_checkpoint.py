@@ -31,6 +31,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..cpu_matmul import Linear  # the model's own nn.Linear (training products through oneDNN)
 from ..errors import MiniloraError
 from .nf4 import NF4Weight
 from .nf4_linear import NF4Linear
@@ -143,7 +144,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name, m in list(model.named_modules()):
         if isinstance(m, NF4Linear):
             w = m.dequantize(torch.float32).to(dtype or m.compute_dtype)  # (out, in)
-            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
+            linear = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
                 linear.weight.copy_(w)
                 if m.bias is not None:

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minilora import cpu_matmul
 from minilora.cpu_matmul import LinearFunction, uses_onednn
 from minilora.errors import MiniloraError
 from minilora.quant.nf4 import dequantize_nf4, quantize_nf4
@@ -217,7 +218,7 @@ def test_merge_lora_over_nf4_rounds_once_to_the_compute_dtype():
     nn.init.normal_(model[0].lora_B.weight, std=0.01)
     q, delta = model[0].base.weight, model[0].delta_weight().float()
     merge_lora(model)
-    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.bfloat16
+    assert type(model[0]) is cpu_matmul.Linear and model[0].weight.dtype == torch.bfloat16
     expected = (dequantize_nf4(q, torch.float32) + delta).bfloat16()
     assert torch.equal(model[0].weight, expected)
     twice_rounded = (dequantize_nf4(q, torch.bfloat16).float() + delta).bfloat16()
