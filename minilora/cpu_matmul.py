@@ -4,7 +4,8 @@ Why: torch's float32 `torch.mm`/`F.linear` on the CPU call MKL, and MKL runs its
 only: on the AMD EPYC the benchmarks run on it reaches ~90 GFLOP/s on one core at 2048³. oneDNN (torch's other CPU
 library, `torch.ops.mkldnn._linear_pointwise`) JIT-compiles AVX-512 kernels for any x86 CPU, and it takes a plain
 (even transposed) weight, reordering it internally per call. Measured, 1 thread, CPU time, median of 7
-(SmolLM2-135M's shapes, 1024 rows = a B 4 × T 256 step; benchmarks/gemm_libraries.py has the whole table):
+(SmolLM2-135M's shapes, 1024 rows = a B 4 × T 256 step; benchmarks/gemm_libraries.py measures the forward and
+grad_x products on every block shape):
 
     product                           MKL        oneDNN
     x (1024, 576) @ W (1536, 576)ᵀ    21.0 ms    10.4 ms    forward of gate/up
@@ -15,10 +16,11 @@ library, `torch.ops.mkldnn._linear_pointwise`) JIT-compiles AVX-512 kernels for 
 The results differ from MKL's by ~1e-6 relative (the same products summed in another order), as two BLAS
 libraries do. No copy of any weight is kept: memory is what MKL's path uses.
 
-Used where the products are large and a gradient is wanted: `Linear` (every projection of model.py) in training,
-lora.FrozenLinearLoRA's base product and grad_x, and the chunked loss's three vocabulary products. A forward without
-gradient (evaluation, `model(ids)` in the logits parity tests) keeps MKL, the reference's exact kernel; generate
-has its own oneDNN path with packed weights (packed_weights.py), faster at 1-8 rows.
+Used where a gradient is wanted: `Linear` (every projection of model.py) in training, lora.FrozenLinearLoRA's base
+product, grad_x and three of its rank-r products, NF4Linear's training products, and the chunked loss's three
+vocabulary products. A forward without gradient (evaluation, `model(ids)` in the logits parity tests) keeps MKL,
+the reference's exact kernel; generate has its own oneDNN path with packed weights (packed_weights.py), faster at
+1-8 rows.
 
 Not handled: other dtypes and autocast (bf16 products are left to torch), GPUs (the plain torch product). oneDNN's
 op returns a new tensor, so an accumulating product (`addmm_`) goes a slice at a time (accumulate_at_b_).
