@@ -62,10 +62,11 @@ def copies_fit_in_memory(model) -> bool:
     """Whether a packed copy of the model's float32 weights fits in half the memory the system has available now
     (Linux's MemAvailable; elsewhere assumed). The copy is the size of the weights: 0.5 GB for SmolLM2-135M, but
     28 GB for a 7B model in float32, where packing would invite the out-of-memory killer. Without room, generate
-    multiplies the weights as they are (F.linear), slower but without a second copy."""
+    multiplies the weights as they are (F.linear), slower but without a second copy. Copies already packed by an
+    earlier call are held already: only the rest must fit."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float32)
     available = available_memory_bytes()
-    return available is None or weight_bytes <= available // 2
+    return available is None or weight_bytes - packed_bytes(model) <= available // 2
 
 
 def available_memory_bytes() -> int | None:
@@ -88,8 +89,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """x (..., K) @ Wᵀ + b through the packed copy of `weight`; F.linear where packing does not apply
     (autocast on, another dtype, or a gradient wanted)."""
-    if (x.dtype != torch.float32 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-            or x.device.type != "cpu"):
+    if torch.is_grad_enabled() or not cpu_matmul.uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # (..., N)
 

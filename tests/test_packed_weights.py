@@ -197,6 +197,25 @@ def test_no_packing_when_the_copies_would_not_fit_in_memory(models, monkeypatch)
         assert packing_available(ours)
 
 
+def test_copies_already_packed_do_not_count_against_the_memory_left(models, monkeypatch):
+    """The first generate's copies hold memory the second must not ask for again: with too little left for a fresh
+    copy, a model whose weights are packed already keeps using them."""
+    import minilora.packed_weights as pw
+
+    ours, _ = models("llama")
+    release_packed(ours)
+    weight_bytes = sum(p.numel() * 4 for p in ours.parameters())
+    generate(ours, random_ids(1, 8, seed=6), 2, eos_token_ids=[])
+    held = packed_bytes(ours)
+    assert held > 0
+    monkeypatch.setattr(pw, "available_memory_bytes", lambda: 2 * (weight_bytes - held))  # just the rest
+    with torch.no_grad():
+        assert packing_available(ours)
+        release_packed(ours)
+        assert not packing_available(ours)  # a fresh copy of everything would not fit
+    release_packed(ours)
+
+
 def test_available_memory_is_read_from_proc_meminfo():
     import minilora.packed_weights as pw
 
