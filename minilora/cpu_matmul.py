@@ -93,7 +93,7 @@ class LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = linear(g2.T, x.reshape(-1, x.shape[-1]).T)  # (N, M) @ (M, K) -> (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0).to(grad_y.dtype)  # (N,)
+            grad_b = g2.sum(0)  # (N,)
         return grad_x, grad_w, grad_b
 
 

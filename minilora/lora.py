@@ -128,9 +128,9 @@ class FrozenLinearLoRA(torch.autograd.Function):
         grad_A = gBᵀ x,   grad_B = s · grad_yᵀ (x Aᵀ)
 
     The base products (x W0ᵀ and grad_y W0) and three of the rank-r ones go through oneDNN on the CPU in float32
-    (cpu_matmul.py: ~2x MKL's rate on the benchmarks' AMD CPU; the in-place addmm_ stay MKL's). Saved for backward: x (which the next layers usually hold anyway) and x Aᵀ
-    (N, r); never a dense copy of a 4-bit W0: `dense_weight` dequantizes an NF4 base again in backward, as
-    bitsandbytes does.
+    (cpu_matmul.py: ~2x MKL's rate on the benchmarks' AMD CPU; the in-place addmm_ stay MKL's). Saved for
+    backward: x (which the next layers usually hold anyway) and x Aᵀ (N, r); never a dense copy of a 4-bit W0:
+    `dense_weight` dequantizes an NF4 base again in backward, as bitsandbytes does.
     """
 
     @staticmethod
