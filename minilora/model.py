@@ -34,7 +34,7 @@ from .config import ModelConfig, RopeConfig
 from .cpu_matmul import Linear
 from .fused_ops import rms_norm, swiglu
 from .packed_weights import packed_linear
-from .rope import (apply_rope, inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin,
+from .rope import (inverse_frequencies, longrope_inverse_frequencies, rope_cos_sin, rotate, rotation_tables,
                    yarn_inverse_frequencies)
 
 
@@ -151,8 +151,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.plus_one and x.dtype == self.weight.dtype == torch.float32 and _wants_grad(x, self.weight):
-            return rms_norm(x, self.weight, self.eps)  # same values, saves less for backward (fused_ops.py)
+        if not self.plus_one and x.dtype == self.weight.dtype == torch.float32:
+            if _wants_grad(x, self.weight):
+                return rms_norm(x, self.weight, self.eps)  # same values, saves less for backward (fused_ops.py)
+            if x.device.type == "cpu":  # torch's op runs these same float32 ops on the CPU: one call instead of six
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
@@ -201,7 +204,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # cos, sin: rotation_tables (B, 1, T, rotary_dim)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v, self.sliding_window)  # (B, KV, S, D), S = kept + T
         # Each group of H / KV query heads reads the same key/value head: enable_gqa lets SDPA index the shared
@@ -209,9 +212,10 @@ class Attention(nn.Module):
         if isinstance(mask, PackedSegments):
             y = mask.attention(q, k, v, self.scale)  # packed samples, one causal call per segment bucket
         elif self.softcap is None:
-            # mask None = plain causal: is_causal lets SDPA pick its fastest (flash) kernel on GPU
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            # mask None = plain causal: is_causal lets SDPA pick its fastest (flash) kernel on GPU. A single query
+            # (a decoding step) sees every key it is given, and SDPA's is_causal would align it with the first one.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         else:
             y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * D)
@@ -419,7 +423,7 @@ class Transformer(nn.Module):
         rope, masks = {}, {}
         segments = self._packed_segments(segment_ids, attention_mask, h.device)
         for lt in set(cfg.layer_types):
-            rope[lt] = layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype)  # cos, sin: (B, T, rotary_dim)
+            rope[lt] = rotation_tables(*layer_rope(cfg.rope[lt], cfg.rotary_dim, position_ids, h.dtype))  # cos, sin
             window = cfg.window(lt)
             first = first_kept_key(past, window) if kv_cache is not None else 0  # older keys left the cache
             if segments is not None and window is None:
@@ -492,9 +496,11 @@ def build_attention_mask(T, past, attention_mask, segment_ids, sliding_window, d
     first_key..past+T-1 (S of them: a sliding layer's cache has dropped the keys before first_key).
 
     Like transformers, the sliding window counts index distance: a query sees the `sliding_window` newest keys,
-    itself included. None means plain causal attention over a fresh sequence (the common training case).
+    itself included. None means plain causal attention over a fresh sequence (the common training case), or a
+    single query without padding: a decoding step, whose keys are exactly what it may see (a sliding layer's cache
+    holds only the window's keys), so a mask would only cost time.
     """
-    if attention_mask is None and segment_ids is None and sliding_window is None and past == 0:
+    if attention_mask is None and segment_ids is None and (T == 1 or sliding_window is None and past == 0):
         return None
     q_idx = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
     k_idx = torch.arange(first_key, past + T, device=device)[None, :]  # (1, S)

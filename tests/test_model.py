@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from minilora.formats.safetensors_folder import load_model
 from minilora.generation import generate
-from minilora.model import KVCache
+from minilora.model import KVCache, build_attention_mask, first_kept_key
 from op_recorder import OpRecorder
 from tiny_models import EOS, FAMILIES, PAD, load_hf_model, make_tiny_checkpoint
 
@@ -167,6 +167,17 @@ def test_preallocated_cache_decodes_across_windows_without_copying_the_past(mode
         assert [k.untyped_storage().data_ptr() for k in cache.keys] == storages
         capacity = [40 if lt == "full_attention" else 2 * cfg.sliding_window for lt in cfg.layer_types]
         assert [buf.shape[2] for buf in cache._k] == capacity
+
+
+def test_a_decoding_step_without_padding_builds_no_mask():
+    """One new query sees every key its cache returns (a sliding layer's cache already holds only the window), so no
+    mask is built for it; padding, several new tokens or packed segments still get one."""
+    for window in (None, 8):
+        assert build_attention_mask(1, 30, None, None, window, "cpu", first_kept_key(30, window)) is None
+        assert build_attention_mask(3, 30, None, None, 8, "cpu", first_kept_key(30, 8)) is not None
+    padding = torch.tensor([[0, 1, 1, 1]])
+    mask = build_attention_mask(1, 3, padding, None, None, "cpu")
+    assert mask.tolist() == [[[[False, True, True, True]]]]
 
 
 def op_names() -> OpRecorder:

@@ -13,7 +13,8 @@ from minilora.formats.safetensors_folder import load_model
 from minilora.generation import generate
 from minilora.lora import apply_lora, merge_lora
 from minilora.model import KVCache
-from minilora.packed_weights import _CACHE, packed_bytes, packed_linears, packing_available, release_packed
+from minilora.packed_weights import (_CACHE, STACKED, packed_bytes, packed_linears, packing_available,
+                                     release_packed)
 from tiny_models import FAMILIES, load_hf_model, make_tiny_checkpoint
 
 TOL = 1e-4
@@ -42,6 +43,11 @@ def linear_forwards_overridden(model) -> int:
     return sum("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def stacked_linears(model) -> int:
+    """Linears multiplied inside a packed stack (q|k|v, gate|up): the stand-ins packed_linears adds to modules."""
+    return sum(len(vars(m)[name].linears) for m in model.modules() for name in STACKED if name in vars(m))
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "phi3_longrope"])
 def test_packed_decoding_equals_the_unpacked_full_forward(models, family):
     """Prefill + one token at a time through packed weights (sliding windows crossed) == the plain forward."""
@@ -50,12 +56,15 @@ def test_packed_decoding_equals_the_unpacked_full_forward(models, family):
     with torch.no_grad():
         full = ours(ids)
         with packed_linears(ours):
-            assert linear_forwards_overridden(ours) == sum(isinstance(m, nn.Linear) for m in ours.modules())
+            n_linears = sum(isinstance(m, nn.Linear) for m in ours.modules())
+            assert linear_forwards_overridden(ours) + stacked_linears(ours) == n_linears
+            per_layer = (0 if ours.config.fused_qkv else 3) + (0 if ours.config.fused_gate_up else 2)
+            assert stacked_linears(ours) == per_layer * len(ours.model.layers)  # q|k|v and gate|up: one product each
             packed_full = ours(ids)
             cache = KVCache()
             steps = [ours(ids[:, :9], kv_cache=cache)]
             steps += [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 20)]
-    assert linear_forwards_overridden(ours) == 0  # every module is as it was
+    assert linear_forwards_overridden(ours) == stacked_linears(ours) == 0  # every module is as it was
     assert (packed_full - full).abs().max() < TOL
     assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
 

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from minilora.rope import (apply_rope, inverse_frequencies, longrope_attention_factor, longrope_inverse_frequencies,
-                          rope_cos_sin, yarn_attention_factor, yarn_inverse_frequencies)
+                          rope_cos_sin, rotate, rotation_tables, yarn_attention_factor, yarn_inverse_frequencies)
 
 
 @pytest.mark.parametrize("params", [
@@ -135,3 +135,16 @@ def test_partial_rotary_leaves_the_tail_untouched_and_keeps_norms():
     # pair (0, 4) at position 1 turns by angle inv_freq[0] = 1 radian
     c, s = math.cos(1.0), math.sin(1.0)
     assert torch.allclose(y[..., 1, 0], c * x[..., 1, 0] - s * x[..., 1, 4], atol=1e-6)
+
+
+@pytest.mark.parametrize("rotary_dim, head_dim", [(16, 16), (8, 16), (6, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_with_tables_is_apply_rope_bit_for_bit(rotary_dim, head_dim, dtype):
+    """The model's rotation (sign folded into the sin table, a roll for rotate_half) against the formula as written,
+    on a transposed (B, H, T, D) view like the model's queries."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, head_dim).to(dtype).transpose(1, 2)  # (B, H, T, D), not contiguous
+    cos, sin = rope_cos_sin(torch.arange(40, 47).expand(2, 7), inverse_frequencies(rotary_dim, 10_000.0), dtype)
+    got = rotate(x, *rotation_tables(cos, sin))
+    assert torch.equal(got, apply_rope(x, cos, sin))
+    assert not torch.equal(got, x)
