@@ -198,13 +198,13 @@ def check_finite(stats: dict, step: int, run_dir: Path) -> None:
 def evaluate(model, val_batches: Batches, cfg, device) -> dict:
     """Token-weighted validation loss over the validation set (or its first eval_batches batches)."""
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum = tokens = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per batch
     for i, batch in enumerate(val_batches.epoch(0)):
         if cfg.eval_batches and i >= cfg.eval_batches:
             break
         s, n = batch_loss_sum(model, batch, cfg, device)
-        loss_sum, tokens = loss_sum + s.item(), tokens + int(n)
-    loss_sum, tokens = distributed.all_reduce_sum(loss_sum, tokens, device=device)  # every rank's share
+        loss_sum, tokens = loss_sum + s, tokens + n
+    loss_sum, tokens = distributed.all_reduce_sum(loss_sum.item(), tokens.item(), device=device)  # every rank's
     tokens = int(tokens)
     loss = loss_sum / max(tokens, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}

@@ -330,6 +330,51 @@ def test_train_step_syncs_with_the_host_a_fixed_number_of_times(tiny):
     assert counts[0] == counts[1]
 
 
+def test_evaluate_syncs_with_the_host_once_however_many_batches(tiny):
+    """The validation loss is summed on the device and read once at the end (not one GPU wait per batch); it is
+    the token-weighted mean of the batches' cross-entropy, computed here from the logits with torch's own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minilora.formats.safetensors_folder import load_model
+    from minilora.trainer import evaluate
+
+    class HostSyncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    class ValBatches:  # what evaluate reads: epoch(0), an iterable of batches
+        def __init__(self, batches):
+            self.batches = batches
+
+        def epoch(self, _):
+            return iter(self.batches)
+
+    model_dir, _ = tiny
+    model = load_model(model_dir)
+    cfg = TrainConfig(model=str(model_dir))
+    gen = torch.Generator().manual_seed(4)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(3, 200, (2, 9), generator=gen)
+        labels = ids.clone()
+        labels[0, :3] = -100  # a different number of counted tokens per batch: the mean must weight them
+        batches.append({"input_ids": ids, "labels": labels})
+    counts, results = [], []
+    for n in (1, 4):
+        with HostSyncs() as syncs:
+            results.append(evaluate(model, ValBatches(batches[:n]), cfg, torch.device("cpu")))
+        counts.append(syncs.n)
+    assert counts[0] == counts[1] <= 2
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(b["input_ids"])[:, :-1].flatten(0, 1),
+                                                    b["labels"][:, 1:].flatten(), reduction="sum") for b in batches]
+    assert results[1]["val_tokens"] == 4 * (8 + 6)  # row 0: targets 1 and 2 are -100
+    assert results[1]["val_loss"] == pytest.approx(float(sum(losses)) / (4 * 14), rel=1e-5)
+
+
 def test_threads_flag_and_nothing_else_caps_torch_threads():
     assert parse_args(["--threads", "3"]).threads == 3 and parse_args([]).threads is None
     with pytest.raises(MiniloraError, match="--threads"):
