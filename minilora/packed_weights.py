@@ -20,11 +20,13 @@ time if every call packed again. So the copies are kept between calls, in a cach
 with its layer), each tagged with its weight's version (storage, shape, torch's in-place counter): a weight changed
 since (an optimizer step, `merge`, load_state_dict) is packed again at the next call, never used stale; a LoRA
 adapter attached since adds layers that are packed on first use. `release_packed(model)` hands the memory back.
-`generate` opens `packed_linears(model)`; inside it every `nn.Linear` of the model (LoRA bases and the LoRA A/B
-layers too) runs through its packed weight, a tied vocabulary head through a packed copy of the embedding
-(Transformer.packed_head); on leaving, the modules are as they were. Linears that read the same input (q, k, v;
-gate, up) are packed as one stacked matrix and multiplied once, through the fused path the model already has for
-checkpoints stored that way (Phi-3's qkv_proj, gate_up_proj): 120 products per SmolLM2 token instead of 210.
+`generate` opens `packed_linears(model)`; inside it every `nn.Linear` of the model runs through its packed weight,
+a tied vocabulary head through a packed copy of the embedding (Transformer.packed_head); on leaving, the modules
+are as they were. Products that read the same input are stacked into one packed matrix and made once:
+- q, k, v and gate, up, through the fused path the model already has for checkpoints stored that way (Phi-3's
+  qkv_proj, gate_up_proj): 120 products per SmolLM2 token instead of 210;
+- a LoRA layer's base weight and its A (the B product is then one addmm, as in LoRALinear.forward); DoRA layers
+  and LoRA-wrapped q/k/v keep one product per linear.
 
 Numerics: the same float32 products summed in another order. SmolLM2-135M's logits move by ~1e-4 (out of ~20)
 from MKL's, as they would between two BLAS libraries; greedy tokens stay those of transformers
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_matmul
+from .lora import LoRALinear
 
 PACK_ROWS = 128  # the row count oneDNN chooses its blocked layout for (fastest from 1 to 128 rows, see above)
 
@@ -157,6 +160,35 @@ class _PackedStack:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., N1 + N2 + ...)
 
 
+class _PackedLoRA:
+    """Stands in for an unmerged LoRALinear's forward while the context is open: its base weight and A stacked
+    ((d_out + r, d_in), packed once), so one product gives both base(x) and x Aᵀ; then y + scale · (x Aᵀ) Bᵀ in one
+    addmm, as LoRALinear.forward computes it. At batch 1 the separate A product, its module call and the casts
+    were ~85 us per layer, 210 layers in a SmolLM2 adapter. Anything else (a gradient, merged, dropout active,
+    another dtype) runs the layer's own forward."""
+
+    def __init__(self, layer: LoRALinear):
+        self.layer = layer
+        self.packed = cached_pack(layer.base, layer.base.weight, layer.lora_A.weight)  # cached under the base
+        bias = layer.base.bias
+        self.bias = None if bias is None else torch.cat((bias.detach(), bias.new_zeros(layer.r)))  # A has none
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        dropout_on = layer.dropout.training and not isinstance(layer.dropout, nn.Identity)
+        if torch.is_grad_enabled() or layer.merged or dropout_on or not cpu_matmul.uses_onednn(x, layer.base.weight):
+            return type(layer).forward(layer, x)
+        both = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., d_out + r)
+        y, xa = both.flatten(0, -2).split([layer.out_features, layer.r], dim=-1)  # (N, d_out), (N, r)
+        out = torch.addmm(y, xa, layer.lora_B.weight.T, alpha=layer.scale)  # (N, d_out)
+        return out.view(*x.shape[:-1], layer.out_features)
+
+
+def packable_lora(module: nn.Module, packable: set) -> bool:
+    """A plain LoRALinear (not DoRA, whose forward differs) over a packable float32 base, with a float32 A."""
+    return type(module) is LoRALinear and module.base in packable and module.lora_A.weight.dtype == torch.float32
+
+
 # Linears that read the same input, and the fused name the model's forward already takes for checkpoints that
 # store them stacked (Phi-3): {fused name: the parts, in the stacked order}.
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -185,14 +217,19 @@ def packed_linears(model):
         return
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype == torch.float32
                and m.weight.device.type == "cpu" and "forward" not in vars(m)]
-    stacks = {owner: stackable_parts(owner, set(linears)) for owner in model.modules()}
+    packable = set(linears)
+    loras = [m for m in model.modules() if packable_lora(m, packable)]
+    stacks = {owner: stackable_parts(owner, packable) for owner in model.modules()}
     stacks = {owner: groups for owner, groups in stacks.items() if groups}
     stacked = {id(p) for groups in stacks.values() for parts in groups.values() for p in parts}
+    stacked |= {id(p) for m in loras for p in (m.base, m.lora_A, m.lora_B)}  # B: multiplied as it is, by addmm
     linears = [m for m in linears if id(m) not in stacked]  # packed once, in their stack
     tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
     try:
         for m in linears:
             m.forward = _PackedForward(m)  # an instance attribute: nn.Module.__call__ finds it before the class's
+        for m in loras:
+            m.forward = _PackedLoRA(m)
         for owner, groups in stacks.items():
             for fused, parts in groups.items():
                 setattr(owner, fused, _PackedStack(parts))  # not a module: no parameter, no state_dict key
@@ -200,7 +237,7 @@ def packed_linears(model):
             model.packed_head = cached_pack(model, model.model.embed_tokens.weight)  # (V, C), for compute_logits
         yield model
     finally:
-        for m in linears:
+        for m in linears + loras:
             vars(m).pop("forward", None)
         for owner, groups in stacks.items():
             for fused in groups:

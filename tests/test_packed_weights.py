@@ -136,6 +136,39 @@ def test_lora_attached_after_packing_and_merged_is_followed(models):
     assert (merged - merged_plain).abs().max() < TOL
 
 
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_lora_layers_multiply_base_and_a_in_one_packed_product(models, adapter):
+    """Inside the context an unmerged LoRALinear runs base and A as one stacked product (its own stand-in; the
+    base, A and B get no packed forward of their own); DoRA keeps its own forward over packed linears. Prefill and
+    decoding steps equal the unpacked full forward, q/k/v biases included (Qwen2)."""
+    from minilora.dora import DoRALinear
+    from minilora.lora import LoRALinear
+
+    _, path = models("qwen2")
+    ours = load_model(path)
+    apply_lora(ours, r=4, alpha=8, dropout=0.1, targets="all-linear",
+               layer=DoRALinear if adapter == "dora" else None)
+    ours.eval()  # dropout off, as in generate on an eval()'d model
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    layers = [m for m in ours.modules() if isinstance(m, LoRALinear)]
+    ids = random_ids(2, 12, seed=8)
+    with torch.no_grad():
+        full = ours(ids)
+        with packed_linears(ours):
+            stand_ins = [type(vars(m).get("forward")).__name__ for m in layers]
+            inner_packed = sum("forward" in vars(p) for m in layers for p in (m.base, m.lora_A, m.lora_B))
+            cache = KVCache()
+            steps = [ours(ids[:, :7], kv_cache=cache)] + [ours(ids[:, t:t + 1], kv_cache=cache) for t in range(7, 12)]
+        assert all("forward" not in vars(m) for m in layers)
+    if adapter == "lora":
+        assert stand_ins == ["_PackedLoRA"] * len(layers) and inner_packed == 0
+    else:
+        assert stand_ins == ["NoneType"] * len(layers) and inner_packed == 3 * len(layers)
+    assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
+
+
 def test_packing_is_off_where_it_does_not_apply(models):
     ours, path = models("llama")
     assert not packing_available(ours)  # gradient mode on: the packed op has no backward
