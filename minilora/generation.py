@@ -60,9 +60,11 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
 def _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad, generator, stream):
     """generate's loop: prefill, then one token per step until max_new_tokens or every row hit an eos."""
     B, device = ids.shape[0], ids.device
-    padded = not bool(mask.all())  # without padding no mask is needed: prefill is plain causal, a step sees all keys
+    # Without padding no mask is needed: the prefill is plain causal, and a step's one query sees every cached key.
+    if bool(mask.all()):
+        mask = None  # else (B, S): left padding to hide
     cache = KVCache(max_len=ids.shape[1] + max_new_tokens)  # buffers sized once: no step copies the past
-    logits = prefill(model, ids, mask if padded else None, cache)  # (B, V)
+    logits = prefill(model, ids, mask, cache)  # (B, V)
     rope_switches = longrope_switch_lengths(model.config)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
@@ -75,13 +77,14 @@ def _decode(model, ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pa
         finished |= torch.isin(token, eos)
         if finished.all():
             break
-        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)  # (B, S + 1)
-        if any(cache.seq_len <= n < mask.shape[1] for n in rope_switches):  # the sequence just outgrew n tokens
+        if mask is not None:
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)  # (B, S + 1)
+        length = ids.shape[1] + len(new_tokens)  # S + 1: the sequence with this step's token
+        if any(cache.seq_len <= n < length for n in rope_switches):  # the sequence just outgrew n tokens
             cache = KVCache(max_len=ids.shape[1] + max_new_tokens)
-            logits = prefill(model, torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1), mask if padded else None,
-                             cache)
+            logits = prefill(model, torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1), mask, cache)
         else:
-            logits = model(token[:, None], attention_mask=mask if padded else None, kv_cache=cache)[:, -1]  # (B, V)
+            logits = model(token[:, None], attention_mask=mask, kv_cache=cache)[:, -1]  # one token per row: (B, V)
     if not new_tokens:
         return ids
     return torch.cat((ids, torch.stack(new_tokens, dim=1)), dim=1)

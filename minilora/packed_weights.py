@@ -91,12 +91,21 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
 
 
+def packing_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a packed product may stand in for x·Wᵀ: no gradient wanted (it has no backward), float32 on the
+    CPU, autocast off."""
+    return not torch.is_grad_enabled() and cpu_matmul.uses_onednn(x, weight)
+
+
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias=None) -> torch.Tensor:
+    """x (..., K) @ Wᵀ + b through a packed (N, K) weight: (..., N)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """x (..., K) @ Wᵀ + b through the packed copy of `weight`; F.linear where packing does not apply
     (autocast on, another dtype, or a gradient wanted)."""
-    if torch.is_grad_enabled() or not cpu_matmul.uses_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # (..., N)
+    return packed_product(x, packed, bias) if packing_applies(x, weight) else F.linear(x, weight, bias)
 
 
 # The packed copy of each weight, kept between calls: {nn.Linear or Transformer: (version, packed)}. Weak keys, so
@@ -111,7 +120,7 @@ def weight_version(weight: torch.Tensor) -> tuple:
 
 
 def cached_pack(owner: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
-    """The packed copy of `weight` (owned by `owner`), or of several stacked by rows (N1 + N2 + ..., K), packed
+    """The packed copy of one weight (owned by `owner`), or of several stacked by rows (N1 + N2 + ..., K), packed
     again only if a weight changed since."""
     version = tuple(weight_version(w) for w in weights)
     hit = _CACHE.get(owner)
@@ -155,9 +164,9 @@ class _PackedStack:
         self.bias = None if biases[0] is None else torch.cat(biases)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not cpu_matmul.uses_onednn(x, self.linears[0].weight):
+        if not packing_applies(x, self.linears[0].weight):
             return torch.cat([m(x) for m in self.linears], dim=-1)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., N1 + N2 + ...)
+        return packed_product(x, self.packed, self.bias)  # (..., N1 + N2 + ...)
 
 
 class _PackedLoRA:
@@ -176,17 +185,19 @@ class _PackedLoRA:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         dropout_on = layer.dropout.training and not isinstance(layer.dropout, nn.Identity)
-        if torch.is_grad_enabled() or layer.merged or dropout_on or not cpu_matmul.uses_onednn(x, layer.base.weight):
+        if layer.merged or dropout_on or not packing_applies(x, layer.base.weight):
             return type(layer).forward(layer, x)
-        both = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., d_out + r)
+        both = packed_product(x, self.packed, self.bias)  # (..., d_out + r)
         y, xa = both.flatten(0, -2).split([layer.out_features, layer.r], dim=-1)  # (N, d_out), (N, r)
         out = torch.addmm(y, xa, layer.lora_B.weight.T, alpha=layer.scale)  # (N, d_out)
         return out.view(*x.shape[:-1], layer.out_features)
 
 
 def packable_lora(module: nn.Module, packable: set) -> bool:
-    """A plain LoRALinear (not DoRA, whose forward differs) over a packable float32 base, with a float32 A."""
-    return type(module) is LoRALinear and module.base in packable and module.lora_A.weight.dtype == torch.float32
+    """A plain LoRALinear (not DoRA, whose forward differs) over a packable float32 base, with a float32 A, and not
+    already stood in for (by an enclosing packed_linears, which restores it)."""
+    return (type(module) is LoRALinear and module.base in packable and module.lora_A.weight.dtype == torch.float32
+            and "forward" not in vars(module))
 
 
 # Linears that read the same input, and the fused name the model's forward already takes for checkpoints that

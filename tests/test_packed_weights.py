@@ -169,6 +169,28 @@ def test_lora_layers_multiply_base_and_a_in_one_packed_product(models, adapter):
     assert (torch.cat(steps, dim=1) - full).abs().max() < TOL
 
 
+def test_a_nested_context_leaves_the_outer_stand_ins_in_place(models):
+    """generate inside a block that already packs (a chat loop's helper, say): leaving the inner context must not
+    undo the outer one's LoRA stand-ins or stacks, and the logits stay the unpacked model's."""
+    _, path = models("llama")
+    ours = load_model(path)
+    apply_lora(ours, r=4, alpha=8, targets=["q_proj", "o_proj"])
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    ids = random_ids(1, 8, seed=9)
+    with torch.no_grad():
+        plain = ours(ids)
+        with packed_linears(ours):
+            outer = [type(vars(m).get("forward")).__name__ for m in ours.modules()]
+            with packed_linears(ours):
+                inner = ours(ids)
+            assert [type(vars(m).get("forward")).__name__ for m in ours.modules()] == outer
+            assert "_PackedLoRA" in outer and stacked_linears(ours) == 2 * len(ours.model.layers)  # gate|up
+            after = ours(ids)
+    assert (inner - plain).abs().max() < TOL and (after - plain).abs().max() < TOL
+
+
 def test_packing_is_off_where_it_does_not_apply(models):
     ours, path = models("llama")
     assert not packing_available(ours)  # gradient mode on: the packed op has no backward
